@@ -1,0 +1,2371 @@
+#!/usr/bin/env python3
+"""Pharos: a directory of people and machines that speaks CCSO Ph (RFC 2378).
+
+One stdlib-only module: the server, its storage and every command-line tool.
+Run ``python3 pharos.py serve`` for a server, ``python3 pharos.py --help`` for
+the rest.  Optional packages (asyncssh, ldap3, zeroconf) switch on extras.
+
+Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
+
+    Constants   — version, limits, defaults; optional-package helper
+    Errors      — PharosError and its family
+    Schema      — fields, properties, validation and normalisation of records
+    Protocol    — Ph request tokenizer and reply formatting (pure, no I/O)
+    Query       — query plans, the inverted index and matching
+    Storage     — MemoryStore, FileStore (journal, snapshot, lock)
+    Server      — PhSession (one ph_<verb> per command), connection loop, serve
+    Client      — a small asyncio Ph client shared by the command-line tools
+    CLI         — cmd_<name> handlers, argument parsing and main()
+"""
+
+from __future__ import annotations
+
+# SECTION: Constants — version, limits, defaults; optional-package helper
+
+import argparse
+import asyncio
+import bisect
+import errno
+import fnmatch
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import time
+import zlib
+
+__version__ = "0.1.0"
+__all__ = ["main", "Schema", "MemoryStore", "FileStore", "Directory", "PhSession", "serve"]
+
+PH_PORT = 2378
+MAX_LINE = 8192                 # request bytes accepted on one line (qi's buffer)
+MAX_REPLY_LINE = 1023           # Lynx truncates longer reply lines
+MAX_VALUES = 64                 # values one multi-valued field may hold
+MAX_QUERY_TERMS = 16
+DEFAULT_MAX_RESULTS = 1000      # over this a query gets 502
+DEFAULT_CHANGE_LIMIT = 2        # qi's `set limit` default for change/delete
+MAX_CHANGE_LIMIT = 1_000_000
+DEFAULT_IDLE_TIMEOUT = 300.0    # seconds a connection may sit without a full line
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
+LOGIN_TTL = 120.0               # seconds a login challenge stays valid
+LOGIN_FAIL_DELAY = 1.0          # qi answers a failed login after one second
+CHALLENGE_ALPHABET = "".join(chr(c) for c in range(0x21, 0x61) if chr(c) != ":")
+AUTH_SSHSIG = 1024              # siteinfo method flag for SSH signatures (extension)
+TIERS = ("dev", "lab", "enterprise")
+EXIT_OK, EXIT_NOMATCH, EXIT_USAGE, EXIT_FAIL = 0, 1, 2, 3
+
+OPTIONAL_PACKAGES = {"asyncssh": "ssh", "ldap3": "ldap", "zeroconf": "mdns"}
+
+
+def optional_import(name):
+    """Import an optional package or raise a UsageError naming the pip install."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        extra = OPTIONAL_PACKAGES.get(name, name)
+        raise UsageError(f"this needs the optional package {name}: "
+                         f"pip install {name}  (or: pip install 'pharos[{extra}]')") from None
+
+
+def utc_now(now=None):
+    """An RFC 3339 UTC timestamp with seconds, e.g. 2026-11-25T07:50:13Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+
+
+# SECTION: Errors — PharosError and its family
+
+class PharosError(Exception):
+    """Root of every error Pharos raises on purpose."""
+
+
+class UsageError(PharosError):
+    """A bad command-line argument or configuration: exit status 2."""
+
+
+class DataError(PharosError):
+    """A data file that cannot be trusted: corrupt, unreadable or locked."""
+
+
+class StoreError(PharosError):
+    """A write the store could not make durable."""
+
+
+class PhError(PharosError):
+    """A Ph reply carrying an error code, raised by the client side."""
+
+    def __init__(self, code, text):
+        super().__init__(f"{code}:{text}")
+        self.code, self.text = code, text
+
+
+class RecordError(PharosError):
+    """A record or value the schema refuses; ``code`` is the Ph code to report."""
+
+    def __init__(self, text, code=512):
+        super().__init__(text)
+        self.code = code
+
+
+# SECTION: Schema — fields, properties, validation and normalisation of records
+
+PERSON, MACHINE = "person", "machine"
+RECORD_TYPES = (PERSON, MACHINE)
+KEY_FIELD = {PERSON: "alias", MACHINE: "hostname"}
+TYPE_OF_KEY = {"alias": PERSON, "hostname": MACHINE}
+PROPERTY_ORDER = ("Indexed", "Lookup", "NoMeta", "Public", "LocalPub", "Default", "Always",
+                  "Any", "Change", "Sacred", "Turn", "Encrypt", "NoPeople")
+FIELD_NAME_RE = re.compile(r"[A-Za-z_-]{1,32}\Z")
+WORD_SPLIT_RE = re.compile(r"[\s,;:]+")
+ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
+HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?\Z")
+MAC_HEX_RE = re.compile(r"[0-9a-f]{12}\Z")
+EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\Z")
+URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+\Z", re.I)
+SERVICE_RE = re.compile(r"(\d{1,5})/([A-Za-z0-9._+-]{1,32})\Z")
+TAG_RE = re.compile(r"[\w.:/+@-]{1,32}\Z")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class Field:
+    """One field of the schema: its id, limits, properties and validator."""
+
+    __slots__ = ("id", "name", "max", "props", "desc", "types", "multi", "multiline",
+                 "server", "check")
+
+    def __init__(self, fid, name, max_len, props, desc, types, *, multi=False,
+                 multiline=False, server=False, check=None):
+        self.id, self.name, self.max, self.desc = fid, name, max_len, desc
+        self.props = frozenset(props.split())
+        self.types = frozenset(types)
+        self.multi, self.multiline, self.server, self.check = multi, multiline, server, check
+
+    def properties(self):
+        """The property keywords in qi's fixed order."""
+        words = [p for p in PROPERTY_ORDER if p in self.props]
+        if PERSON not in self.types and "NoPeople" not in words:
+            words.append("NoPeople")
+        return " ".join(words)
+
+
+def check_alias(value):
+    if not ALIAS_RE.match(value):
+        raise RecordError(f"alias {value!r} must be 1-32 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def check_hostname(value):
+    if not HOSTNAME_RE.match(value):
+        raise RecordError(f"hostname {value!r} is not a valid host name")
+    return value
+
+
+def check_ip(value):
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise RecordError(f"ip {value!r} is not an IPv4 or IPv6 address") from None
+
+
+def check_mac(value):
+    digits = re.sub(r"[:.-]", "", value.lower())
+    if not MAC_HEX_RE.match(digits) or (":" in value and len(value.split(":")) != 6):
+        raise RecordError(f"mac {value!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
+    return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+
+
+def check_email(value):
+    if not EMAIL_RE.match(value):
+        raise RecordError(f"email {value!r} is not an address like name@example.org")
+    return value
+
+
+def check_url(value):
+    if not URL_RE.match(value):
+        raise RecordError(f"url {value!r} is not a URL like https://example.org/")
+    return value
+
+
+def check_service(value):
+    match = SERVICE_RE.match(value)
+    if not match or not 0 < int(match.group(1)) < 65536:
+        raise RecordError(f"service {value!r} must look like 22/ssh (port/name)")
+    return f"{int(match.group(1))}/{match.group(2).lower()}"
+
+
+def check_tag(value):
+    if not TAG_RE.match(value):
+        raise RecordError(f"tag {value!r} must be one word of letters, digits or ._:/+@-")
+    return value
+
+
+def check_type(value):
+    value = value.lower()
+    if value not in RECORD_TYPES:
+        raise RecordError(f"type must be person or machine, not {value!r}")
+    return value
+
+
+def check_status(value):
+    value = value.lower()
+    if value not in ("online", "offline", "unknown"):
+        raise RecordError(f"status must be online, offline or unknown, not {value!r}")
+    return value
+
+
+P, M, PM = (PERSON,), (MACHINE,), (PERSON, MACHINE)
+LOOK = "Indexed Lookup Public"
+BUILTIN_FIELDS = (
+    # id, name, max, properties, description, types, options
+    (1, "type", 8, LOOK + " Default", "Record type: person or machine.", PM, {"check": check_type}),
+    (2, "alias", 32, LOOK + " Default Change", "Unique name of a person.", P, {"check": check_alias}),
+    (3, "name", 64, LOOK + " Default Change", "Full name.", P, {}),
+    (4, "nickname", 32, LOOK + " Change", "Other name the person goes by.", P, {}),
+    (5, "email", 128, LOOK + " Default Change", "Email address.", P, {"check": check_email}),
+    (6, "phone", 32, LOOK + " Default Change", "Office telephone number.", P, {}),
+    (7, "mobile", 32, LOOK + " Change", "Mobile telephone number.", P, {}),
+    (8, "title", 64, LOOK + " Default Change", "Job title.", P, {}),
+    (9, "department", 64, LOOK + " Default Change", "Department or team.", P, {}),
+    (10, "office", 128, LOOK + " Change", "Office or postal address.", P, {"multiline": True}),
+    (11, "url", 256, LOOK + " Change", "Home page.", P, {"check": check_url}),
+    (12, "ssh_key", 900, LOOK + " Change", "SSH public key (one per line).", P, {"multi": True}),
+    (13, "hostname", 253, LOOK + " Default Change", "Unique host name of a machine.", M,
+     {"check": check_hostname}),
+    (14, "ip", 45, LOOK + " Default Change", "IP address (one per line).", M,
+     {"multi": True, "check": check_ip}),
+    (15, "mac", 17, LOOK + " Default Change", "MAC address (one per line).", M,
+     {"multi": True, "check": check_mac}),
+    (16, "os", 64, LOOK + " Default Change", "Operating system.", M, {}),
+    (17, "role", 64, LOOK + " Default Change", "What the machine is for (nas, router, ...).", M, {}),
+    (18, "owner", 32, LOOK + " Default Change", "Alias of the person responsible.", M,
+     {"check": check_alias}),
+    (19, "location", 128, LOOK + " Change", "Where the machine is.", M, {}),
+    (20, "vendor", 64, LOOK + " Change", "Manufacturer.", M, {}),
+    (21, "model", 64, LOOK + " Change", "Model.", M, {}),
+    (22, "serial", 64, LOOK + " Change", "Serial number.", M, {}),
+    (23, "services", 40, LOOK + " Change", "Service as port/name, e.g. 22/ssh (one per line).", M,
+     {"multi": True, "check": check_service}),
+    (24, "tags", 32, LOOK + " Change", "Free-form tag (one per line).", M,
+     {"multi": True, "check": check_tag}),
+    (25, "status", 8, LOOK + " Default", "online, offline or unknown (set by the server).", M,
+     {"server": True, "check": check_status}),
+    (26, "last_seen", 20, LOOK, "When the machine was last heard from (set by the server).", M,
+     {"server": True}),
+    (27, "notes", 4000, LOOK + " Change", "Free-form notes.", PM, {"multiline": True}),
+    (28, "source", 16, LOOK, "Who created the record: manual, scan or pulse (set by the server).",
+     PM, {"server": True}),
+    (29, "created", 20, LOOK, "When the record was created (set by the server).", PM,
+     {"server": True}),
+    (30, "modified", 20, LOOK, "When the record last changed (set by the server).", PM,
+     {"server": True}),
+)
+CUSTOM_FIELD_FIRST_ID = 100
+
+
+class Schema:
+    """The field table: lookups by name, per-type field lists and record validation."""
+
+    def __init__(self, custom=()):
+        self.fields = [Field(fid, name, mx, props, desc, types, **opts)
+                       for fid, name, mx, props, desc, types, opts in BUILTIN_FIELDS]
+        self.fields.extend(custom)
+        self.by_name = {f.name: f for f in self.fields}
+        self.defaults = {t: [f for f in self.fields if t in f.types and "Default" in f.props]
+                         for t in RECORD_TYPES}
+        self.all = {t: [f for f in self.fields if t in f.types] for t in RECORD_TYPES}
+        self.multi = frozenset(f.name for f in self.fields if f.multi)
+        self.default_width = self.width(f for t in RECORD_TYPES for f in self.defaults[t])
+        self.all_width = self.width(self.fields)
+
+    @staticmethod
+    def width(fields):
+        """qi's label width: at least 9, else the longest name plus one."""
+        return max([9] + [len(f.name) + 1 for f in fields])
+
+    def field(self, name):
+        """The field called ``name`` (case-insensitive), or None."""
+        return self.by_name.get(name.lower())
+
+    def types_for(self, name):
+        """The record types that have field ``name``."""
+        field = self.by_name.get(name)
+        return field.types if field else frozenset()
+
+    def clean_value(self, field, value):
+        """Validate and normalise one value of ``field``; raise RecordError if refused."""
+        value = value.strip()
+        if CONTROL_RE.search(value) or ("\n" in value and not field.multiline):
+            raise RecordError(f"{field.name} may not contain control characters or line breaks")
+        if len(value) > field.max:
+            raise RecordError(f"{field.name} is longer than {field.max} characters")
+        return field.check(value) if field.check and value else value
+
+    def clean_values(self, field, values):
+        """Validate a list of values for ``field``: unique, within MAX_VALUES, non-empty."""
+        cleaned = []
+        for value in values:
+            value = self.clean_value(field, value)
+            if value and value not in cleaned:
+                cleaned.append(value)
+        if len(cleaned) > (MAX_VALUES if field.multi else 1):
+            raise RecordError(f"{field.name} takes "
+                              + (f"at most {MAX_VALUES} values" if field.multi else "one value"))
+        return cleaned
+
+    def build(self, rtype, fields, *, allow_server=False):
+        """A record dict of ``rtype`` from {name: [values]}; raise RecordError if refused."""
+        record = {"type": rtype}
+        for name, values in fields.items():
+            field = self.by_name[name]
+            if name == "type":
+                continue
+            if rtype not in field.types:
+                raise RecordError(f"{name} is not a field of a {rtype}")
+            if field.server and not allow_server:
+                raise RecordError(f"{name} is set by the server", code=505)
+            cleaned = self.clean_values(field, values)
+            if cleaned:
+                record[name] = cleaned if field.multi else cleaned[0]
+        if not record.get(KEY_FIELD[rtype]):
+            raise RecordError(f"a {rtype} needs a {KEY_FIELD[rtype]}")
+        return record
+
+
+def parse_custom_fields(path):
+    """Custom fields from an INI file: one ``[field NAME]`` section each."""
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as e:
+        raise UsageError(f"cannot read config {path}: {e}") from None
+    fields, builtin = [], {row[1] for row in BUILTIN_FIELDS}
+    for fid, section in enumerate(parser.sections(), CUSTOM_FIELD_FIRST_ID):
+        fields.append(custom_field(path, fid, section, parser[section], builtin))
+    return fields
+
+
+def custom_field(path, fid, section, options, taken):
+    """One custom Field from its config section, or a UsageError naming the problem."""
+    kind, _, name = section.partition(" ")
+    where = f"{path} [{section}]"
+    if kind != "field" or not FIELD_NAME_RE.match(name) or name.lower() != name:
+        raise UsageError(f"{where}: sections must be [field NAME], NAME lower-case letters, _ or -")
+    if name in taken:
+        raise UsageError(f"{where}: field {name} already exists")
+    taken.add(name)
+    types = options.get("types", "person machine").replace(",", " ").split()
+    if not types or set(types) - set(RECORD_TYPES):
+        raise UsageError(f"{where}: types must be person, machine or both")
+    try:
+        max_len = int(options.get("max", "128"))
+        multi = options.getboolean("multi", False)
+        default = options.getboolean("default", False)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+    if not 0 < max_len <= 4000:
+        raise UsageError(f"{where}: max must be from 1 to 4000")
+    props = LOOK + " Change" + (" Default" if default else "")
+    return Field(fid, name, max_len, props, options.get("description", f"{name}."), types,
+                 multi=multi)
+
+
+# SECTION: Protocol — Ph request tokenizer and reply formatting (pure, no I/O)
+
+SEPARATORS = frozenset(("return", "make", "force"))
+TOKEN_RE = re.compile(r"""[ \t]*(?:
+      (?P<name>[^ \t"=~]*)(?P<op>[=~])(?:"(?P<qv>(?:[^"\\]|\\.?)*)(?:"|\Z)|(?P<v>[^ \t"]*))
+    | "(?P<qw>(?:[^"\\]|\\.?)*)(?:"|\Z)
+    | (?P<w>[^ \t"=~]+)
+    )""", re.X)
+ESCAPE_RE = re.compile(r"\\(.?)")
+ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "": "\\"}
+TELNET_IAC_RE = re.compile(rb"\xff[\xfb-\xfe].|\xff[\xf0-\xfa\xff]", re.S)
+
+
+class Token:
+    """One request token: a bare word (field None), a field=value pair, or a separator."""
+
+    __slots__ = ("field", "value", "quoted", "sep")
+
+    def __init__(self, field, value, quoted=False):
+        self.field, self.value, self.quoted = field, value, quoted
+        self.sep = field is None and not quoted and value.lower() in SEPARATORS
+
+    def __repr__(self):
+        return f"Token({self.field!r}, {self.value!r}, {self.quoted!r})"
+
+    def text(self):
+        """The token roughly as it was written, for error messages."""
+        return self.value if self.field is None else f"{self.field}={self.value}"
+
+
+def unescape(text):
+    """Decode the escapes qi allows inside quotes: \\n, \\t, \\" and \\\\."""
+    if "\\" not in text:
+        return text
+    return ESCAPE_RE.sub(lambda m: ESCAPES.get(m.group(1), "\\" + m.group(1)), text)
+
+
+def tokenize(text):
+    """Split a request (without its line end) into Tokens; never fails."""
+    tokens, pos, end = [], 0, len(text)
+    while pos < end:
+        match = TOKEN_RE.match(text, pos)
+        if not match or match.end() == pos:
+            break
+        pos = match.end()
+        if match.group("op"):
+            quoted = match.group("qv") is not None
+            value = unescape(match.group("qv")) if quoted else match.group("v")
+            tokens.append(Token(match.group("name"), value, quoted))
+        elif match.group("qw") is not None:
+            tokens.append(Token(None, unescape(match.group("qw")), True))
+        elif match.group("w"):
+            tokens.append(Token(None, match.group("w")))
+    return tokens
+
+
+def clean_request(raw):
+    """Bytes of one request line to text: telnet commands, CR and NUL dropped."""
+    if b"\xff" in raw:
+        raw = TELNET_IAC_RE.sub(b"", raw)
+    raw = raw.replace(b"\r", b"").replace(b"\0", b"")
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").strip()
+
+
+def printable(text, limit=64):
+    """Text from a client made safe to echo in a reply line."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return text + ("..." if len(text) >= limit else "")
+
+
+def line(code, text):
+    """A final reply line."""
+    return f"{code}:{text}\n"
+
+
+def more(code, text):
+    """A continuation reply line (leading '-')."""
+    return f"-{code}:{text}\n"
+
+
+def plural(count, one, many):
+    return f"{count} {one if count == 1 else many}"
+
+
+def split_for_wire(prefix, value):
+    """Reply lines for one value line, each kept within MAX_REPLY_LINE bytes."""
+    if len(prefix) + 4 * len(value) < MAX_REPLY_LINE:
+        return [f"{prefix}{value}\n"]
+    room = MAX_REPLY_LINE - len(prefix.encode()) - 1
+    data, out = value.encode(), []
+    while data:
+        cut = min(room, len(data))
+        while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+            cut -= 1
+        out.append(f"{prefix}{data[:cut].decode()}\n")
+        data = data[cut:]
+    return out
+
+
+def field_lines(index, label, value):
+    """Reply lines of one field of one entry: the label repeated on every line."""
+    prefix = f"-200:{index}:{label}: "
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for item in values:
+        for part in item.split("\n"):
+            out.extend(split_for_wire(prefix, part))
+    return out
+
+
+def format_entry(index, record, fields, width, explicit):
+    """Reply lines of one query entry; ``explicit`` adds qi's -508 lines for absent fields."""
+    out = []
+    for field in fields:
+        value = record.get(field.name)
+        if value:
+            out.extend(field_lines(index, field.name.rjust(width), value))
+        elif explicit:
+            out.append(f"-508:{index}:{field.name.rjust(width)}: Not present in entry.\n")
+    return out
+
+
+def format_fields(fields):
+    """The ``fields`` reply body: two lines per field, id as index, name unpadded."""
+    out = []
+    for f in fields:
+        out.append(f"-200:{f.id}:{f.name}:max {f.max} {f.properties()}\n")
+        types = "people and machines" if len(f.types) == 2 else \
+            ("people" if PERSON in f.types else "machines")
+        desc = f"{f.desc} ({types}{', multi-valued' if f.multi else ''})"
+        out.extend(f"-200:{f.id}:{f.name}:{part}\n" for part in desc.split("\n"))
+    return out
+
+
+def count_line(count):
+    if count == 1:
+        return "102:There was 1 match to your request.\n"
+    return f"102:There were {count} matches to your request.\n"
+
+
+# SECTION: Query — query plans, the inverted index and matching
+
+META_CHARS = frozenset("*?[")
+
+
+class Term:
+    """One selection: a lower-cased pattern on a field (None: the bare-word fields)."""
+
+    __slots__ = ("field", "pattern", "regex", "prefix")
+
+    def __init__(self, field, pattern):
+        self.field = field
+        self.pattern = pattern.lower()
+        self.regex = None
+        self.prefix = self.pattern
+        if META_CHARS.intersection(self.pattern):
+            self.regex = re.compile(fnmatch.translate(self.pattern), re.S)
+            cut = min(i for i, c in enumerate(self.pattern) if c in META_CHARS)
+            self.prefix = self.pattern[:cut]
+
+    def is_key(self):
+        """qi's rule for a usable key: two or more characters, not all wildcards."""
+        return len(self.pattern) >= 2 and bool(set(self.pattern) - META_CHARS)
+
+    def matches_value(self, value):
+        """Whether the pattern matches a stored value as a whole or any word of it."""
+        return any(self.matches_key(k) for k in value_keys(value))
+
+    def matches_key(self, key):
+        return self.regex.match(key) is not None if self.regex else key == self.pattern
+
+
+def value_keys(value):
+    """The index keys of one stored value: the whole value and each word, lower-cased."""
+    lower = value.lower()
+    keys = {w for w in WORD_SPLIT_RE.split(lower) if w}
+    keys.add(lower)
+    return keys
+
+
+class Selection:
+    """Parsed selection terms plus the record types they can match."""
+
+    def __init__(self, terms, types):
+        self.terms, self.types = terms, types
+
+    def has_key(self):
+        return any(t.is_key() for t in self.terms)
+
+
+BARE_FIELDS = {PERSON: ("name", "nickname"), MACHINE: ("hostname",)}
+
+
+def parse_selection(schema, tokens, types):
+    """Terms from selection tokens, narrowing ``types``; returns (Selection, error lines)."""
+    terms, errors = [], []
+    for token in tokens:
+        if token.field is None:
+            terms.append(Term(None, token.value))
+            continue
+        if not token.field:
+            errors.append(more(599, "=:No field or value specified."))
+            continue
+        field = schema.field(token.field)
+        if field is None:
+            errors.append(more(507, f"{printable(token.field)}:unknown field."))
+            continue
+        if "Lookup" not in field.props:
+            errors.append(more(504, f"{field.name}:you may not use this field for lookup."))
+            continue
+        if field.name == "type":
+            term = Term(field, token.value)
+            types = types & {t for t in RECORD_TYPES if term.matches_key(t)}
+        types = types & field.types
+        terms.append(Term(field, token.value))
+    if len(terms) > MAX_QUERY_TERMS:
+        errors.append(more(599, f"Too many terms in query (limit {MAX_QUERY_TERMS})."))
+    return Selection(terms, frozenset(types)), errors
+
+
+def posting_add(postings, key, rid):
+    current = postings.get(key)
+    if current is None:
+        postings[key] = rid
+    elif type(current) is int:
+        if current != rid:
+            postings[key] = {current, rid}
+    else:
+        current.add(rid)
+
+
+def posting_remove(postings, key, rid):
+    current = postings.get(key)
+    if current is None:
+        return
+    if type(current) is int:
+        if current == rid:
+            del postings[key]
+        return
+    current.discard(rid)
+    if len(current) == 1:
+        postings[key] = next(iter(current))
+
+
+class FieldIndex:
+    """Postings of one field: key -> record id (int) or set of ids; sorted keys for wildcards."""
+
+    __slots__ = ("postings", "sorted", "fresh")
+
+    def __init__(self):
+        self.postings = {}
+        self.sorted = []
+        self.fresh = set()
+
+    def add(self, key, rid):
+        if key not in self.postings:
+            self.fresh.add(key)
+        posting_add(self.postings, key, rid)
+
+    def exact(self, key):
+        found = self.postings.get(key)
+        if found is None:
+            return set()
+        return {found} if type(found) is int else found
+
+    def candidates(self, prefix):
+        """Keys that start with ``prefix`` (may include keys no longer present)."""
+        if len(self.fresh) > max(1000, len(self.sorted) >> 3):
+            self.sorted = sorted(self.postings)
+            self.fresh = set()
+        keys = self.sorted
+        if prefix:
+            start = bisect.bisect_left(keys, prefix)
+            stop = bisect.bisect_left(keys, prefix + "\U0010ffff", start)
+            yield from keys[start:stop]
+        else:
+            yield from keys
+        yield from (k for k in self.fresh if k.startswith(prefix))
+
+    def search(self, term):
+        """Ids whose value (or a word of it) matches the term."""
+        if term.regex is None:
+            return self.exact(term.pattern)
+        found = set()
+        for key in self.candidates(term.prefix):
+            if term.regex.match(key):
+                posting = self.postings.get(key)
+                if posting is not None:
+                    if type(posting) is int:
+                        found.add(posting)
+                    else:
+                        found |= posting
+        return found
+
+
+class Directory:
+    """Records by id, the unique keys and the inverted index; pure in-memory state."""
+
+    def __init__(self, schema):
+        self.schema = schema
+        self.records = {}
+        self.keys = {}                                  # (type, key lower) -> id
+        self.index = {f.name: FieldIndex() for f in schema.fields}
+        self.next_id = 1
+
+    def __len__(self):
+        return len(self.records)
+
+    def count(self, rtype):
+        return len(self.index["type"].exact(rtype))
+
+    def key_owner(self, rtype, key):
+        return self.keys.get((rtype, key.lower()))
+
+    def put(self, rid, record):
+        """Insert or replace record ``rid``; records are never mutated in place."""
+        old = self.records.get(rid)
+        if old is not None:
+            self._unindex(rid, old)
+        self.records[rid] = record
+        rtype = record["type"]
+        self.keys[(rtype, record[KEY_FIELD[rtype]].lower())] = rid
+        index = self.index
+        for name, value in record.items():
+            fidx = index.get(name)
+            if fidx is None:
+                continue
+            for item in (value if type(value) is list else (value,)):
+                for key in value_keys(item):
+                    fidx.add(key, rid)
+        if rid >= self.next_id:
+            self.next_id = rid + 1
+        return old
+
+    def drop(self, rid):
+        old = self.records.pop(rid, None)
+        if old is not None:
+            self._unindex(rid, old)
+        return old
+
+    def _unindex(self, rid, record):
+        rtype = record["type"]
+        self.keys.pop((rtype, record[KEY_FIELD[rtype]].lower()), None)
+        for name, value in record.items():
+            fidx = self.index.get(name)
+            if fidx is None:
+                continue
+            for item in (value if type(value) is list else (value,)):
+                for key in value_keys(item):
+                    posting_remove(fidx.postings, key, rid)
+
+    def term_ids(self, term, types):
+        if term.field is not None:
+            return self.index[term.field.name].search(term)
+        found = set()
+        for rtype in types:
+            for name in BARE_FIELDS[rtype]:
+                found |= self.index[name].search(term)
+        return found
+
+    def term_matches(self, term, record):
+        if term.field is not None:
+            names = (term.field.name,)
+        else:
+            names = BARE_FIELDS[record["type"]]
+        for name in names:
+            value = record.get(name)
+            for item in (value if type(value) is list else (value,) if value else ()):
+                if term.matches_value(item):
+                    return True
+        return False
+
+    def select(self, selection):
+        """Ids of the records matching every term, in a stable, human order."""
+        types = selection.types
+        terms = [t for t in selection.terms if t.field is None or t.field.name != "type"]
+        if not types or not selection.terms:
+            return []
+        if not terms:
+            ids = set().union(*(self.index["type"].exact(t) for t in types))
+        else:
+            ids = self._intersect(terms, types)
+        records = self.records
+        hits = [i for i in ids if records[i]["type"] in types]
+        return sorted(hits, key=lambda i: self.sort_key(records[i]))
+
+    def _intersect(self, terms, types):
+        """Exact terms by posting size first; wildcards checked per record once few remain."""
+        exact = sorted((self.term_ids(t, types) for t in terms if t.regex is None), key=len)
+        ids = None
+        for found in exact:
+            ids = found if ids is None else ids & found
+            if not ids:
+                return ()
+        for term in (t for t in terms if t.regex is not None):
+            if ids is not None and len(ids) <= 64:
+                ids = {i for i in ids if self.term_matches(term, self.records[i])}
+            else:
+                found = self.term_ids(term, types)
+                ids = found if ids is None else ids & found
+            if not ids:
+                return ()
+        return ids
+
+    @staticmethod
+    def sort_key(record):
+        rtype = record["type"]
+        return (rtype != PERSON, record[KEY_FIELD[rtype]].lower())
+
+
+# SECTION: Storage — MemoryStore, FileStore (journal, snapshot, lock)
+
+class MemoryStore:
+    """The Store protocol over a Directory; nothing persists (the dev tier's store)."""
+
+    kind = "memory"
+
+    def __init__(self, schema):
+        self.schema = schema
+        self.directory = Directory(schema)
+        self.readonly = None                    # reason text when writes are refused
+
+    def open(self):
+        return self
+
+    async def close(self):
+        """Finish pending writes and release resources."""
+
+    def describe(self):
+        return "memory"
+
+    def get(self, rid):
+        return self.directory.records.get(rid)
+
+    def select(self, selection):
+        return self.directory.select(selection)
+
+    def apply(self, ops):
+        """Apply (id, record-or-None) ops to the directory; return the ops that undo them."""
+        directory, undo = self.directory, []
+        for rid, record in ops:
+            old = directory.put(rid, record) if record is not None else directory.drop(rid)
+            undo.append((rid, old))
+        undo.reverse()
+        return undo
+
+    async def commit(self, ops):
+        """Make ``ops`` visible and durable; raise StoreError if they cannot be."""
+        if self.readonly:
+            raise StoreError(self.readonly)
+        self.apply(ops)
+
+    def plan_add(self, rtype, fields, now, source="manual"):
+        """The ops that add one record built from {field: [values]}; RecordError if refused."""
+        record = self.schema.build(rtype, fields)
+        key = record[KEY_FIELD[rtype]]
+        if self.directory.key_owner(rtype, key) is not None:
+            what = "Alias" if rtype == PERSON else "Hostname"
+            raise RecordError(f"{what} {key} in use or is too common a name.", code=509)
+        stamp = utc_now(now)
+        record.update(created=stamp, modified=stamp, source=source)
+        if rtype == MACHINE:
+            record["status"] = "unknown"
+        return [(self.directory.next_id, record)]
+
+    def plan_change(self, rids, make, now):
+        """Ops changing each record by {field: [values]}; returns (ops, per-record error lines)."""
+        ops, errors, claimed = [], [], set()
+        for rid in rids:
+            try:
+                new = self.changed_record(self.directory.records[rid], make, now, claimed)
+            except RecordError as e:
+                errors.append(more(e.code, str(e)))
+                continue
+            if new is not None:
+                ops.append((rid, new))
+        return ops, errors
+
+    def changed_record(self, old, make, now, claimed):
+        """``old`` with ``make`` applied (a new dict), or None when nothing would change."""
+        rtype, schema = old["type"], self.schema
+        new = dict(old)
+        for name, values in make.items():
+            field = schema.by_name[name]
+            if rtype not in field.types:
+                raise RecordError(f"{name} is not a field of a {rtype}")
+            cleaned = schema.clean_values(field, values)
+            if cleaned:
+                new[name] = cleaned if field.multi else cleaned[0]
+            else:
+                new.pop(name, None)
+        keyname = KEY_FIELD[rtype]
+        key = new.get(keyname)
+        if not key:
+            raise RecordError(f"{keyname} may not be removed: it is the record's key")
+        if key.lower() != old[keyname].lower():
+            slot = (rtype, key.lower())
+            if self.directory.keys.get(slot) is not None or slot in claimed:
+                what = "Alias" if rtype == PERSON else "Hostname"
+                raise RecordError(f"{what} {key} conflicts with other entries.", code=509)
+            claimed.add(slot)
+        if new == old:
+            return None
+        new["modified"] = utc_now(now)
+        return new
+
+    def load_records(self, pairs):
+        """Put (id, record) pairs straight into the directory (bulk load, start-up)."""
+        put = self.directory.put
+        for rid, record in pairs:
+            put(rid, record)
+
+
+SNAPSHOT = "snapshot.jsonl"
+SNAPSHOT_FORMAT = "pharos-snapshot"
+JOURNAL_RE = re.compile(r"journal-(\d{16})\.jsonl\Z")
+LOCK = "lock"
+
+
+def journal_name(first_seq):
+    return f"journal-{first_seq:016d}.jsonl"
+
+
+def encode_journal(seq, ops):
+    """One journal line: CRC-32 of the JSON, a space, the JSON, a newline."""
+    body = json.dumps({"seq": seq, "ops": ops}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def decode_journal(raw):
+    """The (seq, ops) of one journal line; ValueError if it is damaged."""
+    if len(raw) < 10 or raw[8:9] != b" " or not raw.endswith(b"\n"):
+        raise ValueError("truncated or malformed line")
+    body = raw[9:-1]
+    if int(raw[:8], 16) != zlib.crc32(body):
+        raise ValueError("checksum mismatch")
+    entry = json.loads(body)
+    seq, ops = entry["seq"], entry["ops"]
+    if type(seq) is not int or type(ops) is not list:
+        raise ValueError("entry lacks seq or ops")
+    return seq, [check_op(op) for op in ops]
+
+
+def check_op(op):
+    rid, record = op
+    if type(rid) is not int or rid < 1 or (record is not None and not valid_record(record)):
+        raise ValueError(f"bad operation {str(op)[:80]}")
+    return rid, record
+
+
+def valid_record(record):
+    """Shape check for a record read from disk (not a full schema validation)."""
+    if type(record) is not dict:
+        return False
+    rtype = record.get("type")
+    if rtype not in KEY_FIELD or type(record.get(KEY_FIELD[rtype])) is not str:
+        return False
+    return all(type(v) is str or (type(v) is list and all(type(x) is str for x in v))
+               for v in record.values())
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(path, seq, next_id, records):
+    """Write ``records`` ({id: record}) as the snapshot, atomically: temp, fsync, rename."""
+    tmp = os.path.join(path, SNAPSHOT + ".tmp")
+    with open(tmp, "wb") as f:
+        header = {"format": SNAPSHOT_FORMAT, "version": 1, "seq": seq,
+                  "next_id": next_id, "count": len(records)}
+        f.write(json.dumps(header).encode() + b"\n")
+        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        chunk = []
+        for rid, record in records.items():
+            chunk.append(dumps([rid, record]))
+            if len(chunk) >= 4096:
+                f.write(("\n".join(chunk) + "\n").encode())
+                chunk = []
+        if chunk:
+            f.write(("\n".join(chunk) + "\n").encode())
+        f.write(json.dumps({"end": len(records)}).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, SNAPSHOT))
+    fsync_dir(path)
+
+
+def read_snapshot(path):
+    """(seq, next_id, [(id, record)]) from the snapshot file; DataError naming the line."""
+    name = os.path.join(path, SNAPSHOT)
+    if not os.path.exists(name):
+        return 0, 1, []
+    pairs, header, end = [], None, None
+    with open(name, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                if end is not None:
+                    raise ValueError("data after the end marker")
+                item = json.loads(raw)
+                if header is None:
+                    header = check_snapshot_header(item)
+                elif type(item) is dict:
+                    end = item.get("end")
+                    if end != len(pairs):
+                        raise ValueError(f"end marker says {end} records, found {len(pairs)}")
+                else:
+                    pairs.append(check_op(item))
+            except (ValueError, TypeError, KeyError) as e:
+                raise DataError(f"{name} line {lineno}: corrupt record ({e}); "
+                                f"refusing to start: restore the file or move it away") from None
+    if end is None:
+        raise DataError(f"{name}: truncated (no end marker); refusing to start")
+    return header["seq"], header["next_id"], pairs
+
+
+def check_snapshot_header(item):
+    if type(item) is not dict or item.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError("not a Pharos snapshot header")
+    if item.get("version") != 1:
+        raise ValueError(f"snapshot version {item.get('version')} is not supported")
+    if type(item.get("seq")) is not int or type(item.get("next_id")) is not int:
+        raise ValueError("header lacks seq or next_id")
+    return item
+
+
+def journal_segments(path):
+    """Journal segment names in order."""
+    return sorted(n for n in os.listdir(path) if JOURNAL_RE.match(n))
+
+
+def read_journal(name, last):
+    """(entries, good_length, problem) for one segment; ``problem`` is (lineno, reason) or None."""
+    entries, offset = [], 0
+    with open(name, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                entries.append(decode_journal(raw))
+            except (ValueError, TypeError, KeyError) as e:
+                return entries, offset, (lineno, str(e), f.read(1) == b"")
+            offset += len(raw)
+    return entries, offset, None
+
+
+class JournalWriter:
+    """Appends journal lines; writes that arrive together share one fsync (group commit)."""
+
+    def __init__(self, store, fd):
+        self.store = store
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.queue = []                         # (bytes, future, undo ops)
+        self.task = None
+        from concurrent.futures import ThreadPoolExecutor
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
+
+    def submit(self, data, undo):
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((data, future, undo))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.run())
+        return future
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        try:
+            while self.queue:
+                batch, self.queue = self.queue, []
+                data = b"".join(item[0] for item in batch)
+                started = time.perf_counter()
+                try:
+                    await loop.run_in_executor(self.executor, self.write, data)
+                except OSError as e:
+                    self.fail(batch + self.queue, e)
+                    self.queue = []
+                    continue
+                self.store.wrote(len(batch), len(data), time.perf_counter() - started)
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_result(None)
+                await self.store.maybe_compact(self)
+        finally:
+            self.task = None
+
+    def write(self, data):
+        """Append and fdatasync (in the journal thread); on a failed write, cut it back off."""
+        start = self.size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            os.ftruncate(self.fd, start)
+            os.lseek(self.fd, start, os.SEEK_SET)
+            raise
+        try:
+            os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+        except OSError as e:
+            self.store.readonly = f"journal fsync failed: {e.strerror}"
+            raise
+        self.size = start + len(data)
+
+    def fail(self, items, error):
+        """Refuse every write not yet durable, undoing them newest first."""
+        reason = f"Store failed: {error.strerror or error}."
+        for _, future, undo in reversed(items):
+            self.store.apply(undo)
+            if not future.done():
+                future.set_exception(StoreError(reason))
+
+    def pending_undo(self):
+        return [undo for _, _, undo in self.queue]
+
+    async def drain(self):
+        while self.task is not None:
+            await asyncio.shield(self.task)
+
+    def roll(self, fd):
+        """Switch to a new segment (between batches, so no write is in flight)."""
+        os.close(self.fd)
+        self.fd, self.size = fd, 0
+
+
+class FileStore(MemoryStore):
+    """Records in memory, made durable by a journal (fsync'd) and compacted into a snapshot."""
+
+    kind = "file"
+
+    def __init__(self, schema, path, compact_bytes=DEFAULT_COMPACT_BYTES, log=None):
+        super().__init__(schema)
+        self.path = os.path.abspath(path)
+        self.compact_bytes = compact_bytes
+        self.log = log or (lambda msg: None)
+        self.lock_fd = None
+        self.writer = None
+        self.seq = 0
+        self.segment_start = 1
+        self.compacting = None
+        self.snapshot_time = None
+        self.stats = {"fsyncs": 0, "journal_bytes": 0, "write_seconds": 0.0, "batches": 0}
+
+    def describe(self):
+        return f"file {self.path}"
+
+    def open(self):
+        """Lock the data dir, load snapshot and journal, open the journal for appends."""
+        self.lock()
+        try:
+            self.load()
+        except BaseException:
+            self.unlock()
+            raise
+        return self
+
+    def lock(self):
+        import fcntl
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataError(f"data dir {self.path} is already in use by another Pharos "
+                            f"server (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    def unlock(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def load(self):
+        seq, next_id, pairs = read_snapshot(self.path)
+        self.load_records(pairs)
+        del pairs
+        self.directory.next_id = max(self.directory.next_id, next_id)
+        if seq:
+            self.snapshot_time = os.stat(os.path.join(self.path, SNAPSHOT)).st_mtime
+        segments = journal_segments(self.path)
+        for position, name in enumerate(segments):
+            seq = self.replay(name, seq, position == len(segments) - 1)
+        self.seq = seq
+        current = segments[-1] if segments else journal_name(seq + 1)
+        self.segment_start = int(JOURNAL_RE.match(current).group(1))
+        self.writer = JournalWriter(self, self.open_segment(current))
+
+    def replay(self, name, seq, last):
+        """Apply one journal segment's entries newer than ``seq``; return the last seq."""
+        full = os.path.join(self.path, name)
+        entries, good, problem = read_journal(full, last)
+        for entry_seq, ops in entries:
+            if entry_seq > seq:
+                self.apply(ops)
+                seq = entry_seq
+        if problem:
+            lineno, reason, at_end = problem
+            if not (last and at_end):
+                raise DataError(f"{full} line {lineno}: corrupt journal entry ({reason}); "
+                                f"refusing to start: restore the file or move it away")
+            self.log(f"dropped a torn write at the end of {full} (line {lineno}: {reason}); "
+                     f"it was never acknowledged")
+            self.truncate(full, good)
+        return seq
+
+    def truncate(self, full, length):
+        try:
+            with open(full, "r+b") as f:
+                f.truncate(length)
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
+
+    def open_segment(self, name):
+        full = os.path.join(self.path, name)
+        try:
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fsync_dir(self.path)
+        except OSError as e:
+            raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
+        return fd
+
+    async def commit(self, ops):
+        if self.readonly:
+            raise StoreError(self.readonly)
+        undo = self.apply(ops)
+        self.seq += 1
+        await self.writer.submit(encode_journal(self.seq, ops), undo)
+
+    def wrote(self, entries, nbytes, seconds):
+        stats = self.stats
+        stats["fsyncs"] += 1
+        stats["batches"] += entries
+        stats["journal_bytes"] += nbytes
+        stats["write_seconds"] += seconds
+
+    async def maybe_compact(self, writer):
+        """Between batches: once the segment is big, roll it and snapshot in a thread."""
+        if writer.size < self.compact_bytes or self.compacting is not None:
+            return
+        durable_seq = self.seq - len(writer.queue)
+        records = dict(self.directory.records)
+        for undo in reversed(writer.pending_undo()):
+            for rid, old in undo:
+                if old is None:
+                    records.pop(rid, None)
+                else:
+                    records[rid] = old
+        loop = asyncio.get_running_loop()
+        name = journal_name(durable_seq + 1)
+        fd = await loop.run_in_executor(writer.executor, self.open_segment, name)
+        old_segments = [n for n in journal_segments(self.path) if n != name]
+        writer.roll(fd)
+        self.segment_start = durable_seq + 1
+        next_id = self.directory.next_id
+        self.compacting = loop.run_in_executor(None, self.compact, durable_seq, next_id,
+                                               records, old_segments)
+        self.compacting.add_done_callback(self.compacted)
+
+    def compact(self, seq, next_id, records, old_segments):
+        write_snapshot(self.path, seq, next_id, records)
+        for name in old_segments:
+            os.unlink(os.path.join(self.path, name))
+        fsync_dir(self.path)
+        return time.time()
+
+    def compacted(self, future):
+        self.compacting = None
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error:
+            self.log(f"snapshot failed, the journal keeps growing: {error}")
+        else:
+            self.snapshot_time = future.result()
+
+    async def close(self):
+        if self.writer:
+            await self.writer.drain()
+            if self.compacting is not None:
+                await asyncio.shield(self.compacting)
+            os.close(self.writer.fd)
+            self.writer.executor.shutdown(wait=True)
+            self.writer = None
+        self.unlock()
+
+
+# SECTION: Server — PhSession (one ph_<verb> per command), connection loop, serve
+
+class ServerConfig:
+    """Settings of one server, from the command line; plain attributes."""
+
+    def __init__(self, **settings):
+        self.tier = "dev"
+        self.max_results = DEFAULT_MAX_RESULTS
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        self.max_connections = DEFAULT_MAX_CONNECTIONS
+        self.login_delay = LOGIN_FAIL_DELAY
+        self.crlf = False
+        self.admin = "root@localhost"
+        self.__dict__.update(settings)
+
+
+SESSION_OPTIONS = {"echo": "off", "limit": str(DEFAULT_CHANGE_LIMIT), "verbose": "off",
+                   "addonly": "off", "nolog": "off", "charset": "utf-8"}
+LOGIN_VERBS = frozenset(("answer", "clear", "email"))
+CLIENT_TYPES = {"ph": PERSON, "mdb": MACHINE}
+
+HELP_TOPICS = {
+    "query": "query [field=]value ... [return field ... | return all]\n"
+             "ph is a synonym. Terms are ANDed; matching ignores case and is word by word;\n"
+             "a quoted value may hold spaces; wildcards * ? [a-z]. Bare words search\n"
+             "name and nickname (people) and hostname (machines).",
+    "add": "add field=value ...\nAdds a person (alias=...) or a machine (hostname=...).\n"
+           "Repeat a multi-valued field (ip, mac, services, tags, ssh_key) for more values.",
+    "change": "change selection ... make field=value ...\n"
+              "field=\"\" removes a field. At most `limit` entries change (set limit=N).",
+    "delete": "delete selection ...\nAt most `limit` entries go (set limit=N).",
+    "fields": "fields [name ...]\nDescribes every field, or the named ones.",
+    "set": "set [option[=value] ...]\nOptions: echo, limit, verbose, addonly, nolog, charset.",
+    "login": "login alias, then answer <signature>; logout ends the session.",
+    "id": "id <client name>\nSays who the client is; ph and mdb narrow queries to their type.",
+    "status": "status\nSays whether the database is ready.",
+    "siteinfo": "siteinfo\nDescribes this site.",
+    "quit": "quit (or exit, stop)\nEnds the connection.",
+}
+
+
+def authorize(tier, verb, user):
+    """None when ``verb`` is allowed for ``user`` in ``tier``, else a reply line."""
+    return None
+
+
+class PhSession:
+    """The state of one Ph connection and one handler (ph_<verb>) per command."""
+
+    def __init__(self, server, peer):
+        self.server = server
+        self.store = server.store
+        self.schema = server.store.schema
+        self.config = server.config
+        self.peer = peer
+        self.client_id = None
+        self.type_hint = None
+        self.options = dict(SESSION_OPTIONS)
+        self.pending_login = None               # (alias, challenge, monotonic time)
+        self.user = None
+        self.verbs = {
+            "query": self.ph_query, "ph": self.ph_query, "fields": self.ph_fields,
+            "status": self.ph_status, "siteinfo": self.ph_siteinfo, "id": self.ph_id,
+            "set": self.ph_set, "help": self.ph_help, "add": self.ph_add,
+            "change": self.ph_change, "delete": self.ph_delete, "login": self.ph_login,
+            "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_clear,
+            "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_xlogin,
+            "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
+        }
+
+    async def execute(self, text):
+        """The reply to one request line, and whether to close the connection after it."""
+        tokens = tokenize(text)
+        if not tokens or tokens[0].field is not None or tokens[0].quoted:
+            return line(598, f"{printable(text.split()[0] if text.split() else text)}:"
+                             f"Command not recognized."), False
+        verb = tokens[0].value
+        handler = self.verbs.get(verb)
+        if handler is None:
+            return line(598, f"{printable(verb)}:Command not recognized."), False
+        prefix = ""
+        if self.options["echo"] == "on":
+            prefix = more(101, f" {printable(text, 900)}")
+        if self.pending_login and verb not in LOGIN_VERBS:
+            self.pending_login = None
+            prefix += more(523, "Expecting answer, clear, or email; login discarded.")
+        refusal = authorize(self.config.tier, verb, self.user)
+        if refusal:
+            return prefix + refusal, False
+        reply = handler(tokens[1:])
+        if type(reply) is not str:
+            reply = await reply
+        return prefix + reply, verb in ("quit", "exit", "stop")
+
+    # -- reads ---------------------------------------------------------------
+
+    def ph_status(self, args):
+        if self.store.readonly:
+            return line(201, f"Database ready, read only ({self.store.readonly}).")
+        return line(200, "Database ready.")
+
+    def ph_siteinfo(self, args):
+        items = [("maildomain", ""), ("mailfield", "email"), ("administrator", self.config.admin),
+                 ("passwords", self.config.admin), ("mailbox", "email"), ("charset", "UTF-8"),
+                 ("server", f"pharos {__version__}"), ("tier", self.config.tier)]
+        out = [more(200, f"{n}:{key}:{value}") for n, (key, value) in enumerate(items, 1)]
+        return "".join(out) + line(200, "Ok.")
+
+    def ph_id(self, args):
+        if args:
+            self.client_id = args[0].text()[:64]
+            self.type_hint = CLIENT_TYPES.get(self.client_id.lower())
+        return line(200, "Thanks.")
+
+    def ph_fields(self, args):
+        if not args:
+            return "".join(format_fields(self.schema.fields)) + line(200, "Ok.")
+        wanted, errors = [], []
+        for n, token in enumerate(args, 1):
+            field = self.schema.field(token.value) if token.field is None else None
+            if token.field is not None:
+                errors.append(more(599, f"argument {n}:is not a field name."))
+            elif field is None:
+                errors.append(more(507, f"{printable(token.value)}:unknown field."))
+            elif field not in wanted:
+                wanted.append(field)
+        if errors:
+            return "".join(errors) + line(599, "Invalid field request.")
+        return "".join(format_fields(wanted)) + line(200, "Ok.")
+
+    def ph_help(self, args):
+        words = [t.text() for t in args]
+        if words and words[0] in ("native", "client", "ph"):
+            words = words[1:]
+        if not words:
+            out = [more(200, "1: The following topics have help (help <topic>):"),
+                   more(200, "1: " + "  ".join(sorted(HELP_TOPICS)))]
+            return "".join(out) + line(200, "Ok.")
+        out = []
+        for n, topic in enumerate(words, 1):
+            if "/" in topic:
+                out.append(more(524, f"{n}:{printable(topic)}: Valid help topics don't contain /'s."))
+            elif topic.lower() in HELP_TOPICS:
+                out.append(more(200, f"{n}:{topic.lower()}: "))
+                out.extend(more(200, f"{n}: {text}") for text in
+                           HELP_TOPICS[topic.lower()].split("\n"))
+        if not any(x.startswith("-200") for x in out):
+            return "".join(out) + line(500, "No help available.")
+        return "".join(out) + line(200, "Ok.")
+
+    def selection_types(self):
+        return frozenset((self.type_hint,)) if self.type_hint else frozenset(RECORD_TYPES)
+
+    def ph_query(self, args):
+        cut = next((i for i, t in enumerate(args) if t.sep), len(args))
+        selection, errors = parse_selection(self.schema, args[:cut], self.selection_types())
+        returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
+        if not errors and not selection.has_key():
+            errors += [more(515, "no non-null key field in query."),
+                       more(515, "Initial metas may be used as qualifiers only.")]
+        if errors:
+            return "".join(errors) + line(500, "Did not understand query.")
+        ids = self.store.select(selection)
+        if not ids:
+            return line(501, "No matches to your query.")
+        if len(ids) > self.config.max_results:
+            return line(502, "Too many entries to print.")
+        fields, width, explicit = returned
+        get, alls = self.store.get, (self.schema.defaults if fields == "default" else self.schema.all)
+        out = [count_line(len(ids))]
+        for n, rid in enumerate(ids, 1):
+            record = get(rid)
+            chosen = alls[record["type"]] if type(fields) is str else fields
+            out.extend(format_entry(n, record, chosen, width, explicit))
+        out.append("200:Ok.\n")
+        return "".join(out)
+
+    def return_fields(self, tokens, has_return, errors):
+        """(fields or 'default'/'all', label width, explicit) for a query's return clause."""
+        if not tokens:
+            return "default", self.schema.default_width, False
+        if len(tokens) == 1 and tokens[0].field is None and tokens[0].value.lower() == "all":
+            return "all", self.schema.all_width, False
+        fields = []
+        for n, token in enumerate(tokens, 1):
+            field = self.schema.field(token.value) if token.field is None else None
+            if token.field is not None:
+                errors.append(more(599, f"Argument {n}: must be field name."))
+            elif field is None:
+                errors.append(more(507, f"{printable(token.value)}:unknown field."))
+            elif field not in fields:
+                fields.append(field)
+        return fields, Schema.width(fields), True
+
+    # -- writes --------------------------------------------------------------
+
+    def parse_pairs(self, tokens, start=1, *, for_change=False):
+        """{field: [values]} from field=value tokens, and error lines for the rest."""
+        values, errors = {}, []
+        for n, token in enumerate(tokens, start):
+            if token.field is None or (not token.value and not token.quoted and for_change):
+                what = f"Argument {n} (begins {printable(token.text(), 16)})"
+                errors.append(more(599, f"{what}: must be field=value pair." if for_change
+                                   else f"{n}:argument is not field=value pair."))
+                continue
+            field = self.schema.field(token.field)
+            if field is None:
+                errors.append(more(507, f"{printable(token.field)}:unknown field."))
+            elif field.server or (for_change and field.name == "type"):
+                errors.append(more(505, f"{field.name}:you may not change this field."))
+            else:
+                values.setdefault(field.name, []).append(token.value)
+        return values, errors
+
+    def record_type(self, fields):
+        """The type an add is for: from type=, the fields used, or the client's id."""
+        candidates = set(RECORD_TYPES)
+        for value in fields.get("type", ()):
+            candidates &= {value.strip().lower()}
+        for name in fields:
+            candidates &= self.schema.types_for(name)
+        if len(candidates) == 2 and self.type_hint:
+            candidates = {self.type_hint}
+        if len(candidates) == 1:
+            return candidates.pop()
+        if not candidates:
+            raise RecordError("these fields do not fit one record type (person or machine)")
+        raise RecordError("say type=person or type=machine")
+
+    def write_refused(self):
+        if self.store.readonly:
+            return line(517, "changes not allowed to read-only database.")
+        return None
+
+    async def commit(self, ops, success):
+        try:
+            await self.store.commit(ops)
+        except StoreError as e:
+            return line(400, str(e))
+        return success
+
+    async def ph_add(self, args):
+        refused = self.write_refused()
+        if refused:
+            return refused
+        fields, errors = self.parse_pairs(args)
+        if not errors:
+            try:
+                ops = self.store.plan_add(self.record_type(fields), fields, time.time())
+            except RecordError as e:
+                errors.append(more(e.code, str(e)))
+        if errors or not args:
+            return "".join(errors) + line(599, "Add command not understood.")
+        return await self.commit(ops, line(200, "Ok."))
+
+    def limited_selection(self, tokens, failure):
+        """(ids, None) for a change/delete selection, or (None, reply) when refused."""
+        selection, errors = parse_selection(self.schema, tokens, self.selection_types())
+        if not errors and not selection.has_key():
+            errors.append(more(515, "no non-null key field in query."))
+        if errors:
+            return None, "".join(errors) + line(599, failure)
+        ids = self.store.select(selection)
+        limit = int(self.options["limit"])
+        if len(ids) > limit:
+            return None, line(518, f"Too many entries ({len(ids)}) selected; limit is {limit}.")
+        return ids, None
+
+    async def ph_change(self, args):
+        refused = self.write_refused()
+        if refused:
+            return refused
+        failure = "Did not understand change command."
+        cut = next((i for i, t in enumerate(args) if t.sep), None)
+        if cut is None or cut == len(args) - 1:
+            return line(599, failure)
+        make, errors = self.parse_pairs(args[cut + 1:], cut + 2, for_change=True)
+        if errors:
+            return "".join(errors) + line(599, failure)
+        ids, reply = self.limited_selection(args[:cut], failure)
+        if reply:
+            return reply
+        if not ids:
+            return line(501, "No matches to specification.")
+        found, errors = len(ids), []
+        if self.options["addonly"] == "on":
+            ids, errors = self.addonly_filter(ids, make)
+        ops, refused = self.store.plan_change(ids, make, time.time())
+        errors += refused
+        ok = len(ids) - len(refused)
+        if not errors:
+            return await self.commit(ops, line(200, f"{plural(ok, 'entry', 'entries')} changed."))
+        if ok == 0:
+            return "".join(errors) + line(500, f"{plural(found, 'entry', 'entries')} found, "
+                                               f"none changed.")
+        failed = await self.commit(ops, None)
+        if failed:
+            return failed
+        return "".join(errors) + line(500, f"Only {plural(ok, 'entry', 'entries')} changed "
+                                           f"({found} found).")
+
+    def addonly_filter(self, ids, make):
+        """With `set addonly`, records that already have a value being set are refused."""
+        keep, errors = [], []
+        for rid in ids:
+            record = self.store.get(rid)
+            if any(record.get(name) for name, values in make.items() if any(values)):
+                errors.append(more(521, "Field has a value."))
+            else:
+                keep.append(rid)
+        return keep, errors
+
+    async def ph_delete(self, args):
+        refused = self.write_refused()
+        if refused:
+            return refused
+        failure = "Delete command not understood."
+        if not args or any(t.sep for t in args):
+            return line(599, failure)
+        ids, reply = self.limited_selection(args, failure)
+        if reply:
+            return reply
+        if not ids:
+            return line(501, "No entries matched specifications.")
+        ops = [(rid, None) for rid in ids]
+        return await self.commit(ops, line(200, f"{len(ids)} entries deleted."))
+
+    # -- options -------------------------------------------------------------
+
+    def ph_set(self, args):
+        if not args:
+            out = [more(200, f"{name}:{value}") for name, value in self.options.items()]
+            return "".join(out) + line(200, "Done.")
+        out, recognised = [], 0
+        for token in args:
+            name = (token.field if token.field is not None else token.value).lower()
+            value = token.value if token.field is not None else "on"
+            if name not in self.options:
+                out.append(more(513, f"{printable(name)}:unknown option"))
+                continue
+            problem = self.set_option(name, value)
+            if problem:
+                out.append(more(512, f"{name}:{problem}"))
+                continue
+            recognised += 1
+            if self.options["verbose"] == "on":
+                out.append(more(100, f"{name}={self.options[name]}"))
+        if not recognised:
+            return "".join(out) + line(513, "No option recognized.")
+        return "".join(out) + line(200, "Done.")
+
+    def set_option(self, name, value):
+        """Set one session option; return a problem text if the value is refused."""
+        value = value.strip().lower()
+        if name == "limit":
+            if not value.isdigit() or not 0 < int(value) <= MAX_CHANGE_LIMIT:
+                return f"must be a number from 1 to {MAX_CHANGE_LIMIT}"
+            value = str(int(value))
+        elif name == "charset":
+            if value not in ("utf-8", "utf8", "us-ascii"):
+                return "only UTF-8 is supported"
+        else:
+            value = {"": "off", "on": "on", "off": "off", "yes": "on", "no": "off",
+                     "true": "on", "false": "off", "1": "on", "0": "off"}.get(value)
+            if value is None:
+                return "must be on or off"
+        self.options[name] = value
+        return None
+
+    # -- login ---------------------------------------------------------------
+
+    def ph_login(self, args):
+        if not args:
+            return line(599, "login:no name given.")
+        if len(args) > 1:
+            return line(599, "login:extra arguments.")
+        challenge = "".join(secrets.choice(CHALLENGE_ALPHABET) for _ in range(42))
+        self.pending_login = (args[0].text()[:64], challenge, time.monotonic())
+        return line(301, challenge)
+
+    def login_problem(self, verb, args):
+        if not self.pending_login:
+            return line(599, f"{verb}:there is no outstanding login.")
+        if not args:
+            return line(599, f"{verb}:no argument given.")
+        return None
+
+    async def ph_answer(self, args):
+        problem = self.login_problem("answer", args)
+        if problem:
+            return problem
+        alias, challenge, issued = self.pending_login
+        self.pending_login = None
+        verified = None
+        if time.monotonic() - issued <= LOGIN_TTL:
+            verified = self.server.verify_login(alias, challenge, args[0].text(), self.peer)
+        if verified is None:
+            await asyncio.sleep(self.config.login_delay)
+            return line(500, "Login failed.")
+        self.user = verified
+        return line(200, f"{alias}:Hi how are you?")
+
+    def ph_clear(self, args):
+        verb = "clear"
+        problem = self.login_problem(verb, args)
+        if problem:
+            return problem
+        self.pending_login = None
+        return line(599, f"{verb}:Not allowed for challenge type(s) {AUTH_SSHSIG:#x}.")
+
+    def ph_xlogin(self, args):
+        method = args[0].text() if args else "0"
+        return line(529, f"xlogin:Authentication method {printable(method, 8)} unavailable.")
+
+    def ph_logout(self, args):
+        if args:
+            return line(599, "argument given on logout command.")
+        if self.user is None:
+            return line(500, "Not logged in.")
+        self.user = None
+        return line(200, "Ok.")
+
+    def ph_quit(self, args):
+        return line(200, "Bye!")
+
+
+class Connection:
+    """Book-keeping for one open connection: its session, writer and activity."""
+
+    __slots__ = ("session", "writer", "last", "busy")
+
+    def __init__(self, session, writer, now):
+        self.session, self.writer, self.last, self.busy = session, writer, now, False
+
+
+TOO_LONG = object()
+
+
+class PhServer:
+    """The Ph listener: connection cap, idle timeout, the request loop, graceful stop."""
+
+    def __init__(self, store, config, log):
+        self.store, self.config, self.log = store, config, log
+        self.connections = set()
+        self.listener = None
+        self.sweeper = None
+        self.closing = False
+        self.idle = asyncio.Event()
+
+    def verify_login(self, alias, challenge, answer, peer):
+        """The logged-in identity for a correct answer, else None (no methods enabled yet)."""
+        return None
+
+    async def start(self, host, port):
+        self.listener = await asyncio.start_server(self.handle, host, port, limit=MAX_LINE,
+                                                   backlog=1024, reuse_address=True)
+        self.sweeper = asyncio.ensure_future(self.sweep())
+        return self.listener.sockets[0].getsockname()[:2]
+
+    async def handle(self, reader, writer):
+        loop = asyncio.get_running_loop()
+        if len(self.connections) >= self.config.max_connections or self.closing:
+            writer.write(line(400, f"Too many connections (limit {self.config.max_connections});"
+                                   f" try again later.").encode())
+            writer.close()
+            return
+        peer = writer.get_extra_info("peername")
+        conn = Connection(PhSession(self, peer), writer, loop.time())
+        self.connections.add(conn)
+        self.idle.clear()
+        try:
+            await self.converse(conn, reader, writer, loop)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.connections.discard(conn)
+            writer.transport.abort() if self.closing else writer.close()
+            if not self.connections:
+                self.idle.set()
+
+    async def converse(self, conn, reader, writer, loop):
+        crlf, transport = self.config.crlf, writer.transport
+        while not self.closing:
+            raw = await self.read_request(reader)
+            if raw is None:
+                return
+            conn.last = loop.time()
+            if raw is TOO_LONG:
+                writer.write(line(599, f"Command too long (limit {MAX_LINE} bytes).").encode())
+                continue
+            text = clean_request(raw)
+            if not text:
+                continue
+            conn.busy = True
+            try:
+                reply, close = await conn.session.execute(text)
+            except Exception:
+                import traceback
+                self.log("internal error:\n" + traceback.format_exc().rstrip())
+                reply, close = line(400, "Internal error."), False
+            conn.busy = False
+            conn.last = loop.time()
+            writer.write((reply.replace("\n", "\r\n") if crlf else reply).encode())
+            if transport.get_write_buffer_size() > 65536:
+                await writer.drain()
+            if close:
+                await writer.drain()
+                return
+
+    async def read_request(self, reader):
+        """One request line (continuations joined), TOO_LONG, or None at end of input."""
+        parts, size = [], 0
+        while True:
+            try:
+                raw = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError:
+                return None
+            except asyncio.LimitOverrunError:
+                await self.discard_line(reader)
+                return TOO_LONG
+            size += len(raw)
+            if size > MAX_LINE:
+                return TOO_LONG
+            body = raw.rstrip(b"\r\n")
+            if not body.endswith(b"\\"):
+                parts.append(body)
+                return b"".join(parts) if len(parts) > 1 else body
+            parts.append(body[:-1])
+
+    @staticmethod
+    async def discard_line(reader):
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await reader.readexactly(e.consumed)
+
+    async def sweep(self):
+        """Close connections idle longer than the timeout (a half line counts as idle)."""
+        timeout = self.config.idle_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, timeout / 4)))
+            now = loop.time()
+            for conn in [c for c in self.connections if not c.busy and now - c.last > timeout]:
+                conn.writer.transport.abort()
+
+    async def shutdown(self, grace=10.0):
+        """Stop accepting, let commands in flight finish, close every connection."""
+        self.closing = True
+        self.listener.close()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.writer.transport.abort()
+        try:
+            await asyncio.wait_for(self.idle.wait(), grace) if self.connections else None
+        except asyncio.TimeoutError:
+            for conn in list(self.connections):
+                conn.writer.transport.abort()
+        self.sweeper.cancel()
+
+
+def parse_hostport(text, default_port, what="--listen"):
+    """(host, port) from HOST:PORT, [V6]:PORT, :PORT or PORT; UsageError if malformed."""
+    host, port = text, str(default_port)
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]*):(\d+)|(\d+)|([^:]+)", text)
+    if not match:
+        raise UsageError(f"{what} {text!r}: expected HOST:PORT")
+    v6, v6port, h, p, only_port, only_host = match.groups()
+    if v6 is not None:
+        host, port = v6, v6port or port
+    elif p is not None:
+        host, port = h or "0.0.0.0", p
+    elif only_port is not None:
+        host, port = "0.0.0.0", only_port
+    else:
+        host = only_host
+    if not 0 <= int(port) <= 65535:
+        raise UsageError(f"{what} {text!r}: port must be 0-65535")
+    return host, int(port)
+
+
+def is_loopback(host):
+    """Whether every address ``host`` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
+                               for i in infos)
+
+
+def format_address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(store, config, host, port, log):
+    """Run the Ph server until SIGTERM or SIGINT, then stop cleanly."""
+    loop = asyncio.get_running_loop()
+    server = PhServer(store, config, log)
+    try:
+        bound = await server.start(host, port)
+    except OSError as e:
+        raise DataError(f"cannot listen on {format_address(host, port)}: {e.strerror}") from None
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log(f"Ph listening on {format_address(*bound)} (tier {config.tier}, "
+        f"storage {store.describe()}, {len(store.directory)} records)")
+    await stop.wait()
+    log("stopping: finishing writes in flight")
+    await server.shutdown()
+    await store.close()
+    log("stopped")
+
+
+# SECTION: Client — a small asyncio Ph client shared by the command-line tools
+
+REPLY_RE = re.compile(r"(-?)(\d{3}):(?:(\d+):)?(.*)\Z", re.S)
+ENTRY_RE = re.compile(r"\s*([A-Za-z_-]*): ?(.*)\Z", re.S)
+
+
+def quote_value(value):
+    """A value as a Ph token: bare when safe, else quoted with qi's escapes."""
+    if value and not re.search(r'[\s"\\=~]', value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def request_from_args(words):
+    """A request tail from command-line words: field=value pairs quoted as needed."""
+    out = []
+    for word in words:
+        field, eq, value = word.partition("=")
+        if eq and FIELD_NAME_RE.match(field):
+            out.append(f"{field}={quote_value(value)}")
+        elif word.lower() in SEPARATORS:
+            out.append(word.lower())
+        else:
+            out.append(quote_value(word))
+    return " ".join(out)
+
+
+def parse_reply(lines):
+    """(final code, final text, [(code, index, text)]) from the lines of one reply."""
+    body = []
+    for text in lines:
+        match = REPLY_RE.match(text)
+        if not match:
+            raise PhError(400, f"malformed reply line {text[:80]!r}")
+        dash, code, index, rest = match.groups()
+        if not dash and code >= "200":
+            return int(code), rest, body
+        body.append((int(code), int(index) if index else None, rest))
+    raise PhError(400, "reply ended without a final line")
+
+
+def records_from_reply(body, multi):
+    """Records (dicts; multi-valued fields as lists) from the data lines of a query reply."""
+    records, last = {}, {}
+    for code, index, text in body:
+        match = ENTRY_RE.match(text)
+        if code != 200 or index is None or not match:
+            continue
+        name, value = match.group(1) or last.get(index), match.group(2)
+        if not name:
+            continue
+        record = records.setdefault(index, {})
+        if name in multi:
+            record.setdefault(name, []).append(value)
+        elif name in record and last.get(index) == name:
+            record[name] += "\n" + value
+        else:
+            record[name] = value
+        last[index] = name
+    return [records[i] for i in sorted(records)]
+
+
+class PhClient:
+    """One Ph connection: send a command, read its reply, with timeouts and one reconnect."""
+
+    def __init__(self, host, port, timeout=10.0, client_id=None):
+        self.host, self.port, self.timeout, self.client_id = host, port, timeout, client_id
+        self.reader = self.writer = None
+
+    async def connect(self):
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=1 << 20), self.timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            reason = getattr(e, "strerror", None) or "timed out"
+            raise PhError(421, f"cannot reach {format_address(self.host, self.port)}: "
+                               f"{reason}") from None
+        if self.client_id:
+            await self.exchange(f"id {self.client_id}")
+        return self
+
+    async def exchange(self, request):
+        """Send one request; return (code, text, body lines)."""
+        self.writer.write(request.encode() + b"\n")
+        lines = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            if not raw:
+                raise ConnectionResetError("server closed the connection")
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text)
+            if not text.startswith("-") and text[:3] >= "200":
+                return parse_reply(lines)
+
+    async def command(self, request):
+        """Like exchange, reconnecting once if the connection was lost."""
+        for attempt in (1, 2):
+            try:
+                if self.writer is None:
+                    await self.connect()
+                return await self.exchange(request)
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                await self.close()
+                if attempt == 2:
+                    raise PhError(421, f"connection lost: {e}") from None
+            except asyncio.TimeoutError:
+                await self.close()
+                raise PhError(421, f"no reply within {self.timeout:g}s") from None
+
+    async def query(self, request, multi=frozenset(f[1] for f in BUILTIN_FIELDS
+                                                   if f[6].get("multi"))):
+        """Records matching ``request`` ('name=x return all'); [] when nothing matches."""
+        code, text, body = await self.command(f"query {request}")
+        if code == 501:
+            return []
+        if code >= 300:
+            raise PhError(code, text)
+        return records_from_reply(body, multi)
+
+    async def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+            self.reader = self.writer = None
+
+
+# SECTION: CLI — cmd_<name> handlers, argument parsing and main()
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (UsageError) instead of exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def log_to_stderr(message):
+    print(f"pharos: {message}", file=sys.stderr, flush=True)
+
+
+def server_address(args):
+    """The server to talk to: --server, PHAROS_SERVER, then localhost."""
+    text = args.server or os.environ.get("PHAROS_SERVER") or f"localhost:{PH_PORT}"
+    return parse_hostport(text, PH_PORT, "--server")
+
+
+def build_schema(args):
+    path = args.config or os.path.join(args.data, "pharos.ini")
+    if args.config and not os.path.exists(path):
+        raise UsageError(f"--config {path}: no such file")
+    return Schema(parse_custom_fields(path) if os.path.exists(path) else ())
+
+
+def cmd_serve(args):
+    """Run the server."""
+    if args.tier != "dev":
+        raise UsageError(f"--tier {args.tier} needs SSH-key login, which this version does not "
+                         f"have yet; use --tier dev")
+    host, port = parse_hostport(args.listen or f"127.0.0.1:{PH_PORT}", PH_PORT)
+    if args.tier == "dev" and not is_loopback(host):
+        raise UsageError(f"--tier dev accepts writes from anyone, so it listens on loopback "
+                         f"only; {host} is not a loopback address")
+    schema = build_schema(args)
+    if args.storage == "memory":
+        store = MemoryStore(schema)
+    else:
+        store = FileStore(schema, args.data, args.compact_bytes, log=log_to_stderr).open()
+    config = ServerConfig(tier=args.tier, max_results=args.max_results,
+                          idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                          crlf=args.crlf, admin=args.admin)
+    asyncio.run(serve(store, config, host, port, log_to_stderr))
+    return EXIT_OK
+
+
+def cmd_load(args):
+    """Bulk-load a JSONL file of records into a data dir while no server runs."""
+    schema = build_schema(args)
+    store = FileStore(schema, args.data, log=log_to_stderr).open()
+    try:
+        added = load_jsonl(store, args.file)
+        write_snapshot(store.path, store.seq, store.directory.next_id, store.directory.records)
+        for name in journal_segments(store.path):
+            if name != journal_name(store.segment_start) or store.writer.size:
+                os.unlink(os.path.join(store.path, name))
+        fsync_dir(store.path)
+    finally:
+        os.close(store.writer.fd)
+        store.unlock()
+    print(f"loaded {added} records into {store.path} ({len(store.directory)} in all)")
+    return EXIT_OK
+
+
+def load_jsonl(store, path):
+    """Add every record of a JSONL file to ``store`` in memory; UsageError naming a bad line."""
+    now, added = time.time(), 0
+    try:
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                store.apply(plan_loaded(store, json.loads(raw), now))
+            except (ValueError, RecordError) as e:
+                raise UsageError(f"{path} line {lineno}: {e}; nothing was loaded") from None
+            added += 1
+    return added
+
+
+def plan_loaded(store, item, now):
+    """The ops adding one record object read by `load`, keeping server-set fields it has."""
+    if type(item) is not dict:
+        raise ValueError("each line must be a JSON object")
+    rtype = str(item.get("type", "")).lower()
+    if rtype not in RECORD_TYPES:
+        raise ValueError("each record needs type person or machine")
+    fields = {}
+    for name, value in item.items():
+        field = store.schema.field(name)
+        if field is None:
+            raise ValueError(f"unknown field {name!r}")
+        values = value if type(value) is list else [value]
+        if not all(type(v) is str for v in values):
+            raise ValueError(f"{name} must be a string or a list of strings")
+        fields[field.name] = values
+    record = store.schema.build(rtype, fields, allow_server=True)
+    key = record[KEY_FIELD[rtype]]
+    if store.directory.key_owner(rtype, key) is not None:
+        raise RecordError(f"{KEY_FIELD[rtype]} {key} appears twice")
+    stamp = utc_now(now)
+    record.setdefault("created", stamp)
+    record.setdefault("modified", record["created"])
+    record.setdefault("source", "manual")
+    if rtype == MACHINE:
+        record.setdefault("status", "unknown")
+    return [(store.directory.next_id, record)]
+
+
+def cmd_doctor(args):
+    """Say what is installed, which optional features are on, and the data dir's state."""
+    import importlib.util
+    ok = sys.version_info >= (3, 10)
+    print(f"python     {sys.version.split()[0]} ({'ok' if ok else 'too old: need 3.10+'})")
+    print(f"pharos     {__version__} ({os.path.abspath(__file__)})")
+    for name, extra in OPTIONAL_PACKAGES.items():
+        found = importlib.util.find_spec(name) is not None
+        print(f"{name:<10} {'installed' if found else f'not installed (pip install {name})'}")
+    print(f"data dir   {doctor_data_dir(args.data)}")
+    host, port = server_address(args)
+    print(f"server     {format_address(host, port)}: {doctor_server(host, port)}")
+    return EXIT_OK
+
+
+def doctor_data_dir(path):
+    import fcntl
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        return f"{path} (does not exist yet; serve creates it)"
+    files = os.listdir(path)
+    size = sum(os.path.getsize(os.path.join(path, n)) for n in files
+               if n == SNAPSHOT or JOURNAL_RE.match(n))
+    state = "writable" if os.access(path, os.W_OK) else "NOT writable"
+    lock = os.path.join(path, LOCK)
+    if os.path.exists(lock):
+        with open(lock, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                state += ", in use by a running server"
+    return f"{path} ({state}, {size} bytes of snapshot and journal)"
+
+
+def doctor_server(host, port):
+    async def probe():
+        client = PhClient(host, port, timeout=2.0)
+        try:
+            await client.connect()
+            code, text, _ = await client.command("status")
+            return f"{code}:{text}"
+        except PhError as e:
+            return e.text
+        finally:
+            await client.close()
+    return asyncio.run(probe())
+
+
+PROGRAM_KIND = {"ph": PERSON, "mdb": MACHINE}
+
+
+def cmd_lookup(args):
+    """ph / mdb: query (the default), add, change, delete, fields, show."""
+    host, port = server_address(args)
+    words = list(args.words)
+    verb = words.pop(0) if words and words[0] in ("add", "change", "delete", "fields",
+                                                  "show", "query") else "query"
+    return asyncio.run(run_lookup(args, host, port, verb, words))
+
+
+async def run_lookup(args, host, port, verb, words):
+    rtype = PROGRAM_KIND[args.command]
+    client = PhClient(host, port, timeout=args.timeout, client_id=args.command)
+    try:
+        if verb == "fields":
+            code, text, body = await client.command("fields " + request_from_args(words))
+            return print_fields(code, text, body, rtype)
+        if verb in ("query", "show"):
+            if verb == "show":
+                words = [f"{KEY_FIELD[rtype]}={words[0]}"] if len(words) == 1 else words
+            tail = request_from_args(words)
+            if not any(t.sep for t in tokenize(tail)):
+                tail += " return all"
+            records = await client.query(tail)
+            print_records(records, args.json)
+            return EXIT_OK if records else EXIT_NOMATCH
+        return await run_write(client, verb, words, args)
+    finally:
+        await client.close()
+
+
+async def run_write(client, verb, words, args):
+    if verb == "delete" and not args.yes:
+        code, text, _ = await client.command("set limit=1")
+    else:
+        await client.command(f"set limit={MAX_CHANGE_LIMIT}")
+    code, text, body = await client.command(f"{verb} {request_from_args(words)}")
+    if code >= 300:
+        detail = "; ".join(t for _, _, t in body)
+        raise PhError(code, text + (f" ({detail})" if detail else ""))
+    print(text)
+    return EXIT_OK
+
+
+def print_records(records, as_json):
+    if as_json:
+        print(json.dumps(records, indent=2, ensure_ascii=False))
+        return
+    for n, record in enumerate(records):
+        if n:
+            print()
+        width = max(len(k) for k in record)
+        for name, value in record.items():
+            for item in (value if isinstance(value, list) else value.split("\n")):
+                print(f"{name:>{width}}: {item}")
+                name = ""
+
+
+def print_fields(code, text, body, rtype):
+    if code >= 300:
+        raise PhError(code, text)
+    seen = {}
+    for _, index, rest in body:
+        name, _, value = rest.partition(":")
+        seen.setdefault(name, []).append(value)
+    for name, (props, *desc) in seen.items():
+        if rtype == PERSON and "NoPeople" in props:
+            continue
+        print(f"{name:<12} {' '.join(desc)}")
+    return EXIT_OK
+
+
+def build_parser():
+    parser = ArgParser(prog="pharos", description="A directory of people and machines "
+                                                  "that speaks CCSO Ph (RFC 2378).")
+    parser.add_argument("--version", action="version", version=f"pharos {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
+    data_default = os.environ.get("PHAROS_DATA", "./pharos-data")
+
+    serve_p = commands.add_parser("serve", help="run the server")
+    serve_p.add_argument("--listen", metavar="HOST:PORT",
+                         help="Ph address (default 127.0.0.1:2378 in the dev tier)")
+    serve_p.add_argument("--storage", choices=("memory", "file"), default="file")
+    serve_p.add_argument("--data", default=data_default, metavar="DIR",
+                         help="data dir (default ./pharos-data or $PHAROS_DATA)")
+    serve_p.add_argument("--tier", choices=TIERS, default="dev")
+    serve_p.add_argument("--config", metavar="FILE", help="custom fields (default DATA/pharos.ini)")
+    serve_p.add_argument("--metrics", default="off", metavar="HOST:PORT|off",
+                         help="metrics listener (not in this version yet: only 'off')")
+    serve_p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS)
+    serve_p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
+                         metavar="SECONDS")
+    serve_p.add_argument("--max-results", type=positive_int, default=DEFAULT_MAX_RESULTS)
+    serve_p.add_argument("--compact-bytes", type=positive_int, default=DEFAULT_COMPACT_BYTES,
+                         help="journal size that triggers a snapshot")
+    serve_p.add_argument("--crlf", action="store_true", help="end reply lines with CRLF")
+    serve_p.add_argument("--admin", default="root@localhost", type=site_value,
+                         help="administrator address shown by siteinfo")
+
+    load_p = commands.add_parser("load", help="bulk-load a JSONL file into a stopped data dir")
+    load_p.add_argument("file", help="JSONL file, one record object per line ('-': stdin)")
+    load_p.add_argument("--data", default=data_default, metavar="DIR")
+    load_p.add_argument("--config", metavar="FILE")
+
+    doctor_p = commands.add_parser("doctor", help="check the installation")
+    doctor_p.add_argument("--data", default=data_default, metavar="DIR")
+    doctor_p.add_argument("--server", metavar="HOST[:PORT]")
+
+    for name, what in (("ph", "people"), ("mdb", "machines")):
+        p = commands.add_parser(name, help=f"look up and edit {what}")
+        p.add_argument("words", nargs="*", help="[add|change|delete|fields|show] field=value ...")
+        p.add_argument("--server", metavar="HOST[:PORT]")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--yes", action="store_true", help="do not limit deletes to one record")
+        p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
+    return parser
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def site_value(text):
+    if ":" in text or "\n" in text:
+        raise argparse.ArgumentTypeError("may not contain ':' or line breaks")
+    return text
+
+
+HANDLERS = {"serve": cmd_serve, "load": cmd_load, "doctor": cmd_doctor,
+            "ph": cmd_lookup, "mdb": cmd_lookup}
+PROGRAM_NAMES = {"ph": "ph", "mdb": "mdb", "pharos-scan": "scan", "pharos-pulse": "pulse",
+                 "pharos-console": "console"}
+
+
+def main(argv=None):
+    """Run one command; return the exit status (0 ok, 1 no match, 2 usage, 3 failure)."""
+    if argv is None:
+        argv = sys.argv[1:]
+        program = os.path.basename(sys.argv[0] or "pharos")
+        program = re.sub(r"\.(py|pyz)$", "", program)
+        if program in PROGRAM_NAMES:
+            argv = [PROGRAM_NAMES[program]] + argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("pharos: say a command (serve, ph, mdb, load, doctor); "
+                             "see pharos --help")
+        if getattr(args, "metrics", "off") != "off":
+            raise UsageError("--metrics: this version has no metrics listener yet; use off")
+        return HANDLERS[args.command](args)
+    except UsageError as e:
+        print(str(e) if str(e).startswith(("pharos", "ph", "mdb")) else f"pharos: {e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as e:
+        log_to_stderr(str(e))
+        return 1
+    except PhError as e:
+        print(f"{args.command}: {e.code}: {e.text}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
