@@ -121,7 +121,7 @@ TYPE_OF_KEY = {"alias": PERSON, "hostname": MACHINE}
 PROPERTY_ORDER = ("Indexed", "Lookup", "NoMeta", "Public", "LocalPub", "Default", "Always",
                   "Any", "Change", "Sacred", "Turn", "Encrypt", "NoPeople")
 FIELD_NAME_RE = re.compile(r"[A-Za-z_-]{1,32}\Z")
-WORD_SPLIT_RE = re.compile(r"[\s,;:]+")
+WORD_SPLIT_RE = re.compile(r"[\s,;:/]+")         # qi's delimiters, and / so ssh finds 22/ssh
 ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
 HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
                          r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?\Z")
@@ -333,7 +333,8 @@ class Schema:
             if cleaned:
                 record[name] = cleaned if field.multi else cleaned[0]
         if not record.get(KEY_FIELD[rtype]):
-            raise RecordError(f"a {rtype} needs a {KEY_FIELD[rtype]}")
+            key = KEY_FIELD[rtype]
+            raise RecordError(f"a {rtype} needs {'an' if key[0] in 'aeiou' else 'a'} {key}")
         return record
 
 
@@ -573,9 +574,13 @@ class Selection:
 BARE_FIELDS = {PERSON: ("name", "nickname"), MACHINE: ("hostname",)}
 
 
-def parse_selection(schema, tokens, types):
-    """Terms from selection tokens, narrowing ``types``; returns (Selection, error lines)."""
-    terms, errors = [], []
+def parse_selection(schema, tokens, hint=None):
+    """Terms from selection tokens and the types they can match; returns (Selection, errors).
+
+    The fields used decide the record type; only when they do not does ``hint`` (the type
+    the client's id names) narrow the search.
+    """
+    terms, errors, types = [], [], frozenset(RECORD_TYPES)
     for token in tokens:
         if token.field is None:
             terms.append(Term(None, token.value))
@@ -597,6 +602,8 @@ def parse_selection(schema, tokens, types):
         terms.append(Term(field, token.value))
     if len(terms) > MAX_QUERY_TERMS:
         errors.append(more(599, f"Too many terms in query (limit {MAX_QUERY_TERMS})."))
+    if hint and len(types) == len(RECORD_TYPES):
+        types = frozenset((hint,))
     return Selection(terms, frozenset(types)), errors
 
 
@@ -1342,8 +1349,8 @@ class PhSession:
             "status": self.ph_status, "siteinfo": self.ph_siteinfo, "id": self.ph_id,
             "set": self.ph_set, "help": self.ph_help, "add": self.ph_add,
             "change": self.ph_change, "delete": self.ph_delete, "login": self.ph_login,
-            "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_clear,
-            "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_xlogin,
+            "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_email,
+            "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_klogin,
             "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
         }
 
@@ -1427,12 +1434,9 @@ class PhSession:
             return "".join(out) + line(500, "No help available.")
         return "".join(out) + line(200, "Ok.")
 
-    def selection_types(self):
-        return frozenset((self.type_hint,)) if self.type_hint else frozenset(RECORD_TYPES)
-
     def ph_query(self, args):
         cut = next((i for i, t in enumerate(args) if t.sep), len(args))
-        selection, errors = parse_selection(self.schema, args[:cut], self.selection_types())
+        selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
         returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
         if not errors and not selection.has_key():
             errors += [more(515, "no non-null key field in query."),
@@ -1495,7 +1499,7 @@ class PhSession:
         """The type an add is for: from type=, the fields used, or the client's id."""
         candidates = set(RECORD_TYPES)
         for value in fields.get("type", ()):
-            candidates &= {value.strip().lower()}
+            candidates &= {check_type(value.strip())}
         for name in fields:
             candidates &= self.schema.types_for(name)
         if len(candidates) == 2 and self.type_hint:
@@ -1522,19 +1526,21 @@ class PhSession:
         refused = self.write_refused()
         if refused:
             return refused
+        if not args:
+            return line(599, "Add command not understood.")
         fields, errors = self.parse_pairs(args)
         if not errors:
             try:
                 ops = self.store.plan_add(self.record_type(fields), fields, time.time())
             except RecordError as e:
                 errors.append(more(e.code, str(e)))
-        if errors or not args:
+        if errors:
             return "".join(errors) + line(599, "Add command not understood.")
         return await self.commit(ops, line(200, "Ok."))
 
     def limited_selection(self, tokens, failure):
         """(ids, None) for a change/delete selection, or (None, reply) when refused."""
-        selection, errors = parse_selection(self.schema, tokens, self.selection_types())
+        selection, errors = parse_selection(self.schema, tokens, self.type_hint)
         if not errors and not selection.has_key():
             errors.append(more(515, "no non-null key field in query."))
         if errors:
@@ -1680,7 +1686,13 @@ class PhSession:
         return line(200, f"{alias}:Hi how are you?")
 
     def ph_clear(self, args):
-        verb = "clear"
+        return self.refuse_method("clear", args)
+
+    def ph_email(self, args):
+        return self.refuse_method("email", args)
+
+    def refuse_method(self, verb, args):
+        """qi's password and email logins: parsed, then refused (only signatures are allowed)."""
         problem = self.login_problem(verb, args)
         if problem:
             return problem
@@ -1690,6 +1702,9 @@ class PhSession:
     def ph_xlogin(self, args):
         method = args[0].text() if args else "0"
         return line(529, f"xlogin:Authentication method {printable(method, 8)} unavailable.")
+
+    def ph_klogin(self, args):
+        return line(529, "klogin:Authentication method 8 unavailable.")
 
     def ph_logout(self, args):
         if args:
@@ -2302,6 +2317,7 @@ def build_parser():
     for name, what in (("ph", "people"), ("mdb", "machines")):
         p = commands.add_parser(name, help=f"look up and edit {what}")
         p.add_argument("words", nargs="*", help="[add|change|delete|fields|show] field=value ...")
+        p.add_argument("--version", action="version", version=f"pharos {__version__}")
         p.add_argument("--server", metavar="HOST[:PORT]")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--yes", action="store_true", help="do not limit deletes to one record")
