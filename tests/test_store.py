@@ -1,0 +1,147 @@
+"""One storage contract, run against every store; plus the file store's own promises."""
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pharos  # noqa: E402
+from pharos import FileStore, MemoryStore, Schema, parse_selection, tokenize  # noqa: E402
+
+NOW = 1_800_000_000.0
+
+
+LOOP = None
+
+
+def run(coro):
+    """Run a coroutine on the test's one event loop (a store lives on one loop)."""
+    return LOOP.run_until_complete(coro)
+
+
+@pytest.fixture(params=["memory", "file"])
+def make_store(request, tmp_path):
+    """A factory for a fresh store of each kind; file stores can be reopened on the same dir."""
+    global LOOP
+    LOOP = asyncio.new_event_loop()
+    opened = []
+
+    def make(**kw):
+        if request.param == "memory":
+            store = MemoryStore(Schema())
+        else:
+            store = FileStore(Schema(), tmp_path / "data", **kw).open()
+        opened.append(store)
+        return store
+    make.kind = request.param
+    yield make
+    for store in opened:
+        if store.kind == "file" and store.writer is not None:
+            run(store.close())
+    LOOP.close()
+
+
+def select(store, text):
+    selection, errors = parse_selection(store.schema, tokenize(text))
+    assert not errors
+    return [store.get(rid) for rid in store.select(selection)]
+
+
+def add(store, rtype, **fields):
+    ops = store.plan_add(rtype, {k: v if isinstance(v, list) else [v] for k, v in fields.items()},
+                         NOW)
+    run(store.commit(ops))
+
+
+def test_add_query_change_delete(make_store):
+    store = make_store()
+    add(store, "person", alias="jsmith", name="John Smith", email="john@example.org")
+    add(store, "machine", hostname="nas", ip=["10.0.0.5", "fd00::5"], mac="AA-BB-CC-DD-EE-FF")
+    [john] = select(store, "name=smith")
+    assert john["alias"] == "jsmith" and john["source"] == "manual"
+    assert john["created"] == pharos.utc_now(NOW)
+    [nas] = select(store, "mac=aa:bb:cc:dd:ee:ff")
+    assert nas["ip"] == ["10.0.0.5", "fd00::5"] and nas["status"] == "unknown"
+    ids = store.select(parse_selection(store.schema, tokenize("alias=jsmith"))[0])
+    ops, errors = store.plan_change(ids, {"phone": ["555"], "email": [""]}, NOW + 60)
+    assert not errors
+    run(store.commit(ops))
+    [john] = select(store, "phone=555")
+    assert "email" not in john and john["modified"] == pharos.utc_now(NOW + 60)
+    assert select(store, "email=john@example.org") == []
+    run(store.commit([(rid, None) for rid in ids]))
+    assert select(store, "name=smith") == []
+    assert len(store.directory) == 1
+
+
+def test_keys_are_unique_per_type_and_case(make_store):
+    store = make_store()
+    add(store, "person", alias="nas")
+    add(store, "machine", hostname="nas")               # same key, other type: fine
+    with pytest.raises(pharos.RecordError) as refused:
+        add(store, "machine", hostname="NAS")
+    assert refused.value.code == 509
+
+
+def test_a_changed_record_is_a_new_object(make_store):
+    store = make_store()
+    add(store, "person", alias="a", name="Ann")
+    [rid] = store.select(parse_selection(store.schema, tokenize("alias=a"))[0])
+    before = store.get(rid)
+    ops, _ = store.plan_change([rid], {"name": ["Anne"]}, NOW)
+    run(store.commit(ops))
+    assert before["name"] == "Ann" and store.get(rid)["name"] == "Anne"
+    assert select(store, "name=ann") == [] and len(select(store, "name=anne")) == 1
+
+
+def test_wildcards_see_new_and_removed_keys(make_store):
+    store = make_store()
+    for n in range(1500):                                 # enough to rebuild the sorted keys
+        add(store, "machine", hostname=f"host-{n:04d}", ip=f"10.1.{n // 256}.{n % 256}")
+    assert len(select(store, "hostname=host-00*")) == 100
+    add(store, "machine", hostname="host-zz")
+    assert [r["hostname"] for r in select(store, "hostname=host-z*")] == ["host-zz"]
+    ids = store.select(parse_selection(store.schema, tokenize("hostname=host-00*"))[0])
+    run(store.commit([(rid, None) for rid in ids]))
+    assert select(store, "hostname=host-00*") == []
+    assert len(select(store, "ip=10.1.5.*")) == 220                 # 10.1.5.0-219 exist
+
+
+def test_file_store_survives_reopen_and_compaction(make_store):
+    if make_store.kind != "file":
+        pytest.skip("file store only")
+    store = make_store(compact_bytes=2000)
+    for n in range(60):
+        add(store, "person", alias=f"p{n}", name=f"Person {n}")
+    ids = store.select(parse_selection(store.schema, tokenize("name=person"))[0])
+    kept = {store.get(rid)["alias"] for rid in ids[10:]}
+    run(store.commit([(rid, None) for rid in ids[:10]]))
+    run(store.close())
+    files = sorted(os.listdir(store.path))
+    assert "snapshot.jsonl" in files
+    assert len([f for f in files if f.startswith("journal-")]) == 1
+    again = make_store()
+    assert {r["alias"] for r in select(again, "name=person")} == kept
+    add(again, "person", alias="after", name="After Reopen")
+    assert max(again.directory.records) == 61                        # ids never reused
+
+
+def test_snapshot_header_and_trailer(tmp_path):
+    records = {1: {"type": "person", "alias": "a"}, 7: {"type": "machine", "hostname": "h"}}
+    pharos.write_snapshot(str(tmp_path), 12, 8, records)
+    lines = (tmp_path / "snapshot.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["seq"] == 12 and json.loads(lines[-1]) == {"end": 2}
+    seq, next_id, pairs = pharos.read_snapshot(str(tmp_path))
+    assert (seq, next_id, dict(pairs)) == (12, 8, records)
+
+
+def test_journal_line_checks_its_crc():
+    raw = pharos.encode_journal(5, [(3, {"type": "person", "alias": "a"})])
+    assert pharos.decode_journal(raw) == (5, [(3, {"type": "person", "alias": "a"})])
+    for broken in (raw[:-1], raw.replace(b'"a"', b'"b"'), b"zzzzzzzz " + raw[9:]):
+        with pytest.raises(ValueError):
+            pharos.decode_journal(broken)
