@@ -79,8 +79,8 @@ class Server(ServerProcess):
         at once if it starts listening instead); return (code, stderr)."""
         wait_for(lambda: not self.alive() or LISTEN_RE.search(self.stderr),
                  timeout=timeout, what="the server to exit")
-        assert not LISTEN_RE.search(self.stderr), \
-            f"the server started instead of refusing:\n{self.read_stderr()}"
+        started = LISTEN_RE.search(self.stderr) is not None
+        assert not started, f"the server started instead of refusing:\n{self.read_stderr()}"
         return self.finish(timeout=10)
 
 
@@ -250,6 +250,11 @@ class Model:
                     out.append(f"{alias} missing: expected one of {states}")
         return out
 
+    def uncertain(self):
+        """How many aliases had a write in flight when the server died."""
+        with self.lock:
+            return sum(len(states) > 1 for states in self.possible.values())
+
     def settle(self, observed):
         """After a verified restart every state is certain again."""
         with self.lock:
@@ -364,9 +369,12 @@ def test_sigkill_cycles_lose_no_acknowledged_write(tmp_path, launch, compact):
     extra = MANY + (("--compact-bytes", compact) if compact else ())
     model = Model()
     started = time.monotonic()
+    in_flight = dropped_tails = 0
     for cycle in range(cycles):
         srv = launch(data, *extra)
         assert "Traceback" not in srv.read_stderr()
+        dropped_tails += len(srv.read_stderr().strip().splitlines()) > 1
+        in_flight += model.uncertain()
         verify(srv, model, f"restart before cycle {cycle}")
         writers = run_writers(srv.port, model, rng, rng.randint(4, 8))
         target = model.acked + rng.randint(0, 200)
@@ -377,14 +385,17 @@ def test_sigkill_cycles_lose_no_acknowledged_write(tmp_path, launch, compact):
         errors = [e for w in writers for e in w.errors]
         assert not errors, f"cycle {cycle}: unexpected replies: {errors[:5]}"
     srv = launch(data, *extra)
+    in_flight += model.uncertain()
     final = verify(srv, model, "final restart")
     assert model.acked >= cycles * 10, f"too few writes to mean anything: {model.acked}"
     assert final, "nothing survived at all"
+    assert in_flight, "no kill ever landed with a write in flight: the test proves little"
     code, err = srv.stop()
     assert code == 0, f"SIGTERM exit {code}: {err}"
     if compact:
         assert (data / "snapshot.jsonl").exists(), "no compaction happened in the compaction run"
-    print(f"{cycles} kill cycles, {model.acked} acknowledged writes, "
+    print(f"{cycles} kill cycles, {model.acked} acknowledged writes, {in_flight} in flight "
+          f"at a kill, {dropped_tails} restarts with more than the listening line on stderr, "
           f"{len(final)} records, {time.monotonic() - started:.1f}s")
 
 
