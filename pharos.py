@@ -13,7 +13,9 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Protocol    — Ph request tokenizer and reply formatting (pure, no I/O)
     Query       — query plans, the inverted index and matching
     Storage     — MemoryStore, FileStore (journal, snapshot, lock)
+    Metrics     — counters, histograms, /proc readings and the Prometheus text format
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
+    HTTP        — metrics, health and readiness on http.server, in a thread beside the loop
     Client      — a small asyncio Ph client shared by the command-line tools
     CLI         — cmd_<name> handlers, argument parsing and main()
 """
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = ["main", "Schema", "MemoryStore", "FileStore", "Directory", "PhSession", "serve"]
 
 PH_PORT = 2378
+METRICS_PORT = 9090
 MAX_LINE = 8192                 # request bytes accepted on one line (qi's buffer)
 MAX_REPLY_LINE = 1023           # Lynx truncates longer reply lines
 MAX_VALUES = 64                 # values one multi-valued field may hold
@@ -818,6 +821,10 @@ class MemoryStore:
     def describe(self):
         return "memory"
 
+    def unwritable(self):
+        """Why writes would fail now, or None."""
+        return self.readonly
+
     def get(self, rid):
         return self.directory.records.get(rid)
 
@@ -1131,7 +1138,8 @@ class FileStore(MemoryStore):
         self.segment_start = 1
         self.compacting = None
         self.snapshot_time = None
-        self.stats = {"fsyncs": 0, "journal_bytes": 0, "write_seconds": 0.0, "batches": 0}
+        self.stats = {"fsyncs": 0, "journal_bytes": 0, "entries": 0}
+        self.write_latency = Histogram(WRITE_BUCKETS)
 
     def describe(self):
         return f"file {self.path}"
@@ -1229,9 +1237,21 @@ class FileStore(MemoryStore):
     def wrote(self, entries, nbytes, seconds):
         stats = self.stats
         stats["fsyncs"] += 1
-        stats["batches"] += entries
+        stats["entries"] += entries
         stats["journal_bytes"] += nbytes
-        stats["write_seconds"] += seconds
+        self.write_latency.observe(seconds)
+
+    def unwritable(self):
+        """Why the data dir cannot take writes now (a probe file is made and removed), or None."""
+        if self.readonly:
+            return self.readonly
+        probe = os.path.join(self.path, f".probe-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            return f"data dir {self.path} is not writable: {e.strerror}"
+        return None
 
     async def maybe_compact(self, writer):
         """Between batches: once the segment is big, roll it and snapshot in a thread."""
@@ -1282,6 +1302,128 @@ class FileStore(MemoryStore):
             self.writer.executor.shutdown(wait=True)
             self.writer = None
         self.unlock()
+
+
+# SECTION: Metrics — counters, histograms, /proc readings and the Prometheus text format
+
+LATENCY_BUCKETS = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                   0.025, 0.05, 0.1, 0.25, 1.0)
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Counts per bucket (not cumulative, so a reader never sees count < a bucket) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Metrics:
+    """Everything the server counts; plain numbers updated on the event loop."""
+
+    def __init__(self):
+        self.requests = {}                      # (command, class) -> count
+        self.latency = {}                       # command -> Histogram
+        self.connections_total = 0
+        self.connections_refused = 0
+        self.logins = {"ok": 0, "failed": 0}
+
+    def observe(self, command, code_class, seconds):
+        key = (command, code_class)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.latency.get(command)
+        if histogram is None:
+            histogram = self.latency[command] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
+
+
+def prom_escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prom_number(value):
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {"inf": "+Inf", "-inf": "-Inf"}.get(str(value), "NaN")
+        return repr(value)
+    return str(value)
+
+
+def prom_bound(bound):
+    """One fixed text per bucket bound: le is a label, so "5" and "5.0" would differ."""
+    text = f"{bound:.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def prom_labels(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{prom_escape(v)}"' for k, v in labels) + "}"
+
+
+def prom_family(out, name, kind, help_text, samples):
+    """Append one metric family: HELP, TYPE, then its samples [(labels, value)]."""
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+    for labels, value in samples:
+        out.append(f"{name}{prom_labels(labels)} {prom_number(value)}\n")
+
+
+def prom_histograms(out, name, help_text, series):
+    """Append a histogram family from [(labels, Histogram)]."""
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
+    for labels, histogram in series:
+        counts, total = list(histogram.counts), 0
+        for bound, count in zip(histogram.bounds, counts):
+            total += count
+            out.append(f"{name}_bucket{prom_labels(labels + (('le', prom_bound(bound)),))} "
+                       f"{total}\n")
+        total += counts[-1]
+        out.append(f"{name}_bucket{prom_labels(labels + (('le', '+Inf'),))} {total}\n")
+        out.append(f"{name}_sum{prom_labels(labels)} {prom_number(histogram.sum)}\n")
+        out.append(f"{name}_count{prom_labels(labels)} {total}\n")
+
+
+def process_stats():
+    """The standard process_* values, from /proc on Linux (os.times elsewhere)."""
+    import resource
+    stats = {"cpu": sum(os.times()[:2]), "max_fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            btime = next(int(x.split()[1]) for x in f if x.startswith("btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        stats["cpu"] = (int(fields[11]) + int(fields[12])) / ticks
+        stats["start"] = btime + int(fields[19]) / ticks
+        stats["rss"] = int(fields[21]) * resource.getpagesize()
+        stats["open_fds"] = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    if stats["max_fds"] == resource.RLIM_INFINITY:
+        stats["max_fds"] = float("inf")
+    return stats
+
+
+def render_process(out, stats):
+    for key, name, kind, help_text in (
+            ("cpu", "process_cpu_seconds_total", "counter",
+             "Total user and system CPU time spent in seconds."),
+            ("rss", "process_resident_memory_bytes", "gauge", "Resident memory size in bytes."),
+            ("open_fds", "process_open_fds", "gauge", "Number of open file descriptors."),
+            ("max_fds", "process_max_fds", "gauge", "Maximum number of open file descriptors."),
+            ("start", "process_start_time_seconds", "gauge",
+             "Start time of the process since unix epoch in seconds.")):
+        if key in stats:
+            prom_family(out, name, kind, help_text, [((), stats[key])])
 
 
 # SECTION: Server — PhSession (one ph_<verb> per command), connection loop, serve
@@ -1359,11 +1501,11 @@ class PhSession:
         tokens = tokenize(text)
         if not tokens or tokens[0].field is not None or tokens[0].quoted:
             return line(598, f"{printable(text.split()[0] if text.split() else text)}:"
-                             f"Command not recognized."), False
+                             f"Command not recognized."), False, "unknown"
         verb = tokens[0].value
         handler = self.verbs.get(verb)
         if handler is None:
-            return line(598, f"{printable(verb)}:Command not recognized."), False
+            return line(598, f"{printable(verb)}:Command not recognized."), False, "unknown"
         prefix = ""
         if self.options["echo"] == "on":
             prefix = more(101, f" {printable(text, 900)}")
@@ -1372,11 +1514,11 @@ class PhSession:
             prefix += more(523, "Expecting answer, clear, or email; login discarded.")
         refusal = authorize(self.config.tier, verb, self.user)
         if refusal:
-            return prefix + refusal, False
+            return prefix + refusal, False, verb
         reply = handler(tokens[1:])
         if type(reply) is not str:
             reply = await reply
-        return prefix + reply, verb in ("quit", "exit", "stop")
+        return prefix + reply, verb in ("quit", "exit", "stop"), verb
 
     # -- reads ---------------------------------------------------------------
 
@@ -1680,8 +1822,10 @@ class PhSession:
         if time.monotonic() - issued <= LOGIN_TTL:
             verified = self.server.verify_login(alias, challenge, args[0].text(), self.peer)
         if verified is None:
+            self.server.metrics.logins["failed"] += 1
             await asyncio.sleep(self.config.login_delay)
             return line(500, "Login failed.")
+        self.server.metrics.logins["ok"] += 1
         self.user = verified
         return line(200, f"{alias}:Hi how are you?")
 
@@ -1733,8 +1877,9 @@ TOO_LONG = object()
 class PhServer:
     """The Ph listener: connection cap, idle timeout, the request loop, graceful stop."""
 
-    def __init__(self, store, config, log):
+    def __init__(self, store, config, log, metrics=None):
         self.store, self.config, self.log = store, config, log
+        self.metrics = metrics or Metrics()
         self.connections = set()
         self.listener = None
         self.sweeper = None
@@ -1753,7 +1898,9 @@ class PhServer:
 
     async def handle(self, reader, writer):
         loop = asyncio.get_running_loop()
+        self.metrics.connections_total += 1
         if len(self.connections) >= self.config.max_connections or self.closing:
+            self.metrics.connections_refused += 1
             writer.write(line(400, f"Too many connections (limit {self.config.max_connections});"
                                    f" try again later.").encode())
             writer.close()
@@ -1773,7 +1920,8 @@ class PhServer:
                 self.idle.set()
 
     async def converse(self, conn, reader, writer, loop):
-        crlf, transport = self.config.crlf, writer.transport
+        crlf, transport, observe = self.config.crlf, writer.transport, self.metrics.observe
+        clock = time.perf_counter
         while not self.closing:
             raw = await self.read_request(reader)
             if raw is None:
@@ -1786,12 +1934,14 @@ class PhServer:
             if not text:
                 continue
             conn.busy = True
+            started = clock()
             try:
-                reply, close = await conn.session.execute(text)
+                reply, close, verb = await conn.session.execute(text)
             except Exception:
                 import traceback
                 self.log("internal error:\n" + traceback.format_exc().rstrip())
-                reply, close = line(400, "Internal error."), False
+                reply, close, verb = line(400, "Internal error."), False, "error"
+            observe(verb, reply[reply.rfind("\n", 0, -1) + 1] + "xx", clock() - started)
             conn.busy = False
             conn.last = loop.time()
             writer.write((reply.replace("\n", "\r\n") if crlf else reply).encode())
@@ -1893,24 +2043,185 @@ def format_address(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(store, config, host, port, log):
-    """Run the Ph server until SIGTERM or SIGINT, then stop cleanly."""
+async def serve(store, config, host, port, log, metrics_at=None):
+    """Run the Ph server (and the metrics listener) until SIGTERM or SIGINT, then stop."""
     loop = asyncio.get_running_loop()
     server = PhServer(store, config, log)
     try:
         bound = await server.start(host, port)
     except OSError as e:
         raise DataError(f"cannot listen on {format_address(host, port)}: {e.strerror}") from None
+    httpd = start_metrics(server, store, *metrics_at) if metrics_at else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if httpd:
+        log(f"metrics listening on {format_address(*httpd.server_address[:2])} "
+            f"(/metrics /healthz /readyz)")
     log(f"Ph listening on {format_address(*bound)} (tier {config.tier}, "
         f"storage {store.describe()}, {len(store.directory)} records)")
     await stop.wait()
     log("stopping: finishing writes in flight")
     await server.shutdown()
+    if httpd:
+        httpd.shutdown()
+        httpd.server_close()
     await store.close()
     log("stopped")
+
+
+# SECTION: HTTP — metrics, health and readiness on http.server, in a thread beside the loop
+
+HTTP_TIMEOUT = 5.0              # seconds a metrics client may take to send its request
+HTTP_MAX_CLIENTS = 32
+
+
+def render_metrics(server, store, stats, now):
+    """The whole /metrics page for ``server`` and ``store``."""
+    metrics, out = server.metrics, []
+    prom_family(out, "pharos_requests_total", "counter",
+                "Ph requests handled, by command and result class.",
+                [((("command", c), ("class", k)), n) for (c, k), n in sorted(metrics.requests.items())])
+    prom_histograms(out, "pharos_request_duration_seconds",
+                    "Time to handle one Ph request, by command.",
+                    [((("command", c),), h) for c, h in sorted(metrics.latency.items())])
+    prom_family(out, "pharos_connections_open", "gauge", "Ph connections open now.",
+                [((), len(server.connections))])
+    prom_family(out, "pharos_connections_total", "counter", "Ph connections accepted or refused.",
+                [((), metrics.connections_total)])
+    prom_family(out, "pharos_connections_refused_total", "counter",
+                "Ph connections refused because the connection cap was reached.",
+                [((), metrics.connections_refused)])
+    prom_family(out, "pharos_logins_total", "counter", "Login attempts, by result.",
+                [((("result", r),), n) for r, n in sorted(metrics.logins.items())])
+    render_store(out, store, now)
+    render_process(out, stats)
+    prom_family(out, "pharos_build_info", "gauge", "Build information; the value is always 1.",
+                [((("version", __version__), ("python", sys.version.split()[0])), 1)])
+    return "".join(out)
+
+
+def render_store(out, store, now):
+    directory = store.directory
+    prom_family(out, "pharos_records", "gauge", "Records stored, by type.",
+                [((("type", t),), directory.count(t)) for t in RECORD_TYPES])
+    status = directory.index["status"]
+    prom_family(out, "pharos_machines", "gauge", "Machines, by status.",
+                [((("status", v),), len(status.exact(v))) for v in ("online", "offline", "unknown")])
+    prom_family(out, "pharos_store_writable", "gauge", "1 when the store accepts writes, else 0.",
+                [((), 0 if store.readonly else 1)])
+    if store.kind != "file":
+        return
+    prom_histograms(out, "pharos_storage_write_duration_seconds",
+                    "Time to append and fsync one batch of journal entries.",
+                    [((), store.write_latency)])
+    prom_family(out, "pharos_storage_fsyncs_total", "counter", "Journal fsyncs (one per batch).",
+                [((), store.stats["fsyncs"])])
+    prom_family(out, "pharos_storage_journal_entries_total", "counter", "Journal entries written.",
+                [((), store.stats["entries"])])
+    prom_family(out, "pharos_storage_journal_written_bytes_total", "counter",
+                "Bytes appended to the journal.", [((), store.stats["journal_bytes"])])
+    writer = store.writer
+    prom_family(out, "pharos_storage_journal_bytes", "gauge",
+                "Size of the journal segment being written.", [((), writer.size if writer else 0)])
+    if store.snapshot_time is not None:
+        prom_family(out, "pharos_storage_snapshot_age_seconds", "gauge",
+                    "Seconds since the last snapshot was written.",
+                    [((), round(max(0.0, now - store.snapshot_time), 3))])
+
+
+def readiness(server, store):
+    """None when the Ph listener accepts and the store can write, else the reason."""
+    listener = server.listener
+    if server.closing or listener is None or not listener.is_serving():
+        return "the Ph listener is not accepting connections"
+    if len(server.connections) >= server.config.max_connections:
+        return "the Ph listener is at its connection cap"
+    return store.unwritable()
+
+
+def metrics_handler_class(server, store):
+    """A request handler bound to one Ph server and store (no module state)."""
+    import http.server
+
+    class MetricsHandler(http.server.BaseHTTPRequestHandler):
+        """GET /metrics, /healthz and /readyz; 404 elsewhere, 405 for other methods."""
+
+        server_version = f"pharos/{__version__}"
+        timeout = HTTP_TIMEOUT
+
+        def parse_request(self):
+            if not super().parse_request():
+                return False
+            if self.command not in ("GET", "HEAD"):
+                self.reply(405, "text/plain", b"method not allowed\n", [("Allow", "GET, HEAD")])
+                return False
+            return True
+
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body = render_metrics(server, store, process_stats(), time.time()).encode()
+                self.reply(200, PROM_CONTENT_TYPE, body)
+            elif path == "/healthz":
+                self.reply(200, "application/json", b'{"status": "ok"}\n')
+            elif path == "/readyz":
+                reason = readiness(server, store)
+                body = json.dumps({"status": "not ready", "reason": reason} if reason
+                                  else {"status": "ready"}).encode() + b"\n"
+                self.reply(503 if reason else 200, "application/json", body)
+            else:
+                self.reply(404, "text/plain", b"not found\n")
+
+        do_HEAD = do_GET
+
+        def reply(self, code, content_type, body, headers=()):
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return MetricsHandler
+
+
+def start_metrics(server, store, host, port):
+    """Serve the metrics endpoints from a daemon thread; returns the http.server instance."""
+    import http.server
+    import threading
+
+    class MetricsHTTPServer(http.server.ThreadingHTTPServer):
+        """A threading HTTP server that refuses clients beyond HTTP_MAX_CLIENTS at once."""
+
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        slots = threading.BoundedSemaphore(HTTP_MAX_CLIENTS)
+
+        def process_request(self, request, client_address):
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    try:
+        httpd = MetricsHTTPServer((host, port), metrics_handler_class(server, store))
+    except OSError as e:
+        raise DataError(f"cannot listen on {format_address(host, port)} for metrics: "
+                        f"{e.strerror}") from None
+    threading.Thread(target=httpd.serve_forever, name="pharos-metrics", daemon=True).start()
+    return httpd
 
 
 # SECTION: Client — a small asyncio Ph client shared by the command-line tools
@@ -2086,7 +2397,11 @@ def cmd_serve(args):
     config = ServerConfig(tier=args.tier, max_results=args.max_results,
                           idle_timeout=args.idle_timeout, max_connections=args.max_connections,
                           crlf=args.crlf, admin=args.admin)
-    asyncio.run(serve(store, config, host, port, log_to_stderr))
+    metrics_at = None
+    if args.metrics != "off":
+        metrics_at = parse_hostport(args.metrics or f"{host}:{METRICS_PORT}", METRICS_PORT,
+                                    "--metrics")
+    asyncio.run(serve(store, config, host, port, log_to_stderr, metrics_at))
     return EXIT_OK
 
 
@@ -2168,7 +2483,26 @@ def cmd_doctor(args):
     print(f"data dir   {doctor_data_dir(args.data)}")
     host, port = server_address(args)
     print(f"server     {format_address(host, port)}: {doctor_server(host, port)}")
+    mhost, mport = parse_hostport(args.metrics, METRICS_PORT, "--metrics")
+    print(f"metrics    {format_address(mhost, mport)}: {doctor_metrics(mhost, mport)}")
     return EXIT_OK
+
+
+def doctor_metrics(host, port):
+    """Whether the metrics listener answers /healthz and /readyz."""
+    import http.client
+    answers = []
+    for path in ("/healthz", "/readyz"):
+        conn = http.client.HTTPConnection(host, port, timeout=2.0)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            answers.append(f"{path} {response.status}")
+        except OSError as e:
+            return f"not answering ({e.strerror or e})"
+        finally:
+            conn.close()
+    return ", ".join(answers)
 
 
 def doctor_data_dir(path):
@@ -2293,8 +2627,8 @@ def build_parser():
                          help="data dir (default ./pharos-data or $PHAROS_DATA)")
     serve_p.add_argument("--tier", choices=TIERS, default="dev")
     serve_p.add_argument("--config", metavar="FILE", help="custom fields (default DATA/pharos.ini)")
-    serve_p.add_argument("--metrics", default="off", metavar="HOST:PORT|off",
-                         help="metrics listener (not in this version yet: only 'off')")
+    serve_p.add_argument("--metrics", metavar="HOST:PORT|off",
+                         help="metrics and health over HTTP (default: the Ph host, port 9090)")
     serve_p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS)
     serve_p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
                          metavar="SECONDS")
@@ -2313,6 +2647,7 @@ def build_parser():
     doctor_p = commands.add_parser("doctor", help="check the installation")
     doctor_p.add_argument("--data", default=data_default, metavar="DIR")
     doctor_p.add_argument("--server", metavar="HOST[:PORT]")
+    doctor_p.add_argument("--metrics", metavar="HOST[:PORT]", default=f"localhost:{METRICS_PORT}")
 
     for name, what in (("ph", "people"), ("mdb", "machines")):
         p = commands.add_parser(name, help=f"look up and edit {what}")
@@ -2366,8 +2701,6 @@ def main(argv=None):
         if args.command is None:
             raise UsageError("pharos: say a command (serve, ph, mdb, load, doctor); "
                              "see pharos --help")
-        if getattr(args, "metrics", "off") != "off":
-            raise UsageError("--metrics: this version has no metrics listener yet; use off")
         return HANDLERS[args.command](args)
     except UsageError as e:
         print(str(e) if str(e).startswith(("pharos", "ph", "mdb")) else f"pharos: {e}",

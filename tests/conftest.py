@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PHAROS = ROOT / "pharos.py"
 LISTEN_RE = re.compile(rb"Ph listening on (\S+):(\d+)")
+METRICS_RE = re.compile(rb"metrics listening on (\S+):(\d+)")
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -42,10 +43,13 @@ def wait_for(predicate, timeout=10.0, interval=0.01, what="condition"):
 class ServerProcess:
     """`pharos.py serve` in a subprocess on 127.0.0.1:0; learns its port from stderr."""
 
-    def __init__(self, data=None, *extra, storage="file", env=None, preexec_fn=None):
+    def __init__(self, data=None, *extra, storage="file", env=None, preexec_fn=None,
+                 metrics=False):
         self.data = Path(data) if data else None
         self.args = [sys.executable, str(PHAROS), "serve", "--listen", "127.0.0.1:0",
-                     "--storage", storage, "--tier", "dev", "--metrics", "off"]
+                     "--storage", storage, "--tier", "dev"]
+        self.args += ["--metrics", "127.0.0.1:0" if metrics else "off"]
+        self.metrics_port = None
         if self.data:
             self.args += ["--data", str(self.data)]
         self.args += list(extra)
@@ -78,6 +82,8 @@ class ServerProcess:
             match = LISTEN_RE.search(self.stderr)
             if match:
                 self.port = int(match.group(2))
+                found = METRICS_RE.search(self.stderr)
+                self.metrics_port = int(found.group(2)) if found else None
         return self
 
     def read_stderr(self):
