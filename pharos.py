@@ -559,7 +559,11 @@ class Term:
 def value_keys(value):
     """The index keys of one stored value: the whole value and each word, lower-cased."""
     lower = value.lower()
-    keys = {w for w in WORD_SPLIT_RE.split(lower) if w}
+    words = WORD_SPLIT_RE.split(lower)
+    if len(words) == 1:
+        return words
+    keys = set(words)
+    keys.discard("")
     keys.add(lower)
     return keys
 
@@ -610,17 +614,6 @@ def parse_selection(schema, tokens, hint=None):
     return Selection(terms, frozenset(types)), errors
 
 
-def posting_add(postings, key, rid):
-    current = postings.get(key)
-    if current is None:
-        postings[key] = rid
-    elif type(current) is int:
-        if current != rid:
-            postings[key] = {current, rid}
-    else:
-        current.add(rid)
-
-
 def posting_remove(postings, key, rid):
     current = postings.get(key)
     if current is None:
@@ -635,19 +628,32 @@ def posting_remove(postings, key, rid):
 
 
 class FieldIndex:
-    """Postings of one field: key -> record id (int) or set of ids; sorted keys for wildcards."""
+    """Postings of one field: key -> record id (int) or set of ids; sorted keys for wildcards.
+
+    The sorted key list is built on the first wildcard search; keys added after that wait
+    in ``fresh`` until there are enough of them to be worth a rebuild.
+    """
 
     __slots__ = ("postings", "sorted", "fresh")
 
     def __init__(self):
         self.postings = {}
-        self.sorted = []
+        self.sorted = None
         self.fresh = set()
 
-    def add(self, key, rid):
-        if key not in self.postings:
-            self.fresh.add(key)
-        posting_add(self.postings, key, rid)
+    def add(self, keys, rid):
+        postings = self.postings
+        for key in keys:
+            current = postings.get(key)
+            if current is None:
+                postings[key] = rid
+                if self.sorted is not None:
+                    self.fresh.add(key)
+            elif type(current) is int:
+                if current != rid:
+                    postings[key] = {current, rid}
+            else:
+                current.add(rid)
 
     def exact(self, key):
         found = self.postings.get(key)
@@ -657,7 +663,7 @@ class FieldIndex:
 
     def candidates(self, prefix):
         """Keys that start with ``prefix`` (may include keys no longer present)."""
-        if len(self.fresh) > max(1000, len(self.sorted) >> 3):
+        if self.sorted is None or len(self.fresh) > max(1000, len(self.sorted) >> 3):
             self.sorted = sorted(self.postings)
             self.fresh = set()
         keys = self.sorted
@@ -715,11 +721,12 @@ class Directory:
         index = self.index
         for name, value in record.items():
             fidx = index.get(name)
-            if fidx is None:
-                continue
-            for item in (value if type(value) is list else (value,)):
-                for key in value_keys(item):
-                    fidx.add(key, rid)
+            if fidx is not None:
+                if type(value) is list:
+                    for item in value:
+                        fidx.add(value_keys(item), rid)
+                else:
+                    fidx.add(value_keys(value), rid)
         if rid >= self.next_id:
             self.next_id = rid + 1
         return old
