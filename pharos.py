@@ -54,6 +54,7 @@ DEFAULT_CHANGE_LIMIT = 2        # qi's `set limit` default for change/delete
 MAX_CHANGE_LIMIT = 1_000_000
 DEFAULT_IDLE_TIMEOUT = 300.0    # seconds a connection may sit without a full line
 DEFAULT_MAX_CONNECTIONS = 1024
+FD_RESERVE = 32                 # descriptors kept for the journal, metrics and accept()
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 LOGIN_TTL = 120.0               # seconds a login challenge stays valid
 LOGIN_FAIL_DELAY = 1.0          # qi answers a failed login after one second
@@ -1967,10 +1968,14 @@ class PhServer:
             except asyncio.IncompleteReadError:
                 return None
             except asyncio.LimitOverrunError:
-                await self.discard_line(reader)
+                raw = await self.discard_line(reader)
+                while raw.rstrip(b"\r\n").endswith(b"\\"):
+                    raw = await self.discard_line(reader)
                 return TOO_LONG
             size += len(raw)
             if size > MAX_LINE:
+                while raw.rstrip(b"\r\n").endswith(b"\\"):
+                    raw = await self.discard_line(reader)
                 return TOO_LONG
             body = raw.rstrip(b"\r\n")
             if not body.endswith(b"\\"):
@@ -1980,10 +1985,10 @@ class PhServer:
 
     @staticmethod
     async def discard_line(reader):
+        """Skip input up to the end of the current line; return that line's last bytes."""
         while True:
             try:
-                await reader.readuntil(b"\n")
-                return
+                return await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as e:
                 await reader.readexactly(e.consumed)
 
@@ -2050,9 +2055,47 @@ def format_address(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def raise_fd_limit(wanted, log):
+    """Lift the soft open-files limit toward the hard one; return the connections it allows."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted + FD_RESERVE))
+    if target != soft and (soft != resource.RLIM_INFINITY):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    allowed = wanted if soft == resource.RLIM_INFINITY else max(1, soft - FD_RESERVE)
+    if allowed < wanted:
+        log(f"--max-connections {wanted} is more than the open-files limit allows; "
+            f"using {allowed}")
+    return min(wanted, allowed)
+
+
+class LoopErrors:
+    """An event-loop exception handler that logs one line per kind of error per minute."""
+
+    def __init__(self, log):
+        self.log, self.last = log, {}
+
+    def __call__(self, loop, context):
+        error = context.get("exception")
+        kind = type(error).__name__ if error else context.get("message", "error")
+        now = time.monotonic()
+        if now - self.last.get(kind, -60.0) < 60.0:
+            return
+        self.last[kind] = now
+        detail = f": {error}" if error else ""
+        self.log(f"{context.get('message', 'event loop error')}{detail} "
+                 f"(repeats of this are not logged for a minute)")
+
+
 async def serve(store, config, host, port, log, metrics_at=None):
     """Run the Ph server (and the metrics listener) until SIGTERM or SIGINT, then stop."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors(log))
+    config.max_connections = raise_fd_limit(config.max_connections, log)
     server = PhServer(store, config, log)
     try:
         bound = await server.start(host, port)
