@@ -13,6 +13,8 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Protocol    — Ph request tokenizer and reply formatting (pure, no I/O)
     Query       — query plans, the inverted index and matching
     Storage     — MemoryStore, FileStore (journal, snapshot, lock)
+    SSH         — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
+    Auth        — the key list, logins, tiers, roles, tenants and the audit log
     Metrics     — counters, histograms, /proc readings and the Prometheus text format
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
     HTTP        — metrics, health and readiness on http.server, in a thread beside the loop
@@ -26,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import errno
 import fnmatch
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -36,6 +41,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import sys
 import time
 import zlib
@@ -268,6 +274,8 @@ BUILTIN_FIELDS = (
      {"server": True}),
     (30, "modified", 20, LOOK, "When the record last changed (set by the server).", PM,
      {"server": True}),
+    (31, "tenant", 64, LOOK, "Tenant the record belongs to (enterprise tier; set by the server).",
+     PM, {"server": True}),
 )
 CUSTOM_FIELD_FIRST_ID = 100
 
@@ -698,7 +706,7 @@ class Directory:
     def __init__(self, schema):
         self.schema = schema
         self.records = {}
-        self.keys = {}                                  # (type, key lower) -> id
+        self.keys = {}                                  # (tenant, type, key lower) -> id
         self.index = {f.name: FieldIndex() for f in schema.fields}
         self.next_id = 1
 
@@ -708,8 +716,13 @@ class Directory:
     def count(self, rtype):
         return len(self.index["type"].exact(rtype))
 
-    def key_owner(self, rtype, key):
-        return self.keys.get((rtype, key.lower()))
+    def key_owner(self, rtype, key, tenant=""):
+        return self.keys.get((tenant, rtype, key.lower()))
+
+    @staticmethod
+    def key_slot(record):
+        rtype = record["type"]
+        return (record.get("tenant", ""), rtype, record[KEY_FIELD[rtype]].lower())
 
     def put(self, rid, record):
         """Insert or replace record ``rid``; records are never mutated in place."""
@@ -717,8 +730,7 @@ class Directory:
         if old is not None:
             self._unindex(rid, old)
         self.records[rid] = record
-        rtype = record["type"]
-        self.keys[(rtype, record[KEY_FIELD[rtype]].lower())] = rid
+        self.keys[self.key_slot(record)] = rid
         index = self.index
         for name, value in record.items():
             fidx = index.get(name)
@@ -739,8 +751,7 @@ class Directory:
         return old
 
     def _unindex(self, rid, record):
-        rtype = record["type"]
-        self.keys.pop((rtype, record[KEY_FIELD[rtype]].lower()), None)
+        self.keys.pop(self.key_slot(record), None)
         for name, value in record.items():
             fidx = self.index.get(name)
             if fidx is None:
@@ -770,8 +781,8 @@ class Directory:
                     return True
         return False
 
-    def select(self, selection):
-        """Ids of the records matching every term, in a stable, human order."""
+    def select(self, selection, tenant=None):
+        """Ids of the records matching every term (in ``tenant`` unless None), in human order."""
         types = selection.types
         terms = [t for t in selection.terms if t.field is None or t.field.name != "type"]
         if not types or not selection.terms:
@@ -782,6 +793,8 @@ class Directory:
             ids = self._intersect(terms, types)
         records = self.records
         hits = [i for i in ids if records[i]["type"] in types]
+        if tenant is not None:
+            hits = [i for i in hits if records[i].get("tenant", "") == tenant]
         return sorted(hits, key=lambda i: self.sort_key(records[i]))
 
     def _intersect(self, terms, types):
@@ -836,8 +849,8 @@ class MemoryStore:
     def get(self, rid):
         return self.directory.records.get(rid)
 
-    def select(self, selection):
-        return self.directory.select(selection)
+    def select(self, selection, tenant=None):
+        return self.directory.select(selection, tenant)
 
     def apply(self, ops):
         """Apply (id, record-or-None) ops to the directory; return the ops that undo them."""
@@ -854,11 +867,13 @@ class MemoryStore:
             raise StoreError(self.readonly)
         self.apply(ops)
 
-    def plan_add(self, rtype, fields, now, source="manual"):
+    def plan_add(self, rtype, fields, now, source="manual", tenant=""):
         """The ops that add one record built from {field: [values]}; RecordError if refused."""
         record = self.schema.build(rtype, fields)
         key = record[KEY_FIELD[rtype]]
-        if self.directory.key_owner(rtype, key) is not None:
+        if tenant:
+            record["tenant"] = tenant
+        if self.directory.key_owner(rtype, key, tenant) is not None:
             what = "Alias" if rtype == PERSON else "Hostname"
             raise RecordError(f"{what} {key} in use or is too common a name.", code=509)
         stamp = utc_now(now)
@@ -898,7 +913,7 @@ class MemoryStore:
         if not key:
             raise RecordError(f"{keyname} may not be removed: it is the record's key")
         if key.lower() != old[keyname].lower():
-            slot = (rtype, key.lower())
+            slot = (old.get("tenant", ""), rtype, key.lower())
             if self.directory.keys.get(slot) is not None or slot in claimed:
                 what = "Alias" if rtype == PERSON else "Hostname"
                 raise RecordError(f"{what} {key} conflicts with other entries.", code=509)
@@ -1312,6 +1327,936 @@ class FileStore(MemoryStore):
         self.unlock()
 
 
+# SECTION: SSH — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
+
+SSHSIG_NAMESPACE = "pharos"
+SSHSIG_MAGIC = b"SSHSIG"
+SSHSIG_HASHES = ("sha256", "sha512")
+MAX_SIGNATURE_TEXT = 16 * 1024
+RSA_MIN_BITS, RSA_MAX_BITS, RSA_MAX_E_BITS = 2048, 16384, 64
+KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+             "ecdsa-sha2-nistp521")
+
+
+class SSHFormatError(PharosError):
+    """Malformed SSH wire data, key or signature."""
+
+
+def ssh_string(data):
+    return struct.pack(">I", len(data)) + data
+
+
+class SSHReader:
+    """A strict reader for SSH wire data (RFC 4251 uint32, string, mpint)."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data):
+        self.data, self.pos = bytes(data), 0
+
+    def take(self, n):
+        if n < 0 or self.pos + n > len(self.data):
+            raise SSHFormatError("truncated SSH data")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def u32(self):
+        return struct.unpack(">I", self.take(4))[0]
+
+    def string(self, limit=1 << 16):
+        n = self.u32()
+        if n > limit:
+            raise SSHFormatError("SSH string too long")
+        return self.take(n)
+
+    def text(self, limit=256):
+        try:
+            return self.string(limit).decode("utf-8")
+        except UnicodeDecodeError:
+            raise SSHFormatError("SSH text is not UTF-8") from None
+
+    def mpint(self, limit=RSA_MAX_BITS // 8 + 1):
+        raw = self.string(limit)
+        if raw and raw[0] & 0x80:
+            raise SSHFormatError("negative mpint")
+        return int.from_bytes(raw, "big")
+
+    def end(self):
+        if self.pos != len(self.data):
+            raise SSHFormatError("trailing data")
+
+
+# Ed25519 (RFC 8032), extended twisted-Edwards coordinates; cofactorless like OpenSSH.
+ED_P = 2 ** 255 - 19
+ED_L = 2 ** 252 + 27742317777372353535851937790883648493
+ED_D = -121665 * pow(121666, ED_P - 2, ED_P) % ED_P
+ED_D2 = 2 * ED_D % ED_P
+ED_SQRT_M1 = pow(2, (ED_P - 1) // 4, ED_P)
+ED_IDENTITY = (0, 1, 1, 0)
+
+
+def ed_add(p1, p2):
+    x1, y1, z1, t1 = p1
+    x2, y2, z2, t2 = p2
+    p = ED_P
+    a, b = (y1 - x1) * (y2 - x2) % p, (y1 + x1) * (y2 + x2) % p
+    c, d = t1 * ED_D2 * t2 % p, 2 * z1 * z2 % p
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+def ed_double(p1):
+    x1, y1, z1, _ = p1
+    p = ED_P
+    a, b, c = x1 * x1 % p, y1 * y1 % p, 2 * z1 * z1 % p
+    h = a + b
+    e = h - (x1 + y1) * (x1 + y1)
+    g = a - b
+    f = c + g
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+def ed_is_identity(point):
+    x, y, z, _ = point
+    return x % ED_P == 0 and (y - z) % ED_P == 0
+
+
+def ed_encode(point):
+    x, y, z, _ = point
+    zi = pow(z, ED_P - 2, ED_P)
+    x, y = x * zi % ED_P, y * zi % ED_P
+    return (y | ((x & 1) << 255)).to_bytes(32, "little")
+
+
+def ed_decode(data):
+    """A point from its 32-byte encoding, or None (non-canonical y, off the curve, -0)."""
+    if len(data) != 32:
+        return None
+    y = int.from_bytes(data, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    if y >= ED_P:
+        return None
+    u, v = (y * y - 1) % ED_P, (ED_D * y * y + 1) % ED_P
+    x = u * pow(v, 3, ED_P) * pow(u * pow(v, 7, ED_P), (ED_P - 5) // 8, ED_P) % ED_P
+    vx2 = v * x * x % ED_P
+    if vx2 == (-u) % ED_P:
+        x = x * ED_SQRT_M1 % ED_P
+    elif vx2 != u:
+        return None
+    if x == 0 and sign:
+        return None
+    if (x & 1) != sign:
+        x = ED_P - x
+    return (x, y, 1, x * y % ED_P)
+
+
+def ed_table(point):
+    """Fixed-base comb: row i holds [j * 16**i] point for j in 0..15."""
+    table, base = [], point
+    for _ in range(64):
+        row = [ED_IDENTITY, base]
+        for _ in range(14):
+            row.append(ed_add(row[-1], base))
+        table.append(row)
+        base = ed_double(ed_double(ed_double(ed_double(base))))
+    return table
+
+
+def ed_mul_table(table, k):
+    q, i = ED_IDENTITY, 0
+    while k:
+        if k & 15:
+            q = ed_add(q, table[i][k & 15])
+        k >>= 4
+        i += 1
+    return q
+
+
+ED_BASE = ed_decode((4 * pow(5, ED_P - 2, ED_P) % ED_P).to_bytes(32, "little"))
+ED_BASE_TABLE = []                      # filled on first use (4 ms)
+
+
+def ed_mul_base(k):
+    if not ED_BASE_TABLE:
+        ED_BASE_TABLE.extend(ed_table(ED_BASE))
+    return ed_mul_table(ED_BASE_TABLE, k)
+
+
+class Ed25519Key:
+    """An Ed25519 public key; small-order keys are refused (they verify any message)."""
+
+    __slots__ = ("raw", "point", "table")
+
+    def __init__(self, raw):
+        point = ed_decode(raw)
+        if point is None:
+            raise SSHFormatError("invalid Ed25519 public key encoding")
+        if ed_is_identity(ed_double(ed_double(ed_double(point)))):
+            raise SSHFormatError("small-order Ed25519 public key")
+        self.raw, self.point, self.table = bytes(raw), point, None
+
+    def verify(self, sig, msg):
+        """RFC 8032 verification; S must be below L (OpenSSH does not check that)."""
+        if len(sig) != 64:
+            return False
+        s = int.from_bytes(sig[32:], "little")
+        if s >= ED_L:
+            return False
+        if self.table is None:
+            self.table = ed_table(self.point)
+        k = int.from_bytes(hashlib.sha512(sig[:32] + self.raw + msg).digest(), "little") % ED_L
+        ka = ed_mul_table(self.table, k)
+        r = ed_add(ed_mul_base(s), ((-ka[0]) % ED_P, ka[1], ka[2], (-ka[3]) % ED_P))
+        return hmac.compare_digest(ed_encode(r), sig[:32])
+
+
+DIGEST_INFO = {"sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+               "sha512": bytes.fromhex("3051300d060960864801650304020305000440")}
+RSA_SIG_HASH = {"rsa-sha2-256": "sha256", "rsa-sha2-512": "sha512"}   # never ssh-rsa (SHA-1)
+
+
+def rsa_verify(n, e, hashname, data, sig):
+    """PKCS#1 v1.5: build the whole expected block and compare it all (no parsing)."""
+    k = (n.bit_length() + 7) // 8
+    s = int.from_bytes(sig, "big")
+    if len(sig) > k or s >= n:
+        return False
+    t = DIGEST_INFO[hashname] + hashlib.new(hashname, data).digest()
+    if k < len(t) + 11:
+        return False
+    expected = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+    return hmac.compare_digest(pow(s, e, n).to_bytes(k, "big"), expected)
+
+
+class Curve:
+    """A NIST prime curve y^2 = x^3 - 3x + b with its generator, order and hash."""
+
+    __slots__ = ("name", "p", "b", "n", "gx", "gy", "hashname", "size")
+
+    def __init__(self, name, p, b, n, gx, gy, hashname):
+        self.name, self.p, self.b, self.n, self.gx, self.gy = name, p, b, n, gx, gy
+        self.hashname, self.size = hashname, (p.bit_length() + 7) // 8
+
+
+CURVES = {c.name: c for c in (
+    Curve("nistp256", 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1,
+          0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
+          0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+          0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+          0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5, "sha256"),
+    Curve("nistp384", 2 ** 384 - 2 ** 128 - 2 ** 96 + 2 ** 32 - 1,
+          0xB3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875AC656398D8A2ED19D2A85C8EDD3EC2AEF,
+          0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
+          0xAA87CA22BE8B05378EB1C71EF320AD746E1D3B628BA79B9859F741E082542A385502F25DBF55296C3A545E3872760AB7,
+          0x3617DE4A96262C6F5D9E98BF9292DC29F8F41DBD289A147CE9DA3113B5F0B8C00A60B1CE1D7E819D7A431D7C90EA0E5F,
+          "sha384"),
+    Curve("nistp521", 2 ** 521 - 1,
+          0x0051953EB9618E1C9A1F929A21A0B68540EEA2DA725B99B315F3B8B489918EF109E156193951EC7E937B1652C0BD3BB1BF073573DF883D2C34F1EF451FD46B503F00,
+          0x01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409,
+          0x00C6858E06B70404E9CD9E3ECB662395B4429C648139053FB521F828AF606B4D3DBAA14B5E77EFE75928FE1DC127A2FFA8DE3348B3C1856A429BF97E7E31C2E5BD66,
+          0x011839296A789A3BC0045C8A5FB42C7D1BD998F54449579B446817AFBD17273E662C97EE72995EF42640C550B9013FAD0761353C7086A272C24088BE94769FD16650,
+          "sha512"))}
+JACOBIAN_INFINITY = (0, 1, 0)
+
+
+def jacobian_double(p1, p):
+    x1, y1, z1 = p1
+    if z1 == 0 or y1 == 0:
+        return JACOBIAN_INFINITY
+    delta, gamma = z1 * z1 % p, y1 * y1 % p
+    beta, alpha = x1 * gamma % p, 3 * (x1 - delta) * (x1 + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y1 + z1) * (y1 + z1) - gamma - delta) % p
+    return (x3, (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p, z3)
+
+
+def jacobian_add(p1, p2, p):
+    x1, y1, z1 = p1
+    x2, y2, z2 = p2
+    if z1 == 0:
+        return p2
+    if z2 == 0:
+        return p1
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    if h == 0:
+        return jacobian_double(p1, p) if r == 0 else JACOBIAN_INFINITY
+    hh = h * h % p
+    hhh, v = h * hh % p, u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    return (x3, (r * (v - x3) - s1 * hhh) % p, z1 * z2 * h % p)
+
+
+def ec_decode_point(curve, data):
+    if len(data) != 1 + 2 * curve.size or data[0] != 4:
+        raise SSHFormatError("ECDSA key must be an uncompressed point")
+    x = int.from_bytes(data[1:1 + curve.size], "big")
+    y = int.from_bytes(data[1 + curve.size:], "big")
+    if not (x < curve.p and y < curve.p and (y * y - (x ** 3 - 3 * x + curve.b)) % curve.p == 0):
+        raise SSHFormatError("ECDSA point is not on the curve")
+    return x, y
+
+
+def ecdsa_verify(curve, point, data, r, s):
+    """ECDSA verification with Shamir's trick; r and s must lie in [1, n)."""
+    n, p = curve.n, curve.p
+    if not (1 <= r < n and 1 <= s < n):
+        return False
+    e = int.from_bytes(hashlib.new(curve.hashname, data).digest(), "big")
+    e >>= max(0, hashlib.new(curve.hashname).digest_size * 8 - n.bit_length())
+    w = pow(s, -1, n)
+    u1, u2 = e * w % n, r * w % n
+    g, q = (curve.gx, curve.gy, 1), (point[0], point[1], 1)
+    both, acc = jacobian_add(g, q, p), JACOBIAN_INFINITY
+    for i in range(max(u1.bit_length(), u2.bit_length()) - 1, -1, -1):
+        acc = jacobian_double(acc, p)
+        bits = ((u1 >> i) & 1, (u2 >> i) & 1)
+        if bits != (0, 0):
+            acc = jacobian_add(acc, both if bits == (1, 1) else g if bits[0] else q, p)
+    x, _, z = acc
+    return z != 0 and x * pow(z * z, -1, p) % p % n == r
+
+
+class PublicKey:
+    """A parsed SSH public key: its exact wire blob (the identity) and what verifies with it."""
+
+    __slots__ = ("keytype", "blob", "ed25519", "rsa", "curve", "point", "fast")
+
+    def __init__(self, blob):
+        reader = SSHReader(blob)
+        self.keytype, self.blob = reader.text(64), bytes(blob)
+        self.ed25519 = self.rsa = self.curve = self.point = self.fast = None
+        if self.keytype == "ssh-ed25519":
+            raw = reader.string(64)
+            if len(raw) != 32:
+                raise SSHFormatError("bad Ed25519 key length")
+            self.ed25519 = Ed25519Key(raw)
+        elif self.keytype == "ssh-rsa":
+            e, n = reader.mpint(), reader.mpint()
+            if not (0 < n and n & 1 and n.bit_length() <= RSA_MAX_BITS):
+                raise SSHFormatError("bad RSA modulus")
+            if n.bit_length() < RSA_MIN_BITS:
+                raise SSHFormatError(f"RSA key of {n.bit_length()} bits is below the "
+                                     f"{RSA_MIN_BITS}-bit minimum")
+            if not (e & 1 and 3 <= e < n and e.bit_length() <= RSA_MAX_E_BITS):
+                raise SSHFormatError("bad RSA public exponent")
+            self.rsa = (n, e)
+        elif self.keytype.startswith("ecdsa-sha2-"):
+            self.curve = CURVES.get(reader.text(64))
+            if self.curve is None or self.keytype != "ecdsa-sha2-" + self.curve.name:
+                raise SSHFormatError(f"unsupported ECDSA key {self.keytype}")
+            self.point = ec_decode_point(self.curve, reader.string(1 + 2 * 66))
+        else:
+            raise SSHFormatError(f"unsupported key type {self.keytype!r}")
+        reader.end()
+
+    @property
+    def fingerprint(self):
+        digest = base64.b64encode(hashlib.sha256(self.blob).digest()).decode()
+        return "SHA256:" + digest.rstrip("=")
+
+    def openssh(self):
+        return f"{self.keytype} {base64.b64encode(self.blob).decode()}"
+
+    def verify(self, data, sigblob):
+        """Whether ``sigblob`` (string alg, string sig) signs ``data`` with this key."""
+        try:
+            reader = SSHReader(sigblob)
+            alg = reader.text(64)
+            if self.rsa is not None:
+                hashname, sig = RSA_SIG_HASH.get(alg), reader.string(RSA_MAX_BITS // 8)
+                reader.end()
+                return hashname is not None and self.verify_rsa(hashname, data, sig, sigblob)
+            if alg != self.keytype:
+                return False
+            if self.ed25519 is not None:
+                sig = reader.string(64)
+                reader.end()
+                return self.verify_ed25519(data, sig, sigblob)
+            inner = SSHReader(reader.string(2 * 70 + 16))
+            reader.end()
+            r, s = inner.mpint(), inner.mpint()
+            inner.end()
+            if self.fast is not None:
+                return 1 <= r < self.curve.n and 1 <= s < self.curve.n and \
+                    self.fast.verify(data, sigblob)
+            return ecdsa_verify(self.curve, self.point, data, r, s)
+        except SSHFormatError:
+            return False
+
+    def verify_ed25519(self, data, sig, sigblob):
+        if self.fast is not None:
+            return len(sig) == 64 and int.from_bytes(sig[32:], "little") < ED_L and \
+                self.fast.verify(data, sigblob)
+        return self.ed25519.verify(sig, data)
+
+    def verify_rsa(self, hashname, data, sig, sigblob):
+        if self.fast is not None:
+            return self.fast.verify(data, sigblob)
+        return rsa_verify(*self.rsa, hashname, data, sig)
+
+    def use_asyncssh(self):
+        """Verify through asyncssh (OpenSSL) when it is installed; our own checks stay."""
+        try:
+            from asyncssh.public_key import decode_ssh_public_key
+            self.fast = decode_ssh_public_key(self.blob)
+        except Exception:
+            self.fast = None
+        return self.fast is not None
+
+
+def sshsig_signed_data(namespace, message, hashalg):
+    """The bytes an SSHSIG signature covers (PROTOCOL.sshsig)."""
+    return (SSHSIG_MAGIC + ssh_string(namespace.encode()) + ssh_string(b"")
+            + ssh_string(hashalg.encode()) + ssh_string(hashlib.new(hashalg, message).digest()))
+
+
+def sshsig_blob(pubkey_blob, namespace, hashalg, signature):
+    return (SSHSIG_MAGIC + struct.pack(">I", 1) + ssh_string(pubkey_blob)
+            + ssh_string(namespace.encode()) + ssh_string(b"") + ssh_string(hashalg.encode())
+            + ssh_string(signature))
+
+
+def sshsig_parse(blob):
+    """(public key blob, namespace, hash algorithm, signature blob); SSHFormatError if bad."""
+    reader = SSHReader(blob)
+    if reader.take(6) != SSHSIG_MAGIC or reader.u32() != 1:
+        raise SSHFormatError("not an SSHSIG version 1 signature")
+    pubkey, namespace = reader.string(16384), reader.text(1024)
+    reader.string(1024)
+    hashalg, signature = reader.text(64), reader.string(16384)
+    reader.end()
+    return pubkey, namespace, hashalg, signature
+
+
+def sshsig_from_text(text):
+    """The SSHSIG blob from one line of base64, or from ssh-keygen's armored output."""
+    if len(text) > MAX_SIGNATURE_TEXT:
+        raise SSHFormatError("signature too large")
+    body = re.sub(r"-----(BEGIN|END) SSH SIGNATURE-----", "", text)
+    try:
+        return base64.b64decode("".join(body.split()), validate=True)
+    except ValueError:
+        raise SSHFormatError("signature is not base64") from None
+
+
+def armor_to_line(armored):
+    """The base64 between ssh-keygen's armor lines, joined into one line."""
+    return "".join(x.strip() for x in armored.splitlines() if x.strip() and "-----" not in x)
+
+
+SSH_AGENTC_REQUEST_IDENTITIES, SSH_AGENT_IDENTITIES_ANSWER = 11, 12
+SSH_AGENTC_SIGN_REQUEST, SSH_AGENT_SIGN_RESPONSE = 13, 14
+SSH_AGENT_RSA_SHA2_512 = 0x04
+AGENT_MAX_REPLY = 256 * 1024
+
+
+class AgentClient:
+    """A small blocking ssh-agent client over $SSH_AUTH_SOCK: list keys and sign."""
+
+    def __init__(self, path=None, timeout=60.0):
+        path = path or os.environ.get("SSH_AUTH_SOCK")
+        if not path:
+            raise SSHFormatError("no ssh-agent (SSH_AUTH_SOCK is not set)")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise SSHFormatError(f"cannot reach ssh-agent at {path}: {e.strerror}") from None
+
+    def close(self):
+        self.sock.close()
+
+    def request(self, kind, body=b""):
+        payload = bytes([kind]) + body
+        self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+        size = struct.unpack(">I", self.receive(4))[0]
+        if not 0 < size <= AGENT_MAX_REPLY:
+            raise SSHFormatError(f"bad ssh-agent reply length {size}")
+        reply = self.receive(size)
+        return reply[0], SSHReader(reply[1:])
+
+    def receive(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise SSHFormatError("ssh-agent closed the connection")
+            data += chunk
+        return data
+
+    def identities(self):
+        """[(public key blob, comment)] held by the agent."""
+        kind, reader = self.request(SSH_AGENTC_REQUEST_IDENTITIES)
+        if kind != SSH_AGENT_IDENTITIES_ANSWER:
+            raise SSHFormatError(f"unexpected ssh-agent reply {kind}")
+        return [(reader.string(16384), reader.text(4096)) for _ in range(reader.u32())]
+
+    def sshsig(self, key_blob, message, namespace=SSHSIG_NAMESPACE):
+        """An SSHSIG blob over ``message``; the private key never leaves the agent."""
+        keytype = SSHReader(key_blob).text(64)
+        flags = SSH_AGENT_RSA_SHA2_512 if keytype == "ssh-rsa" else 0
+        data = sshsig_signed_data(namespace, message, "sha512")
+        kind, reader = self.request(SSH_AGENTC_SIGN_REQUEST, ssh_string(key_blob)
+                                    + ssh_string(data) + struct.pack(">I", flags))
+        if kind != SSH_AGENT_SIGN_RESPONSE:
+            raise SSHFormatError("ssh-agent refused to sign")
+        signature = reader.string(16384)
+        return sshsig_blob(key_blob, namespace, "sha512", signature)
+
+
+def sign_with_ssh_keygen(key_path, message, namespace=SSHSIG_NAMESPACE, timeout=60.0):
+    """An SSHSIG blob from `ssh-keygen -Y sign` (it may prompt for a passphrase)."""
+    import subprocess
+    try:
+        result = subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-n", namespace, "-f",
+                                 key_path], input=message, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SSHFormatError(f"ssh-keygen could not sign: {e}") from None
+    if result.returncode != 0:
+        reason = result.stderr.decode(errors="replace").strip().splitlines()
+        raise SSHFormatError(f"ssh-keygen could not sign with {key_path}: "
+                             f"{reason[-1] if reason else 'failed'}")
+    return sshsig_from_text(result.stdout.decode("ascii", "replace"))
+
+
+# SECTION: Auth — the key list, logins, tiers, roles, tenants and the audit log
+
+ROLES = ("reader", "writer", "admin")
+KEYS_FILE = "authorized_keys"
+AUDIT_FILE = "audit.log"
+SESSION_ONLY_OPTIONS = frozenset((      # OpenSSH options about shell sessions: no bearing here
+    "restrict", "no-agent-forwarding", "no-port-forwarding", "no-pty", "no-user-rc",
+    "no-x11-forwarding", "agent-forwarding", "port-forwarding", "pty", "user-rc",
+    "x11-forwarding", "no-touch-required", "verify-required"))
+KEY_OPTIONS = frozenset(("role", "tenant", "valid-after", "valid-before", "expiry-time", "from",
+                         "namespaces"))
+TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
+FREE_VERBS = frozenset(("status", "siteinfo", "fields", "id", "login", "answer", "clear",
+                        "email", "logout", "xlogin", "klogin", "help", "quit", "exit", "stop"))
+WRITE_VERBS = frozenset(("add", "change", "delete"))
+LOGIN_FAILURE_MEMORY = 900.0    # seconds a source address's failed logins are remembered
+LOGIN_MAX_DELAY = 10.0
+
+
+class AuthorizedKey:
+    """One usable line of the key list: who (principals), which key, role, tenant, limits."""
+
+    __slots__ = ("principals", "key", "role", "tenant", "options", "comment", "lineno", "text")
+
+    def __init__(self, principals, key, options, comment, lineno, text):
+        self.principals, self.key, self.options = principals, key, dict(options)
+        self.comment, self.lineno, self.text = comment, lineno, text
+        self.role = self.options.get("role", "writer")
+        self.tenant = self.options.get("tenant", "")
+
+
+class Identity:
+    """Who a session is logged in as."""
+
+    __slots__ = ("alias", "role", "tenant", "fingerprint")
+
+    def __init__(self, alias, entry):
+        self.alias, self.role, self.tenant = alias, entry.role, entry.tenant
+        self.fingerprint = entry.key.fingerprint
+
+
+def options_end(text):
+    """Index just past an OpenSSH options field (quotes may hold spaces)."""
+    i, quoted = 0, False
+    while i < len(text) and (quoted or text[i] not in " \t"):
+        if text[i] == "\\" and text[i + 1:i + 2] == '"':
+            i += 1
+        elif text[i] == '"':
+            quoted = not quoted
+        i += 1
+    if quoted:
+        raise SSHFormatError("unterminated quote in options")
+    return i
+
+
+def parse_key_options(text):
+    """[(name, value or None)] from `a,b="x",c="y z"` as OpenSSH writes them."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] not in ",=":
+            j += 1
+        name = text[i:j].lower()
+        if not name or any(c in name for c in ' \t"'):
+            raise SSHFormatError("bad option name")
+        value = None
+        if j < n and text[j] == "=":
+            if text[j + 1:j + 2] != '"':
+                raise SSHFormatError(f"option {name}: the value must be quoted")
+            j, chars = j + 2, []
+            while j < n and text[j] != '"':
+                if text[j] == "\\" and text[j + 1:j + 2] == '"':
+                    j += 1
+                chars.append(text[j])
+                j += 1
+            if j >= n:
+                raise SSHFormatError(f"option {name}: missing end quote")
+            j, value = j + 1, "".join(chars)
+        out.append((name, value))
+        if j < n:
+            if text[j] != "," or j + 1 == n:
+                raise SSHFormatError("bad options syntax")
+            j += 1
+        i = j
+    return out
+
+
+def parse_ssh_time(value):
+    """YYYYMMDD[HHMM[SS]][Z] as ssh-keygen reads it: local time unless it ends in Z."""
+    import calendar
+    utc = value.endswith("Z")
+    digits = value[:-1] if utc else value
+    if not digits.isdigit() or len(digits) not in (8, 12, 14):
+        raise SSHFormatError(f"bad time {value!r}")
+    fields = (int(digits[0:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10] or 0),
+              int(digits[10:12] or 0), int(digits[12:14] or 0), 0, 0, -1)
+    return float(calendar.timegm(fields)) if utc else time.mktime(fields)
+
+
+def parse_key_line(line, lineno=0):
+    """An AuthorizedKey from an allowed_signers or authorized_keys line; None for blanks.
+
+    Raises SSHFormatError naming the problem: a line is used whole or not at all.
+    """
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    principals = None
+    head_end = options_end(text)
+    head = text[:head_end]
+    if head not in KEY_TYPES and "=" not in head and head.lower() not in KEY_OPTIONS | \
+            SESSION_ONLY_OPTIONS:
+        principals, text = head, text[head_end:].lstrip()
+    options = []
+    if text.split(None, 1)[0] not in KEY_TYPES:
+        end = options_end(text)
+        options, text = parse_key_options(text[:end]), text[end:].lstrip()
+    parts = text.split(None, 2)
+    if len(parts) < 2 or parts[0] not in KEY_TYPES:
+        raise SSHFormatError(f"no supported key ({', '.join(KEY_TYPES)})")
+    try:
+        key = PublicKey(base64.b64decode(parts[1], validate=True))
+    except ValueError:
+        raise SSHFormatError("key data is not base64") from None
+    if key.keytype != parts[0]:
+        raise SSHFormatError("key type does not match the key data")
+    comment = parts[2] if len(parts) > 2 else ""
+    check_key_options(options)
+    if principals is None:
+        principals = comment.split()[0] if comment.strip() else ""
+        if not principals:
+            raise SSHFormatError("an authorized_keys line needs a comment to name its user")
+    return AuthorizedKey(principals, key, options, comment, lineno, line.strip())
+
+
+def check_key_options(options):
+    """Refuse a line whose options we cannot honour in full."""
+    for name, value in options:
+        if name in SESSION_ONLY_OPTIONS:
+            continue
+        if name not in KEY_OPTIONS:
+            raise SSHFormatError(f"option {name!r} is not supported, so the key is not used")
+        if value is None:
+            raise SSHFormatError(f"option {name} needs a value")
+        if name == "role" and value not in ROLES:
+            raise SSHFormatError(f"role must be one of {', '.join(ROLES)}, not {value!r}")
+        if name == "tenant" and not TENANT_RE.match(value):
+            raise SSHFormatError(f"tenant {value!r} must be letters, digits, '.', '_', '-' or *")
+        if name in ("valid-after", "valid-before", "expiry-time"):
+            parse_ssh_time(value)
+
+
+def match_pattern(text, pattern):
+    """OpenSSH match_pattern: * and ? wildcards, case-sensitive."""
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."), text,
+                        re.S) is not None
+
+
+def match_pattern_list(text, patterns):
+    """OpenSSH match_pattern_list: comma-separated, and a matching !negation wins."""
+    found = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        if match_pattern(text, pattern[1:] if negated else pattern):
+            if negated:
+                return False
+            found = True
+    return found
+
+
+def address_allowed(address, patterns):
+    """from="..." for a source address: host or address patterns, CIDR blocks, !negation."""
+    found = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        body = pattern[1:] if negated else pattern
+        try:
+            hit = (ipaddress.ip_address(address) in ipaddress.ip_network(body, strict=False)
+                   if "/" in body else match_pattern(address, body))
+        except ValueError:
+            hit = False
+        if hit:
+            if negated:
+                return False
+            found = True
+    return found
+
+
+def key_refusal(entry, alias, peer, now):
+    """None when ``entry`` may log in as ``alias`` from ``peer`` at ``now``, else why not."""
+    if not match_pattern_list(alias, entry.principals):
+        return "the key is not listed for this user"
+    options = entry.options
+    if "namespaces" in options and not match_pattern_list(SSHSIG_NAMESPACE, options["namespaces"]):
+        return "the key is not allowed for the pharos namespace"
+    if "valid-after" in options and now < parse_ssh_time(options["valid-after"]):
+        return "the key is not valid yet"
+    for name in ("valid-before", "expiry-time"):
+        if name in options and now > parse_ssh_time(options[name]):
+            return "the key has expired"
+    if "from" in options and (peer is None or not address_allowed(peer, options["from"])):
+        return "the key may not be used from this address"
+    return None
+
+
+class KeyRing:
+    """The parsed key list, indexed by the exact key blob; warnings for skipped lines."""
+
+    def __init__(self, text="", source=KEYS_FILE):
+        self.by_blob, self.warnings, self.entries = {}, [], []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            try:
+                entry = parse_key_line(line, lineno)
+            except SSHFormatError as e:
+                self.warnings.append(f"{source} line {lineno}: {e}; line skipped")
+                continue
+            if entry is not None:
+                self.entries.append(entry)
+                self.by_blob.setdefault(entry.key.blob, []).append(entry)
+
+    def speed_up(self):
+        """Hand the crypto to asyncssh (OpenSSL) when it is installed; True if it is."""
+        return all([entry.key.use_asyncssh() for entry in self.entries]) and bool(self.entries)
+
+    def verify(self, alias, message, signature_text, peer, now):
+        """(Identity, None) for a good SSHSIG answer to ``message``, else (None, reason)."""
+        try:
+            pubkey, namespace, hashalg, signature = sshsig_parse(sshsig_from_text(signature_text))
+        except SSHFormatError as e:
+            return None, f"malformed signature: {e}"
+        if namespace != SSHSIG_NAMESPACE:
+            return None, f"signature namespace {namespace[:32]!r} is not {SSHSIG_NAMESPACE!r}"
+        if hashalg not in SSHSIG_HASHES:
+            return None, "unsupported hash algorithm"
+        candidates = self.by_blob.get(pubkey)
+        if not candidates:
+            return None, "the key is not in the key list"
+        reason = None
+        for entry in candidates:
+            reason = key_refusal(entry, alias, peer, now)
+            if reason is None:
+                data = sshsig_signed_data(SSHSIG_NAMESPACE, message, hashalg)
+                if not entry.key.verify(data, signature):
+                    return None, "bad signature"
+                return Identity(alias, entry), None
+        return None, reason
+
+
+class KeyFile:
+    """DATA/authorized_keys: loaded, reloaded when it changes, edited atomically."""
+
+    def __init__(self, path, log, fast=True):
+        self.path, self.log, self.fast = path, log, fast
+        self.ring, self.stamp, self.checked = KeyRing(), None, 0.0
+
+    def current(self, now=None):
+        """The key ring, reloaded first if the file changed (looked at once a second)."""
+        now = time.monotonic() if now is None else now
+        if now - self.checked >= 1.0:
+            self.checked = now
+            self.reload_if_changed()
+        return self.ring
+
+    def stat(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_mtime_ns, st.st_size, st.st_ino
+        except OSError:
+            return None
+
+    def reload_if_changed(self):
+        stamp = self.stat()
+        if stamp != self.stamp:
+            self.reload()
+
+    def reload(self):
+        self.stamp = self.stat()
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read(4 * 1024 * 1024)
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as e:
+            self.log(f"cannot read {self.path}: {e}; keeping the keys loaded before")
+            return self.ring
+        ring = KeyRing(text, self.path)
+        for warning in ring.warnings:
+            self.log(warning)
+        if self.fast:
+            ring.speed_up()
+        self.ring = ring
+        return ring
+
+    def write_lines(self, lines):
+        """Replace the file's lines atomically and load the result."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(x.rstrip("\n") + "\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(os.path.dirname(self.path) or ".")
+        return self.reload()
+
+    def lines(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+
+def starting_users_keys():
+    """(source, [OpenSSH public key lines]) of the user running this: ssh-agent, else ~/.ssh."""
+    try:
+        agent = AgentClient(timeout=5.0)
+        try:
+            found = [f"{PublicKey(blob).openssh()} {comment}".strip()
+                     for blob, comment in agent.identities() if usable_key(blob)]
+        finally:
+            agent.close()
+        if found:
+            return "ssh-agent", found
+    except (SSHFormatError, OSError):
+        pass
+    import glob
+    found = []
+    for path in sorted(glob.glob(os.path.expanduser("~/.ssh/id_*.pub"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.readline().strip()
+            parse_key_line(line)
+            found.append(line)
+        except (OSError, UnicodeDecodeError, SSHFormatError):
+            continue
+    return "~/.ssh", found
+
+
+def usable_key(blob):
+    try:
+        PublicKey(blob)
+        return True
+    except SSHFormatError:
+        return False
+
+
+def bootstrap_keys(path, log):
+    """First start without a key list: authorize the starting user's keys as admin."""
+    import getpass
+    user = re.sub(r"[^A-Za-z0-9._-]", "_", getpass.getuser()) or "admin"
+    source, keys = starting_users_keys()
+    if not keys:
+        log(f"no key list yet and no SSH keys found: make one with `ssh-keygen -t ed25519`, then "
+            f"`pharos keys add --data {os.path.dirname(path)} {user} ~/.ssh/id_ed25519.pub`; "
+            f"until then anyone may read and nobody may write")
+        return
+    KeyFile(path, log).write_lines([f'{user} role="admin",tenant="*" {k}' for k in keys])
+    log(f"authorized {len(keys)} SSH key(s) of {user} from {source} as admin in {path}")
+
+
+def authorize(tier, verb, user):
+    """None when ``verb`` is allowed for ``user`` (an Identity or None) in ``tier``, else why."""
+    if tier == "dev" or verb in FREE_VERBS:
+        return None
+    writing = verb in WRITE_VERBS or verb == "keys"
+    if user is None and (writing or tier == "enterprise"):
+        if verb == "delete":
+            return line(506, "Must be logged in to delete.")
+        return line(506, "You must be logged in to use this command.")
+    if verb == "keys" and user.role != "admin":
+        return line(510, "Only a key with the admin role may manage keys.")
+    if writing and user.role == "reader":
+        if verb == "add":
+            return line(511, "You may not add NameServer entries (your key's role is reader).")
+        return line(510, f"You may not {verb} entries (your key's role is reader).")
+    return None
+
+
+def session_tenant(tier, user):
+    """The tenant a session reads and writes: None means every record."""
+    if tier != "enterprise" or user is None or user.tenant == "*":
+        return None
+    return user.tenant
+
+
+class LoginGuard:
+    """Failed logins per source address, and how long to wait before answering the next."""
+
+    def __init__(self, base_delay=LOGIN_FAIL_DELAY):
+        self.base_delay = base_delay
+        self.failures = {}                      # address -> (count, last monotonic time)
+
+    def delay(self, address, now):
+        count, last = self.failures.get(address, (0, 0.0))
+        if now - last > LOGIN_FAILURE_MEMORY:
+            count = 0
+        return min(LOGIN_MAX_DELAY, self.base_delay * (count + 1))
+
+    def failed(self, address, now):
+        count, last = self.failures.get(address, (0, 0.0))
+        if now - last > LOGIN_FAILURE_MEMORY:
+            count = 0
+        self.failures[address] = (count + 1, now)
+        if len(self.failures) > 10000:
+            cutoff = now - LOGIN_FAILURE_MEMORY
+            self.failures = {a: v for a, v in self.failures.items() if v[1] > cutoff}
+
+    def succeeded(self, address):
+        self.failures.pop(address, None)
+
+
+class AuditLog:
+    """Appends one JSON line per write: who, when, from where, what, and the answer."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def record(self, now, user, peer, request, reply):
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        entry = {"time": utc_now(now), "user": user.alias if user else None,
+                 "key": user.fingerprint if user else None,
+                 "tenant": user.tenant if user else None, "peer": peer,
+                 "request": request[:2000], "reply": reply.rstrip("\n").rsplit("\n", 1)[-1]}
+        os.write(self.fd, json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 # SECTION: Metrics — counters, histograms, /proc readings and the Prometheus text format
 
 LATENCY_BUCKETS = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -1440,7 +2385,7 @@ class ServerConfig:
     """Settings of one server, from the command line; plain attributes."""
 
     def __init__(self, **settings):
-        self.tier = "dev"
+        self.tier = "lab"
         self.max_results = DEFAULT_MAX_RESULTS
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
         self.max_connections = DEFAULT_MAX_CONNECTIONS
@@ -1454,6 +2399,7 @@ SESSION_OPTIONS = {"echo": "off", "limit": str(DEFAULT_CHANGE_LIMIT), "verbose":
                    "addonly": "off", "nolog": "off", "charset": "utf-8"}
 LOGIN_VERBS = frozenset(("answer", "clear", "email"))
 CLIENT_TYPES = {"ph": PERSON, "mdb": MACHINE}
+AUDITED_VERBS = WRITE_VERBS | {"keys"}
 
 HELP_TOPICS = {
     "query": "query [field=]value ... [return field ... | return all]\n"
@@ -1467,17 +2413,18 @@ HELP_TOPICS = {
     "delete": "delete selection ...\nAt most `limit` entries go (set limit=N).",
     "fields": "fields [name ...]\nDescribes every field, or the named ones.",
     "set": "set [option[=value] ...]\nOptions: echo, limit, verbose, addonly, nolog, charset.",
-    "login": "login alias, then answer <signature>; logout ends the session.",
+    "login": "login <alias> answers 301:<challenge>. Sign the challenge's bytes with your SSH\n"
+             "key: printf %s CHALLENGE | ssh-keygen -Y sign -n pharos -f ~/.ssh/id_ed25519\n"
+             "and send the base64 between the armor lines, joined, as: answer <base64>.\n"
+             "logout ends the session.",
+    "keys": "keys [list] | keys add <allowed_signers line> | keys remove <fingerprint|user>\n"
+            "Manage the authorized SSH keys (admin keys only). A line looks like:\n"
+            "alice role=\"writer\",tenant=\"teama\" ssh-ed25519 AAAA... comment",
     "id": "id <client name>\nSays who the client is; ph and mdb narrow queries to their type.",
     "status": "status\nSays whether the database is ready.",
     "siteinfo": "siteinfo\nDescribes this site.",
     "quit": "quit (or exit, stop)\nEnds the connection.",
 }
-
-
-def authorize(tier, verb, user):
-    """None when ``verb`` is allowed for ``user`` in ``tier``, else a reply line."""
-    return None
 
 
 class PhSession:
@@ -1494,6 +2441,7 @@ class PhSession:
         self.options = dict(SESSION_OPTIONS)
         self.pending_login = None               # (alias, challenge, monotonic time)
         self.user = None
+        self.raw_args = ""
         self.verbs = {
             "query": self.ph_query, "ph": self.ph_query, "fields": self.ph_fields,
             "status": self.ph_status, "siteinfo": self.ph_siteinfo, "id": self.ph_id,
@@ -1502,6 +2450,7 @@ class PhSession:
             "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_email,
             "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_klogin,
             "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
+            "keys": self.ph_keys,
         }
 
     async def execute(self, text):
@@ -1522,11 +2471,21 @@ class PhSession:
             prefix += more(523, "Expecting answer, clear, or email; login discarded.")
         refusal = authorize(self.config.tier, verb, self.user)
         if refusal:
+            if verb in AUDITED_VERBS:
+                self.server.audit(self, text, refusal)
             return prefix + refusal, False, verb
+        self.raw_args = text[len(verb):].strip()
         reply = handler(tokens[1:])
         if type(reply) is not str:
             reply = await reply
+        if verb in AUDITED_VERBS:
+            self.server.audit(self, text, reply)
         return prefix + reply, verb in ("quit", "exit", "stop"), verb
+
+    @property
+    def tenant(self):
+        """The tenant this session sees and writes (None: every record)."""
+        return session_tenant(self.config.tier, self.user)
 
     # -- reads ---------------------------------------------------------------
 
@@ -1538,7 +2497,9 @@ class PhSession:
     def ph_siteinfo(self, args):
         items = [("maildomain", ""), ("mailfield", "email"), ("administrator", self.config.admin),
                  ("passwords", self.config.admin), ("mailbox", "email"), ("charset", "UTF-8"),
-                 ("server", f"pharos {__version__}"), ("tier", self.config.tier)]
+                 ("server", f"pharos {__version__}"), ("tier", self.config.tier),
+                 ("login", f"sshsig namespace {SSHSIG_NAMESPACE}"),
+                 ("authenticate", str(AUTH_SSHSIG))]
         out = [more(200, f"{n}:{key}:{value}") for n, (key, value) in enumerate(items, 1)]
         return "".join(out) + line(200, "Ok.")
 
@@ -1593,7 +2554,7 @@ class PhSession:
                        more(515, "Initial metas may be used as qualifiers only.")]
         if errors:
             return "".join(errors) + line(500, "Did not understand query.")
-        ids = self.store.select(selection)
+        ids = self.store.select(selection, self.tenant)
         if not ids:
             return line(501, "No matches to your query.")
         if len(ids) > self.config.max_results:
@@ -1681,7 +2642,8 @@ class PhSession:
         fields, errors = self.parse_pairs(args)
         if not errors:
             try:
-                ops = self.store.plan_add(self.record_type(fields), fields, time.time())
+                ops = self.store.plan_add(self.record_type(fields), fields, time.time(),
+                                          tenant=self.tenant or "")
             except RecordError as e:
                 errors.append(more(e.code, str(e)))
         if errors:
@@ -1695,7 +2657,7 @@ class PhSession:
             errors.append(more(515, "no non-null key field in query."))
         if errors:
             return None, "".join(errors) + line(599, failure)
-        ids = self.store.select(selection)
+        ids = self.store.select(selection, self.tenant)
         limit = int(self.options["limit"])
         if len(ids) > limit:
             return None, line(518, f"Too many entries ({len(ids)}) selected; limit is {limit}.")
@@ -1805,12 +2767,14 @@ class PhSession:
     # -- login ---------------------------------------------------------------
 
     def ph_login(self, args):
-        if not args:
+        words = self.raw_args.split()
+        if not words:
             return line(599, "login:no name given.")
-        if len(args) > 1:
+        if len(words) > 1:
             return line(599, "login:extra arguments.")
         challenge = "".join(secrets.choice(CHALLENGE_ALPHABET) for _ in range(42))
-        self.pending_login = (args[0].text()[:64], challenge, time.monotonic())
+        self.pending_login = (words[0][:64], challenge, time.monotonic())
+        self.user = None
         return line(301, challenge)
 
     def login_problem(self, verb, args):
@@ -1826,14 +2790,21 @@ class PhSession:
             return problem
         alias, challenge, issued = self.pending_login
         self.pending_login = None
-        verified = None
-        if time.monotonic() - issued <= LOGIN_TTL:
-            verified = self.server.verify_login(alias, challenge, args[0].text(), self.peer)
+        now = time.monotonic()
+        if now - issued > LOGIN_TTL:
+            verified, reason = None, "the challenge expired"
+        else:
+            verified, reason = self.server.verify_login(alias, challenge, self.raw_args, self.peer)
+        address = self.peer[0] if self.peer else None
         if verified is None:
             self.server.metrics.logins["failed"] += 1
-            await asyncio.sleep(self.config.login_delay)
+            self.server.log(f"login as {printable(alias)} from {address} refused: {reason}")
+            delay = self.server.guard.delay(address, now)
+            self.server.guard.failed(address, now)
+            await asyncio.sleep(delay)
             return line(500, "Login failed.")
         self.server.metrics.logins["ok"] += 1
+        self.server.guard.succeeded(address)
         self.user = verified
         return line(200, f"{alias}:Hi how are you?")
 
@@ -1869,6 +2840,67 @@ class PhSession:
     def ph_quit(self, args):
         return line(200, "Bye!")
 
+    # -- key management (extension) -----------------------------------------
+
+    def ph_keys(self, args):
+        words = self.raw_args.split(None, 1)
+        action = words[0].lower() if words else "list"
+        rest = words[1].strip() if len(words) > 1 else ""
+        if self.server.keys is None:
+            return line(517, "This server keeps no key list (dev tier with memory storage).")
+        if action == "list" and not rest:
+            return self.keys_list()
+        if action == "add" and rest:
+            return self.keys_add(rest)
+        if action == "remove" and rest:
+            return self.keys_remove(rest)
+        return line(599, "keys:say keys list, keys add <line> or keys remove <fingerprint|user>.")
+
+    def visible_keys(self):
+        """Key-list entries this session may manage: all, or its own tenant's."""
+        tenant = self.tenant
+        return [e for e in self.server.keys.current().entries
+                if tenant is None or e.tenant == tenant]
+
+    def keys_list(self):
+        entries = self.visible_keys()
+        if not entries:
+            return line(501, "No keys.")
+        out = [count_line(len(entries))]
+        for n, entry in enumerate(entries, 1):
+            fields = [("user", entry.principals), ("role", entry.role), ("tenant", entry.tenant),
+                      ("key", f"{entry.key.keytype} {entry.key.fingerprint}"),
+                      ("comment", entry.comment)]
+            out.extend(f"-200:{n}:{name:>9}: {value}\n" for name, value in fields if value)
+        return "".join(out) + line(200, "Ok.")
+
+    def keys_add(self, text):
+        try:
+            entry = parse_key_line(text)
+        except SSHFormatError as e:
+            return line(512, f"Illegal key line: {e}.")
+        if entry is None:
+            return line(599, "keys:add needs an allowed_signers line.")
+        if self.tenant is not None and entry.tenant != self.tenant:
+            return line(510, f"You may only add keys of tenant {self.tenant} "
+                             f"(add tenant=\"{self.tenant}\").")
+        for other in self.server.keys.current().entries:
+            if other.key.blob == entry.key.blob and other.principals == entry.principals:
+                return line(509, f"That key is already listed for {entry.principals}.")
+        self.server.keys.write_lines(self.server.keys.lines() + [entry.text])
+        return line(200, "Ok.")
+
+    def keys_remove(self, which):
+        mine = {e.lineno for e in self.visible_keys() if which in (e.key.fingerprint, e.principals)}
+        if not mine:
+            return line(501, "No matching keys.")
+        ring = self.server.keys.current()
+        if not any(e.role == "admin" for e in ring.entries if e.lineno not in mine):
+            return line(510, "That would remove the last admin key.")
+        kept = [text for n, text in enumerate(self.server.keys.lines(), 1) if n not in mine]
+        self.server.keys.write_lines(kept)
+        return line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
+
 
 class Connection:
     """Book-keeping for one open connection: its session, writer and activity."""
@@ -1885,9 +2917,11 @@ TOO_LONG = object()
 class PhServer:
     """The Ph listener: connection cap, idle timeout, the request loop, graceful stop."""
 
-    def __init__(self, store, config, log, metrics=None):
+    def __init__(self, store, config, log, metrics=None, keys=None, audit=None):
         self.store, self.config, self.log = store, config, log
         self.metrics = metrics or Metrics()
+        self.keys, self.auditlog = keys, audit
+        self.guard = LoginGuard(config.login_delay)
         self.connections = set()
         self.listener = None
         self.sweeper = None
@@ -1895,8 +2929,21 @@ class PhServer:
         self.idle = asyncio.Event()
 
     def verify_login(self, alias, challenge, answer, peer):
-        """The logged-in identity for a correct answer, else None (no methods enabled yet)."""
-        return None
+        """(Identity, None) for a correct signed answer to ``challenge``, else (None, reason)."""
+        if self.keys is None:
+            return None, "this server keeps no key list"
+        ring = self.keys.current()
+        return ring.verify(alias, challenge.encode(), answer, peer[0] if peer else None,
+                           time.time())
+
+    def audit(self, session, request, reply):
+        """Append a write to the audit log (lab and enterprise tiers)."""
+        if self.auditlog is not None:
+            try:
+                self.auditlog.record(time.time(), session.user,
+                                     session.peer[0] if session.peer else None, request, reply)
+            except OSError as e:
+                self.log(f"cannot write the audit log: {e.strerror}")
 
     async def start(self, host, port):
         self.listener = await asyncio.start_server(self.handle, host, port, limit=MAX_LINE,
@@ -2091,12 +3138,15 @@ class LoopErrors:
                  f"(repeats of this are not logged for a minute)")
 
 
-async def serve(store, config, host, port, log, metrics_at=None):
+async def serve(store, config, host, port, log, metrics_at=None, keys=None, audit=None):
     """Run the Ph server (and the metrics listener) until SIGTERM or SIGINT, then stop."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrors(log))
     config.max_connections = raise_fd_limit(config.max_connections, log)
-    server = PhServer(store, config, log)
+    server = PhServer(store, config, log, keys=keys, audit=audit)
+    if keys is not None:
+        keys.reload()
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
     try:
         bound = await server.start(host, port)
     except OSError as e:
@@ -2117,6 +3167,8 @@ async def serve(store, config, host, port, log, metrics_at=None):
         httpd.shutdown()
         httpd.server_close()
     await store.close()
+    if audit is not None:
+        audit.close()
     log("stopped")
 
 
@@ -2432,10 +3484,8 @@ def build_schema(args):
 
 def cmd_serve(args):
     """Run the server."""
-    if args.tier != "dev":
-        raise UsageError(f"--tier {args.tier} needs SSH-key login, which this version does not "
-                         f"have yet; use --tier dev")
-    host, port = parse_hostport(args.listen or f"127.0.0.1:{PH_PORT}", PH_PORT)
+    default_host = "127.0.0.1" if args.tier == "dev" else "0.0.0.0"
+    host, port = parse_hostport(args.listen or f"{default_host}:{PH_PORT}", PH_PORT)
     if args.tier == "dev" and not is_loopback(host):
         raise UsageError(f"--tier dev accepts writes from anyone, so it listens on loopback "
                          f"only; {host} is not a loopback address")
@@ -2446,13 +3496,31 @@ def cmd_serve(args):
         store = FileStore(schema, args.data, args.compact_bytes, log=log_to_stderr).open()
     config = ServerConfig(tier=args.tier, max_results=args.max_results,
                           idle_timeout=args.idle_timeout, max_connections=args.max_connections,
-                          crlf=args.crlf, admin=args.admin)
+                          crlf=args.crlf, admin=args.admin, login_delay=args.login_delay)
     metrics_at = None
     if args.metrics != "off":
         metrics_at = parse_hostport(args.metrics or f"{host}:{METRICS_PORT}", METRICS_PORT,
                                     "--metrics")
-    asyncio.run(serve(store, config, host, port, log_to_stderr, metrics_at))
+    keys, audit = open_keys(args)
+    asyncio.run(serve(store, config, host, port, log_to_stderr, metrics_at, keys, audit))
     return EXIT_OK
+
+
+def open_keys(args):
+    """The key list and audit log of a server (none for a dev server on memory storage)."""
+    if args.tier == "dev" and args.storage == "memory":
+        return None, None
+    path = os.path.abspath(args.data)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write data dir {path}: {e.strerror}") from None
+    keys_path = os.path.join(path, KEYS_FILE)
+    if args.tier != "dev" and not os.path.exists(keys_path):
+        bootstrap_keys(keys_path, log_to_stderr)
+    keys = KeyFile(keys_path, log_to_stderr, fast=args.crypto == "auto")
+    audit = AuditLog(os.path.join(path, AUDIT_FILE)) if args.tier != "dev" else None
+    return keys, audit
 
 
 def cmd_load(args):
@@ -2671,11 +3739,13 @@ def build_parser():
 
     serve_p = commands.add_parser("serve", help="run the server")
     serve_p.add_argument("--listen", metavar="HOST:PORT",
-                         help="Ph address (default 127.0.0.1:2378 in the dev tier)")
+                         help="Ph address (default 0.0.0.0:2378; 127.0.0.1:2378 in the dev tier)")
     serve_p.add_argument("--storage", choices=("memory", "file"), default="file")
     serve_p.add_argument("--data", default=data_default, metavar="DIR",
                          help="data dir (default ./pharos-data or $PHAROS_DATA)")
-    serve_p.add_argument("--tier", choices=TIERS, default="dev")
+    serve_p.add_argument("--tier", choices=TIERS, default="lab",
+                         help="dev: anyone writes, loopback only; lab (default): reads are "
+                              "open, writes need an SSH key; enterprise: everything needs a key")
     serve_p.add_argument("--config", metavar="FILE", help="custom fields (default DATA/pharos.ini)")
     serve_p.add_argument("--metrics", metavar="HOST:PORT|off",
                          help="metrics and health over HTTP (default: the Ph host, port 9090)")
@@ -2686,6 +3756,11 @@ def build_parser():
     serve_p.add_argument("--compact-bytes", type=positive_int, default=DEFAULT_COMPACT_BYTES,
                          help="journal size that triggers a snapshot")
     serve_p.add_argument("--crlf", action="store_true", help="end reply lines with CRLF")
+    serve_p.add_argument("--login-delay", type=positive_float, default=LOGIN_FAIL_DELAY,
+                         metavar="SECONDS", help="wait before answering a failed login; it "
+                         "grows with each failure from the same address (default 1)")
+    serve_p.add_argument("--crypto", choices=("auto", "pure"), default="auto",
+                         help="auto: verify signatures with asyncssh when it is installed")
     serve_p.add_argument("--admin", default="root@localhost", type=site_value,
                          help="administrator address shown by siteinfo")
 

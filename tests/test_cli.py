@@ -24,8 +24,8 @@ def test_source_parses_as_python_3_10():
 
 
 @pytest.mark.parametrize("args", [
-    [], ["serve", "--no-such-flag"], ["serve", "--listen", "0.0.0.0:2378"],
-    ["serve", "--listen", "a:b:c"], ["serve", "--tier", "lab"], ["serve", "--max-results", "0"],
+    [], ["serve", "--no-such-flag"], ["serve", "--tier", "dev", "--listen", "0.0.0.0:2378"],
+    ["serve", "--listen", "a:b:c"], ["serve", "--tier", "bogus"], ["serve", "--max-results", "0"],
     ["serve", "--idle-timeout", "soon"], ["frobnicate"], ["ph", "--server", "host:port", "x"],
     ["load"], ["serve", "--config", "/nonexistent/pharos.ini"],
 ])

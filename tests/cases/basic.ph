@@ -10,6 +10,8 @@ S: -200:5:mailbox:email
 S: -200:6:charset:UTF-8
 S: -200:7:server:pharos 0.1.0
 S: -200:8:tier:dev
+S: -200:9:login:sshsig namespace pharos
+S: -200:10:authenticate:1024
 S: 200:Ok.
 C: id 1000
 S: 200:Thanks.
@@ -59,7 +61,7 @@ S: 200:Done.
 C: help
 S: -101: help
 S: -200:1: The following topics have help (help <topic>):
-S: -200:1: add  change  delete  fields  id  login  query  quit  set  siteinfo  status
+S: -200:1: add  change  delete  fields  id  keys  login  query  quit  set  siteinfo  status
 S: 200:Ok.
 C: help query
 S: -101: help query

@@ -60,6 +60,8 @@ S: -200:29:created:max 20 Indexed Lookup Public
 S: -200:29:created:When the record was created (set by the server). (people and machines)
 S: -200:30:modified:max 20 Indexed Lookup Public
 S: -200:30:modified:When the record last changed (set by the server). (people and machines)
+S: -200:31:tenant:max 64 Indexed Lookup Public
+S: -200:31:tenant:Tenant the record belongs to (enterprise tier; set by the server). (people and machines)
 S: 200:Ok.
 C: fields alias IP
 S: -200:2:alias:max 32 Indexed Lookup Public Default Change
