@@ -1824,6 +1824,65 @@ def sign_with_ssh_keygen(key_path, message, namespace=SSHSIG_NAMESPACE, timeout=
     return sshsig_from_text(result.stdout.decode("ascii", "replace"))
 
 
+def usable_key(blob):
+    """Whether ``blob`` is a public key Pharos can verify."""
+    try:
+        PublicKey(blob)
+        return True
+    except SSHFormatError:
+        return False
+
+
+def asyncssh_sshsig(key_path, message, namespace=SSHSIG_NAMESPACE):
+    """An SSHSIG blob signed by asyncssh from a private key file (no ssh-keygen needed)."""
+    asyncssh = optional_import("asyncssh")
+    try:
+        armored = asyncssh.create_sshsig(asyncssh.read_private_key(key_path), message,
+                                         namespace=namespace)
+    except (OSError, ValueError, asyncssh.KeyImportError) as e:
+        raise SSHFormatError(f"asyncssh could not sign with {key_path}: {e}") from None
+    return sshsig_from_text(armored.decode() if isinstance(armored, bytes) else armored)
+
+
+def client_signers(key_path=None):
+    """Ways to sign a login challenge, best first: [(description, sign(message) -> blob)].
+
+    The ssh-agent first (the private key never enters this process), then `ssh-keygen -Y
+    sign` on --key/PHAROS_KEY or ~/.ssh/id_*, then asyncssh when ssh-keygen is missing.
+    """
+    import shutil
+    wanted = None
+    if key_path:
+        try:
+            with open(key_path + ".pub" if not key_path.endswith(".pub") else key_path) as f:
+                wanted = base64.b64decode(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            wanted = None
+    signers = agent_signers(wanted)
+    files = [key_path] if key_path else [os.path.expanduser(f"~/.ssh/id_{kind}")
+                                         for kind in ("ed25519", "ecdsa", "rsa")]
+    files = [f.removesuffix(".pub") for f in files if os.path.exists(f.removesuffix(".pub"))]
+    if shutil.which("ssh-keygen"):
+        signers += [(f"ssh-keygen with {f}", lambda m, f=f: sign_with_ssh_keygen(f, m))
+                    for f in files]
+    else:
+        signers += [(f"asyncssh with {f}", lambda m, f=f: asyncssh_sshsig(f, m)) for f in files]
+    return signers
+
+
+def agent_signers(wanted=None):
+    """A signer per usable ssh-agent identity (only ``wanted``'s blob when given)."""
+    try:
+        agent = AgentClient(timeout=60.0)
+        identities = agent.identities()
+    except (SSHFormatError, OSError):
+        return []
+    found = [(blob, comment) for blob, comment in identities
+             if usable_key(blob) and (wanted is None or blob == wanted)]
+    return [(f"ssh-agent key {comment or PublicKey(blob).fingerprint}",
+             lambda m, b=blob: agent.sshsig(b, m)) for blob, comment in found]
+
+
 # SECTION: Auth — the key list, logins, tiers, roles, tenants and the audit log
 
 ROLES = ("reader", "writer", "admin")
@@ -2162,14 +2221,6 @@ def starting_users_keys():
     return "~/.ssh", found
 
 
-def usable_key(blob):
-    try:
-        PublicKey(blob)
-        return True
-    except SSHFormatError:
-        return False
-
-
 def bootstrap_keys(path, log):
     """First start without a key list: authorize the starting user's keys as admin."""
     import getpass
@@ -2450,8 +2501,9 @@ class PhSession:
             "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_email,
             "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_klogin,
             "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
-            "keys": self.ph_keys,
+            "keys": self.ph_keys, "dump": self.ph_dump,
         }
+        self.cursor = None                      # a dump in progress: [ids, next, returned]
 
     async def execute(self, text):
         """The reply to one request line, and whether to close the connection after it."""
@@ -2566,6 +2618,36 @@ class PhSession:
             record = get(rid)
             chosen = alls[record["type"]] if type(fields) is str else fields
             out.extend(format_entry(n, record, chosen, width, explicit))
+        out.append("200:Ok.\n")
+        return "".join(out)
+
+    def ph_dump(self, args):
+        """Extension: a query answered in pages of max_results entries, for exports.
+
+        `dump selection [return ...]` answers the first page; each bare `dump` the next.
+        Entries are numbered through the whole answer (the 102 line gives its size),
+        so the page holding entry N (the last) is the end; after it `dump` gives 501.
+        """
+        if args:
+            cut = next((i for i, t in enumerate(args) if t.sep), len(args))
+            selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
+            returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
+            if errors:
+                return "".join(errors) + line(500, "Did not understand query.")
+            self.cursor = [self.store.select(selection, self.tenant), 0, returned]
+        if not self.cursor or self.cursor[1] >= len(self.cursor[0]):
+            self.cursor = None
+            return line(501, "No matches to your query.")
+        ids, start, (fields, width, explicit) = self.cursor
+        page = ids[start:start + self.config.max_results]
+        self.cursor[1] = start + len(page)
+        alls = self.schema.defaults if fields == "default" else self.schema.all
+        out = [count_line(len(ids))]
+        for n, rid in enumerate(page, start + 1):
+            record = self.store.get(rid)
+            if record is not None:
+                chosen = alls[record["type"]] if type(fields) is str else fields
+                out.extend(format_entry(n, record, chosen, width, explicit))
         out.append("200:Ok.\n")
         return "".join(out)
 
@@ -3326,10 +3408,15 @@ def start_metrics(server, store, host, port):
     return httpd
 
 
-# SECTION: Client — a small asyncio Ph client shared by the command-line tools
+# SECTION: Client — the asyncio Ph client core shared by every command-line tool
 
 REPLY_RE = re.compile(r"(-?)(\d{3}):(?:(\d+):)?(.*)\Z", re.S)
 ENTRY_RE = re.compile(r"\s*([A-Za-z_-]*): ?(.*)\Z", re.S)
+COUNT_RE = re.compile(r"There (?:was|were) (\d+) match")
+FIELD_TYPES_RE = re.compile(r"\((people and machines|people|machines)(, multi-valued)?\)\s*\Z")
+NEEDS_LOGIN = 506               # qi's "you must be logged in" reply code
+REQUEST_ROOM = MAX_LINE - 256   # bytes of field=value pairs one add or change carries
+PIPELINE_DEPTH = 200            # requests a client sends before reading their replies
 
 
 def quote_value(value):
@@ -3369,8 +3456,12 @@ def parse_reply(lines):
 
 
 def records_from_reply(body, multi):
-    """Records (dicts; multi-valued fields as lists) from the data lines of a query reply."""
-    records, last = {}, {}
+    """Records (dicts; multi-valued fields as lists) from the data lines of a query reply.
+
+    A value line the server cut to keep reply lines under MAX_REPLY_LINE bytes is
+    joined back without a line break.
+    """
+    records, last, cut = {}, {}, {}
     for code, index, text in body:
         match = ENTRY_RE.match(text)
         if code != 200 or index is None or not match:
@@ -3379,22 +3470,73 @@ def records_from_reply(body, multi):
         if not name:
             continue
         record = records.setdefault(index, {})
-        if name in multi:
+        again = name in record and last.get(index) == name
+        if again and cut.get(index):
+            if name in multi:
+                record[name][-1] += value
+            else:
+                record[name] += value
+        elif name in multi:
             record.setdefault(name, []).append(value)
-        elif name in record and last.get(index) == name:
+        elif again:
             record[name] += "\n" + value
         else:
             record[name] = value
         last[index] = name
+        cut[index] = len(f"-200:{index}:{text}".encode()) >= MAX_REPLY_LINE - 4
     return [records[i] for i in sorted(records)]
 
 
+def reply_count(body):
+    """N from a reply's '102:There were N matches' line, or None."""
+    for code, _, text in body:
+        match = COUNT_RE.match(text) if code == 102 else None
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def reply_error(code, text, body):
+    """The PhError for an error reply, its detail lines (-5xx) folded into the text."""
+    details = "; ".join(t for c, _, t in body if c >= 300)
+    return PhError(code, f"{text} ({details})" if details else text)
+
+
+def schema_from_fields(body):
+    """A Schema from the body of a `fields` reply: the built-in table plus the server's custom fields."""
+    lines, builtin = {}, {row[1] for row in BUILTIN_FIELDS}
+    for _, fid, text in body:
+        name, _, rest = text.partition(":")
+        if fid is not None and FIELD_NAME_RE.match(name):
+            lines.setdefault((fid, name), []).append(rest)
+    custom = []
+    for (fid, name), (props, *desc) in lines.items():
+        match = FIELD_TYPES_RE.search(" ".join(desc))
+        if name in builtin or not match or not props.startswith("max "):
+            continue
+        types = {"people": P, "machines": M}.get(match.group(1), PM)
+        words = props.split()
+        custom.append(Field(fid, name, int(words[1]), " ".join(words[2:]), "\n".join(desc),
+                            types, multi=bool(match.group(2))))
+    return Schema(custom)
+
+
+BUILTIN_MULTI = frozenset(row[1] for row in BUILTIN_FIELDS if row[6].get("multi"))
+
+
 class PhClient:
-    """One Ph connection: send a command, read its reply, with timeouts and one reconnect."""
+    """One Ph connection: commands and their parsed replies, timeouts, one reconnect, login.
+
+    Replies are (code, text, body) with body the (code, index, text) of every line before
+    the final one; errors the caller should not see as data raise PhError (code 421 for
+    an unreachable server, a lost connection or no reply in time).
+    """
 
     def __init__(self, host, port, timeout=10.0, client_id=None):
         self.host, self.port, self.timeout, self.client_id = host, port, timeout, client_id
         self.reader = self.writer = None
+        self.schema = None
+        self.multi = BUILTIN_MULTI
 
     async def connect(self):
         try:
@@ -3408,9 +3550,8 @@ class PhClient:
             await self.exchange(f"id {self.client_id}")
         return self
 
-    async def exchange(self, request):
-        """Send one request; return (code, text, body lines)."""
-        self.writer.write(request.encode() + b"\n")
+    async def read_reply(self):
+        """Read one whole reply; return (code, text, body)."""
         lines = []
         while True:
             raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
@@ -3421,13 +3562,23 @@ class PhClient:
             if not text.startswith("-") and text[:3] >= "200":
                 return parse_reply(lines)
 
-    async def command(self, request):
-        """Like exchange, reconnecting once if the connection was lost."""
+    async def exchange(self, request):
+        """Send one request on the open connection; return (code, text, body)."""
+        self.writer.write(request.encode() + b"\n")
+        return await self.read_reply()
+
+    async def pipeline(self, requests):
+        """The replies to several requests sent at once, in order; reconnects once if the
+        connection is lost (requests already answered are not sent again)."""
+        replies = []
         for attempt in (1, 2):
             try:
                 if self.writer is None:
                     await self.connect()
-                return await self.exchange(request)
+                self.writer.write("".join(r + "\n" for r in requests[len(replies):]).encode())
+                while len(replies) < len(requests):
+                    replies.append(await self.read_reply())
+                return replies
             except (ConnectionError, asyncio.IncompleteReadError) as e:
                 await self.close()
                 if attempt == 2:
@@ -3436,15 +3587,66 @@ class PhClient:
                 await self.close()
                 raise PhError(421, f"no reply within {self.timeout:g}s") from None
 
-    async def query(self, request, multi=frozenset(f[1] for f in BUILTIN_FIELDS
-                                                   if f[6].get("multi"))):
+    async def command(self, request):
+        """Send one request, reconnecting once if the connection was lost; (code, text, body)."""
+        return (await self.pipeline([request]))[0]
+
+    async def load_schema(self):
+        """The server's fields (custom ones included) as a Schema, asked for once."""
+        if self.schema is None:
+            code, text, body = await self.command("fields")
+            if code >= 300:
+                raise reply_error(code, text, body)
+            self.schema = schema_from_fields(body)
+            self.multi = self.schema.multi
+        return self.schema
+
+    async def query(self, request):
         """Records matching ``request`` ('name=x return all'); [] when nothing matches."""
         code, text, body = await self.command(f"query {request}")
         if code == 501:
             return []
         if code >= 300:
-            raise PhError(code, text)
-        return records_from_reply(body, multi)
+            raise reply_error(code, text, body)
+        return records_from_reply(body, self.multi)
+
+    async def dump(self, request):
+        """Yield (total, records) page by page for every record matching ``request``,
+        through the server's `dump` extension (no max-results cap)."""
+        code, text, body = await self.command(f"dump {request}")
+        while code != 501:
+            if code >= 300:
+                raise reply_error(code, text, body)
+            total = reply_count(body) or 0
+            yield total, records_from_reply(body, self.multi)
+            if max((i for _, i, _ in body if i), default=total) >= total:
+                return
+            code, text, body = await self.command("dump")
+
+    async def write(self, request):
+        """Run one add, change or delete; its reply text, or PhError."""
+        [(code, text, body)] = await self.write_many([request])
+        if code >= 300:
+            raise reply_error(code, text, body)
+        return text
+
+    async def write_many(self, requests):
+        """Replies to writes sent at once; those refused for want of a login are sent
+        again once ensure_login() has logged in."""
+        replies = await self.pipeline(requests)
+        again = [n for n, reply in enumerate(replies) if reply[0] == NEEDS_LOGIN]
+        if again and await self.ensure_login():
+            for n, reply in zip(again, await self.pipeline([requests[n] for n in again])):
+                replies[n] = reply
+        return replies
+
+    async def ensure_login(self):
+        """The hook where a client logs in when a write needs it; True if it did.
+
+        Signing a login challenge arrives with SSH-key login on the client side; until
+        then clients write to a dev-tier server, which needs no login.
+        """
+        return False
 
     async def close(self):
         if self.writer is not None:
