@@ -1993,9 +1993,10 @@ def parse_key_line(line, lineno=0):
     principals = None
     head_end = options_end(text)
     head = text[:head_end]
-    if head not in KEY_TYPES and "=" not in head and head.lower() not in KEY_OPTIONS | \
-            SESSION_ONLY_OPTIONS:
+    if head not in KEY_TYPES and not looks_like_options(head):
         principals, text = head, text[head_end:].lstrip()
+        if not text:
+            raise SSHFormatError("no key after the user name")
     options = []
     if text.split(None, 1)[0] not in KEY_TYPES:
         end = options_end(text)
@@ -2016,6 +2017,12 @@ def parse_key_line(line, lineno=0):
         if not principals:
             raise SSHFormatError("an authorized_keys line needs a comment to name its user")
     return AuthorizedKey(principals, key, options, comment, lineno, line.strip())
+
+
+def looks_like_options(head):
+    """Whether the first field of a key line is an options list rather than user names."""
+    known = KEY_OPTIONS | SESSION_ONLY_OPTIONS
+    return "=" in head or all(item.lower() in known for item in head.split(","))
 
 
 def check_key_options(options):
@@ -3658,6 +3665,678 @@ class PhClient:
             self.reader = self.writer = None
 
 
+# SECTION: Formats — vCard, CSV, JSON and the machine exports (pure: text in, text out)
+
+VCARD_LINE_RE = re.compile(r'(?:[A-Za-z0-9-]+\.)?([A-Za-z0-9-]+)((?:;(?:[^";:]|"[^"]*")*)*):(.*)\Z',
+                           re.S)
+VCARD_PARAM_RE = re.compile(r';([^;=:"]*)(?:=((?:[^;:"]|"[^"]*")*))?')
+VCARD_TEXT = {"FN": "name", "TITLE": "title", "NOTE": "notes", "URL": "url",
+              "X-SSH-KEY": "ssh_key", "X-PHAROS-ALIAS": "alias"}
+VCARD_BUILTIN = frozenset(("alias", "name", "nickname", "email", "phone", "mobile", "title",
+                           "department", "office", "url", "ssh_key", "notes"))
+SPLIT_CELL_RE = re.compile(r"[\s,;]+")
+CSV_SYNONYMS = {
+    "host": "hostname", "host_name": "hostname", "fqdn": "hostname", "ip_address": "ip",
+    "ipaddress": "ip", "address": "ip", "mac_address": "mac", "macaddress": "mac",
+    "tag": "tags", "service": "services", "operating_system": "os", "uid": "alias",
+    "username": "alias", "user": "alias", "full_name": "name", "display_name": "name",
+    "fn": "name", "e_mail": "email", "mail": "email", "telephone": "phone", "tel": "phone",
+    "mobile_phone": "mobile", "cell": "mobile", "org": "department", "team": "department",
+    "ssh_keys": "ssh_key", "note": "notes", "description": "notes", "comment": "notes",
+    "comments": "notes",
+}
+MAX_JSON_ITEM = 4 << 20         # bytes one JSON array element may take
+
+
+class FormatError(PharosError):
+    """An import file whose structure cannot be read past ``line``."""
+
+    def __init__(self, line, text):
+        super().__init__(f"line {line}: {text}")
+        self.line, self.text = line, text
+
+
+def user_fields(schema, rtype):
+    """The fields of ``rtype`` a person sets (not type, not server-set), key first."""
+    key = KEY_FIELD[rtype]
+    return [key] + [f.name for f in schema.all[rtype]
+                    if not f.server and f.name not in ("type", key)]
+
+
+def export_record(record, names):
+    """``record`` cut to ``names``, in that order, absent fields left out."""
+    return {name: record[name] for name in names if record.get(name)}
+
+
+def import_record(schema, rtype, fields):
+    """A clean record of ``rtype`` from {name: [values]} read from a file; RecordError if
+    refused. Server-set fields are skipped, so a listing can be imported as it is."""
+    wanted = {}
+    for name, values in fields.items():
+        field = schema.field(name)
+        if field is None:
+            raise RecordError(f"unknown field {name!r}")
+        if field.name == "type":
+            other = {check_type(v.strip()) for v in values if v.strip()} - {rtype}
+            if other:
+                raise RecordError(f"this is a {other.pop()} record; import it with "
+                                  f"{'mdb' if rtype == PERSON else 'ph'}")
+        elif not field.server:
+            wanted.setdefault(field.name, []).extend(values)
+    return schema.build(rtype, wanted)
+
+
+def record_changes(old, new):
+    """{name: [values]} for every field ``new`` sets that ``old`` lacks or holds otherwise."""
+    changes = {}
+    for name, value in new.items():
+        if name != "type" and old.get(name) != value:
+            changes[name] = value if type(value) is list else [value]
+    return changes
+
+
+def write_requests(rtype, key, changes, is_new):
+    """The add/change request lines that set ``changes`` on record ``key``.
+
+    Each line stays within REQUEST_ROOM bytes; a field's values stay on one line (a
+    change replaces every value of a field it names).
+    """
+    keyname = KEY_FIELD[rtype]
+    more_head = f"change {keyname}={quote_value(key)} make"
+    head = f"add {keyname}={quote_value(key)}" if is_new else more_head
+    units = [" ".join(f"{name}={quote_value(v)}" for v in values)
+             for name, values in changes.items() if not (is_new and name == keyname)]
+    requests, current, count = [], head, 0
+    for unit in units:
+        if count and len(current.encode()) + len(unit.encode()) + 1 > REQUEST_ROOM:
+            requests.append(current)
+            current, count = more_head, 0
+        current, count = f"{current} {unit}", count + 1
+    requests.append(current)
+    return requests
+
+
+# -- vCard -------------------------------------------------------------------
+
+def vcard_escape(text):
+    """A vCard TEXT value: backslash, comma, semicolon and line breaks escaped."""
+    return (text.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+            .replace("\n", "\\n"))
+
+
+def vcard_unescape(text):
+    """The inverse of vcard_escape (\\n and \\N are line breaks)."""
+    if "\\" not in text:
+        return text
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) in "nN" else m.group(1), text,
+                  flags=re.S)
+
+
+def vcard_split(value, sep):
+    """``value`` split at each ``sep`` that is not escaped; parts keep their escapes."""
+    parts, start, i = [], 0, 0
+    while i < len(value):
+        if value[i] == "\\":
+            i += 2
+            continue
+        if value[i] == sep:
+            parts.append(value[start:i])
+            start = i + 1
+        i += 1
+    parts.append(value[start:])
+    return parts
+
+
+def fold_line(text, limit=75):
+    """A vCard content line folded at ``limit`` octets (never inside a character), CRLF-ended."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text + "\r\n"
+    parts, start, room = [], 0, limit
+    while start < len(data):
+        end = min(start + room, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        parts.append(data[start:end].decode())
+        start, room = end, limit - 1
+    return "\r\n ".join(parts) + "\r\n"
+
+
+def vcard_property(schema_field):
+    """The X- property that carries a custom field, e.g. X-PHAROS-DESK-PHONE."""
+    return "X-PHAROS-" + schema_field.upper().replace("_", "-")
+
+
+def render_vcard(record, custom=()):
+    """One person as a vCard 3.0 card (CRLF lines, folded); ``custom`` names extra fields."""
+    alias, name = record["alias"], record.get("name", "")
+    given, _, family = name.rpartition(" ")
+    esc = vcard_escape
+    out = ["BEGIN:VCARD", "VERSION:3.0", "UID:" + esc(f"pharos-person-{alias}"),
+           "FN:" + esc(name or alias), "N:" + ";".join(map(esc, (family, given, "", "", "")))]
+    simple = (("NICKNAME", "nickname"), ("EMAIL;TYPE=INTERNET", "email"),
+              ("TEL;TYPE=WORK,VOICE", "phone"), ("TEL;TYPE=CELL", "mobile"),
+              ("TITLE", "title"), ("ORG", "department"))
+    out += [f"{prop}:{esc(record[f])}" for prop, f in simple if record.get(f)]
+    if record.get("office"):
+        out.append(f"ADR;TYPE=WORK:;;{esc(record['office'])};;;;")
+    if record.get("url"):
+        out.append("URL:" + record["url"])
+    if record.get("notes"):
+        out.append("NOTE:" + esc(record["notes"]))
+    out += ["X-SSH-KEY:" + esc(key) for key in record.get("ssh_key", ())]
+    out.append("X-PHAROS-ALIAS:" + esc(alias))
+    for fname in custom:
+        value = record.get(fname)
+        for item in (value if type(value) is list else [value] if value else []):
+            out.append(f"{vcard_property(fname)}:{esc(item)}")
+    out.append("END:VCARD")
+    return "".join(fold_line(text) for text in out)
+
+
+def vcard_logical_lines(lines):
+    """(line number, content line) from the physical lines of a vCard stream, unfolded."""
+    pending, start = None, 0
+    for n, raw in enumerate(lines, 1):
+        text = raw.rstrip("\r\n")
+        if text[:1] in (" ", "\t") and pending is not None:
+            pending += text[1:]
+            continue
+        if pending is not None:
+            yield start, pending
+        pending, start = text, n
+    if pending is not None:
+        yield start, pending
+
+
+def vcard_params(text):
+    """{NAME: [values]} of a property's parameters; a bare 2.1 parameter counts as a TYPE."""
+    params = {}
+    for name, value in VCARD_PARAM_RE.findall(text):
+        if not value:
+            params.setdefault("TYPE", []).append(name.lower())
+            continue
+        values = value.replace('"', "").lower().split(",")
+        params.setdefault(name.upper(), []).extend(v.strip() for v in values if v.strip())
+    return params
+
+
+def parse_vcards(lines):
+    """(line, [(NAME, params, value)] or error text) for each card of a vCard stream."""
+    card, start, bad = None, 0, None
+    for n, text in vcard_logical_lines(lines):
+        if not text.strip():
+            continue
+        match = VCARD_LINE_RE.match(text)
+        name = match.group(1).upper() if match else None
+        value = match.group(3).strip().upper() if match else ""
+        if card is None:
+            if name == "BEGIN" and value == "VCARD":
+                card, start, bad = [], n, None
+            else:
+                yield n, f"expected BEGIN:VCARD, found {printable(text, 40)!r}"
+            continue
+        if name == "BEGIN":
+            yield start, f"the card has no END:VCARD before line {n}"
+            card, start, bad = [], n, None
+        elif name == "END" and value == "VCARD":
+            yield bad or (start, card)
+            card = None
+        elif match is None:
+            bad = bad or (n, f"not a vCard property line (NAME:value): {printable(text, 40)!r}")
+        else:
+            card.append((name, vcard_params(match.group(2)), match.group(3)))
+    if card is not None:
+        yield start, "the card has no END:VCARD"
+
+
+def person_from_vcard(props, custom):
+    """{field: [values]} of a person from one card's properties; RecordError if unusable.
+
+    ``custom`` maps X-PHAROS-* property names to custom fields.
+    """
+    version = next((v.strip() for name, _, v in props if name == "VERSION"), None)
+    if version not in ("2.1", "3.0", "4.0"):
+        raise RecordError(f"vCard version {version} is not supported (3.0 or 4.0)" if version
+                          else "the card has no VERSION")
+    fields, family_given = {}, ["", ""]
+    for name, params, value in props:
+        vcard_field(fields, family_given, name, params, value, custom)
+    alias = fields.get("alias", [""])[0]
+    if not fields.get("name") and any(family_given):
+        fields["name"] = [" ".join(p for p in reversed(family_given) if p)]
+    if alias and fields.get("name") == [alias] and not any(family_given):
+        del fields["name"]
+    if not alias:
+        fields["alias"] = [derive_alias(fields)]
+    return fields
+
+
+def vcard_field(fields, family_given, name, params, value, custom):
+    """Put one vCard property into ``fields`` (single-valued fields keep the first)."""
+    types = params.get("TYPE", [])
+    one = lambda field, text: fields.setdefault(field, [text])  # noqa: E731
+    if name in VCARD_TEXT:
+        text = value.strip() if name == "URL" else vcard_unescape(value)
+        if name == "X-SSH-KEY":
+            fields.setdefault("ssh_key", []).append(text)
+        else:
+            one(VCARD_TEXT[name], text)
+    elif name == "N":
+        parts = [vcard_unescape(p).strip() for p in vcard_split(value, ";")] + ["", ""]
+        family_given[:] = parts[:2]
+    elif name == "NICKNAME":
+        one("nickname", vcard_unescape(vcard_split(value, ",")[0]))
+    elif name == "EMAIL":
+        one("email", re.sub(r"(?i)^mailto:", "", vcard_unescape(value)).strip())
+    elif name == "TEL":
+        number = re.sub(r"(?i)^tel:", "", vcard_unescape(value)).strip()
+        one("mobile" if "cell" in types else "phone", number)
+    elif name == "ORG":
+        parts = [vcard_unescape(p).strip() for p in vcard_split(value, ";")]
+        one("department", ", ".join(p for p in parts if p))
+    elif name == "ADR":
+        parts = [vcard_unescape(p).strip() for p in vcard_split(value, ";")]
+        one("office", "\n".join(p for p in parts if p))
+    elif name in custom:
+        field = custom[name]
+        fields.setdefault(field.name, []).append(vcard_unescape(value))
+        if not field.multi:
+            del fields[field.name][1:]
+
+
+def derive_alias(fields):
+    """An alias for a card without X-PHAROS-ALIAS: the email's local part, else the name."""
+    import unicodedata
+    local = fields.get("email", [""])[0].partition("@")[0]
+    local = re.sub(r"[^A-Za-z0-9._-]", "", local).lstrip("._-")
+    if local:
+        return local[:32]
+    name = unicodedata.normalize("NFKD", fields.get("name", [""])[0])
+    slug = re.sub(r"[^a-z0-9]+", ".", name.encode("ascii", "ignore").decode().lower()).strip(".")
+    if slug:
+        return slug[:32]
+    raise RecordError("the card has no X-PHAROS-ALIAS, email or name to make an alias from")
+
+
+def parse_vcard_file(f, schema, rtype):
+    """(line, fields or error text) per card of a vCard file (people only)."""
+    custom = {vcard_property(fl.name): fl for fl in schema.all[PERSON]
+              if fl.name not in VCARD_BUILTIN and not fl.server and fl.name != "type"}
+    for start, card in parse_vcards(f):
+        if type(card) is str:
+            yield start, card
+            continue
+        try:
+            yield start, person_from_vcard(card, custom)
+        except RecordError as e:
+            yield start, str(e)
+
+
+# -- CSV and JSON --------------------------------------------------------------
+
+def csv_line(cells):
+    """One RFC 4180 CSV row (CRLF-ended; quotes only where needed)."""
+    import csv
+    import io
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cells)
+    return buf.getvalue()
+
+
+def csv_cell(value):
+    """A field's value as a CSV cell: several values one per line."""
+    return "\n".join(value) if type(value) is list else (value or "")
+
+
+def split_cell(field, cell):
+    """The values of one CSV cell: one per line for a multi-valued field, and for ip, mac,
+    services and tags also split at commas, semicolons and spaces."""
+    if not field.multi:
+        return [cell]
+    lines = cell.splitlines()
+    if field.name in ("ip", "mac", "services", "tags"):
+        return [v for text in lines for v in SPLIT_CELL_RE.split(text) if v]
+    return lines
+
+
+def csv_columns(header, schema, rtype):
+    """Field names for a CSV header row (common spellings accepted); RecordError if unusable."""
+    names = []
+    for cell in header:
+        key = re.sub(r"[\s-]+", "_", cell.strip().lower())
+        key = "hostname" if rtype == MACHINE and key == "name" else CSV_SYNONYMS.get(key, key)
+        field = schema.field(key) if FIELD_NAME_RE.match(key) else None
+        if field is None or (rtype not in field.types):
+            raise RecordError(f"unknown column {printable(cell, 40)!r} for a {rtype}")
+        if field.name in names:
+            raise RecordError(f"column {field.name} appears twice")
+        names.append(field.name)
+    if KEY_FIELD[rtype] not in names:
+        raise RecordError(f"the header row has no {KEY_FIELD[rtype]} column")
+    return names
+
+
+def parse_csv(f, schema, rtype):
+    """(line, fields or error text) per row of a CSV file with a header row."""
+    import csv
+    reader, end = csv.reader(f), 0
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise FormatError(1, "the file is empty; a CSV import needs a header row")
+        try:
+            names = csv_columns(header, schema, rtype)
+        except RecordError as e:
+            raise FormatError(1, str(e)) from None
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(names):
+                yield start, f"{len(row)} cells, but the header has {len(names)} columns"
+                continue
+            yield start, {name: split_cell(schema.by_name[name], cell)
+                          for name, cell in zip(names, row) if cell.strip()}
+    except csv.Error as e:
+        raise FormatError(end + 1, f"not CSV: {e}") from None
+
+
+def fields_from_json(item):
+    """{name: [values]} from one JSON record object; RecordError if it is not one."""
+    if type(item) is not dict:
+        raise RecordError("each record must be a JSON object")
+    fields = {}
+    for name, value in item.items():
+        values = value if type(value) is list else [value]
+        if not all(type(v) is str for v in values):
+            raise RecordError(f"{printable(name, 32)} must be a string or a list of strings")
+        fields[name] = values
+    return fields
+
+
+def parse_jsonl(f, schema, rtype):
+    """(line, fields or error text) per line of a JSON-lines file."""
+    for n, text in enumerate(f, 1):
+        if not text.strip():
+            continue
+        try:
+            yield n, fields_from_json(json.loads(text))
+        except ValueError as e:
+            yield n, f"not JSON: {e}"
+        except RecordError as e:
+            yield n, str(e)
+
+
+def parse_json(f, schema, rtype):
+    """(line, fields or error text) per element of a JSON file holding one list."""
+    for n, item in json_array_items(f):
+        try:
+            yield n, fields_from_json(item)
+        except RecordError as e:
+            yield n, str(e)
+
+
+def json_array_items(f, chunk=1 << 16):
+    """(line, element) for each element of the JSON list in text stream ``f``, read
+    piece by piece (constant memory); FormatError names the line of a problem."""
+    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
+    state = {"buf": "", "pos": 0, "mark": 0, "line": 1, "eof": False}
+
+    def line_at(p):
+        state["line"] += state["buf"].count("\n", state["mark"], p)
+        state["mark"] = p
+        return state["line"]
+
+    def fill():
+        line_at(state["pos"])
+        data = f.read(chunk)
+        state.update(buf=state["buf"][state["pos"]:] + data, pos=0, mark=0, eof=not data)
+
+    def peek():
+        while True:
+            state["pos"] = space.match(state["buf"], state["pos"]).end()
+            if state["pos"] < len(state["buf"]) or state["eof"]:
+                return state["buf"][state["pos"]:state["pos"] + 1]
+            fill()
+
+    if peek() != "[":
+        raise FormatError(line_at(state["pos"]),
+                          "a JSON import must be a list of record objects ([{...}, ...])")
+    state["pos"] += 1
+    sep = peek()
+    while sep != "]":
+        while True:
+            try:
+                item, end = decoder.raw_decode(state["buf"], state["pos"])
+                break
+            except ValueError as e:
+                if state["eof"] or len(state["buf"]) - state["pos"] > MAX_JSON_ITEM:
+                    where = max(getattr(e, "pos", state["pos"]), state["pos"])
+                    raise FormatError(line_at(where), f"not JSON: {getattr(e, 'msg', e)}") \
+                        from None
+                fill()
+        yield line_at(state["pos"]), item
+        state["pos"] = end
+        sep = peek()
+        if sep not in (",", "]"):
+            raise FormatError(line_at(state["pos"]), "expected ',' or ']' in the list")
+        if sep == ",":
+            state["pos"] += 1
+            if peek() == "]":
+                raise FormatError(line_at(state["pos"]), "a ',' before the list's ']'")
+
+
+IMPORT_PARSERS = {"vcard": parse_vcard_file, "csv": parse_csv, "json": parse_json,
+                  "jsonl": parse_jsonl}
+
+
+def import_items(parse, f, schema, rtype):
+    """(line, clean record, None) or (line, None, why refused) per record of an import file."""
+    for n, item in parse(f, schema, rtype):
+        if type(item) is str:
+            yield n, None, item
+            continue
+        try:
+            yield n, import_record(schema, rtype, item), None
+        except RecordError as e:
+            yield n, None, str(e)
+
+
+def guess_format(path, head):
+    """An import file's format from its name, else from its first characters."""
+    ext = os.path.splitext(path)[1].lower()
+    known = {".vcf": "vcard", ".vcard": "vcard", ".csv": "csv", ".json": "json",
+             ".jsonl": "jsonl", ".ndjson": "jsonl"}
+    if ext in known:
+        return known[ext]
+    head = head.lstrip("\ufeff \t\r\n")
+    if head[:11].upper() == "BEGIN:VCARD":
+        return "vcard"
+    return {"[": "json", "{": "jsonl"}.get(head[:1], "csv")
+
+
+# -- exporters: head(), item(record) and tail(), each returning text ------------
+
+class Exporter:
+    """The shape every exporter has: text before, per record, and after the records."""
+
+    def head(self):
+        return ""
+
+    def item(self, record):
+        raise NotImplementedError
+
+    def tail(self):
+        return ""
+
+
+class JsonExporter(Exporter):
+    """Records as one JSON list, a record per line."""
+
+    def __init__(self, names):
+        self.names, self.count = names, 0
+
+    def head(self):
+        return "["
+
+    def item(self, record):
+        self.count += 1
+        text = json.dumps(self.shape(record), ensure_ascii=False)
+        return ("\n" if self.count == 1 else ",\n") + text
+
+    def shape(self, record):
+        return export_record(record, self.names)
+
+    def tail(self):
+        return "\n]\n" if self.count else "]\n"
+
+
+class JsonlExporter(JsonExporter):
+    """Records as JSON lines, one object per line."""
+
+    def head(self):
+        return ""
+
+    def item(self, record):
+        return json.dumps(self.shape(record), ensure_ascii=False) + "\n"
+
+    def tail(self):
+        return ""
+
+
+class CsvExporter(Exporter):
+    """Records as RFC 4180 CSV with a header row; several values in a cell one per line."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def head(self):
+        return csv_line(self.names)
+
+    def item(self, record):
+        return csv_line([csv_cell(record.get(name)) for name in self.names])
+
+
+class VcardExporter(Exporter):
+    """People as vCard 3.0 cards."""
+
+    def __init__(self, custom):
+        self.custom = custom
+
+    def item(self, record):
+        return render_vcard(record, self.custom)
+
+
+def host_names(hostname, domain):
+    """The names of a hosts or dnsmasq line: the FQDN first when a domain is given."""
+    if domain and "." not in hostname.rstrip("."):
+        return [f"{hostname}.{domain}", hostname]
+    return [hostname]
+
+
+class HostsExporter(Exporter):
+    """/etc/hosts lines: one per address of each machine (also dnsmasq's addn-hosts)."""
+
+    def __init__(self, domain=None):
+        self.domain = domain
+
+    def item(self, record):
+        names = " ".join(host_names(record["hostname"], self.domain))
+        return "".join(f"{ip}\t{names}\n" for ip in record.get("ip", ()))
+
+
+class DnsmasqExporter(HostsExporter):
+    """dnsmasq host-record lines (A/AAAA and PTR), one per address."""
+
+    def item(self, record):
+        names = ",".join(host_names(record["hostname"], self.domain))
+        return "".join(f"host-record={names},{ip}\n" for ip in record.get("ip", ()))
+
+
+def prometheus_target_group(record, port):
+    """One file_sd/http_sd target group: the machine's first address (IPv4 preferred) on
+    ``port``, with instance and __meta_pharos_<field> labels."""
+    ips = record.get("ip") or []
+    v4 = [ip for ip in ips if ":" not in ip]
+    host = v4[0] if v4 else f"[{ips[0]}]" if ips else record["hostname"]
+    labels = {"instance": record["hostname"]}
+    for name, value in record.items():
+        if name in ("type", "notes") or not value:
+            continue
+        if type(value) is list:
+            value = f",{','.join(value)}," if name == "tags" else ",".join(value)
+        labels["__meta_pharos_" + re.sub(r"[^A-Za-z0-9_]", "_", name)] = value
+    return {"targets": [f"{host}:{port}"], "labels": labels}
+
+
+class PrometheusSdExporter(JsonExporter):
+    """Prometheus file_sd (and http_sd) target groups, one per machine."""
+
+    def __init__(self, port):
+        super().__init__(())
+        self.port = port
+
+    def shape(self, record):
+        return prometheus_target_group(record, self.port)
+
+
+def ansible_name(text):
+    """A valid Ansible group name: lower-case, anything but letters, digits and _ as _."""
+    return re.sub(r"[^a-z0-9_]", "_", text.lower())
+
+
+def ansible_hostvars(record):
+    """A machine's Ansible host variables: ansible_host and pharos_<field>."""
+    hostvars = {}
+    ips = record.get("ip") or []
+    if ips:
+        hostvars["ansible_host"] = next((ip for ip in ips if ":" not in ip), ips[0])
+    for name, value in record.items():
+        if name != "type" and value:
+            hostvars["pharos_" + ansible_name(name)] = value
+    return hostvars
+
+
+def ansible_groups(record):
+    """The groups a machine belongs to: role_, os_, location_ and tag_<value>."""
+    groups = []
+    for field, prefix in (("role", "role_"), ("os", "os_"), ("location", "location_"),
+                          ("tags", "tag_")):
+        value = record.get(field) or []
+        for item in (value if type(value) is list else [value]):
+            groups.append(ansible_name(prefix + item))
+    return groups
+
+
+class AnsibleExporter(Exporter):
+    """An Ansible dynamic inventory (the script protocol's --list output)."""
+
+    def __init__(self):
+        self.groups, self.ungrouped, self.count = {}, [], 0
+
+    def head(self):
+        return '{"_meta": {"hostvars": {'
+
+    def item(self, record):
+        name = record["hostname"]
+        groups = ansible_groups(record)
+        for group in groups:
+            self.groups.setdefault(group, []).append(name)
+        if not groups:
+            self.ungrouped.append(name)
+        self.count += 1
+        text = json.dumps({name: ansible_hostvars(record)}, ensure_ascii=False)[1:-1]
+        return ("\n" if self.count == 1 else ",\n") + text
+
+    def tail(self):
+        inventory = {name: {"hosts": hosts} for name, hosts in sorted(self.groups.items())}
+        inventory["ungrouped"] = {"hosts": self.ungrouped}
+        inventory["all"] = {"children": ["ungrouped"] + sorted(self.groups)}
+        return "\n}},\n" + json.dumps(inventory, ensure_ascii=False, indent=1)[1:] + "\n"
+
+
 # SECTION: CLI — cmd_<name> handlers, argument parsing and main()
 
 class ArgParser(argparse.ArgumentParser):
@@ -3672,8 +4351,9 @@ def log_to_stderr(message):
 
 
 def server_address(args):
-    """The server to talk to: --server, PHAROS_SERVER, then localhost."""
-    text = args.server or os.environ.get("PHAROS_SERVER") or f"localhost:{PH_PORT}"
+    """The server to talk to: --server, PHAROS_SERVER, the client config file, localhost."""
+    text = (args.server or os.environ.get("PHAROS_SERVER")
+            or read_client_config(client_config_path()).get("server") or f"localhost:{PH_PORT}")
     return parse_hostport(text, PH_PORT, "--server")
 
 
@@ -3859,77 +4539,572 @@ def doctor_server(host, port):
 
 
 PROGRAM_KIND = {"ph": PERSON, "mdb": MACHINE}
+LOOKUP_VERBS = ("query", "show", "add", "change", "delete", "fields", "import", "export")
+EXPORT_FORMATS = {PERSON: ("vcard", "csv", "json", "jsonl"),
+                  MACHINE: ("ansible", "hosts", "dnsmasq", "prometheus-sd", "csv", "json", "jsonl")}
+IMPORT_FORMATS = {PERSON: ("vcard", "csv", "json", "jsonl"), MACHINE: ("csv", "json", "jsonl")}
+MACHINE_COLUMNS = ("hostname", "status", "ip", "role", "os", "owner", "location")
+STATUS_COLOURS = {"online": "green", "offline": "red", "unknown": "yellow"}
+COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+IMPORT_WORKERS = 8              # connections an import writes on (their fsyncs are shared)
+MAX_REASONS = 20                # rejected records an import names, one line each
+CARD_HIDES = frozenset(("type", "alias", "name", "hostname", "status", "source", "created",
+                        "modified", "last_seen"))
 
+
+def client_config_path():
+    """The per-user client config: $XDG_CONFIG_HOME/pharos/client.ini (~/.config by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "pharos", "client.ini")
+
+
+def read_client_config(path):
+    """The [client] settings of an INI file ({} when there is no file)."""
+    import configparser
+    if not os.path.exists(path):
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as e:
+        raise UsageError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    return dict(parser["client"]) if parser.has_section("client") else {}
+
+
+def colour_on(stream):
+    """Whether to colour ``stream``: a terminal, NO_COLOR unset and TERM not dumb."""
+    return (stream.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")
+
+
+def paint(text, style, on):
+    return f"\x1b[{COLOURS[style]}m{text}\x1b[0m" if on and style else text
+
+
+def progress_text(done, total, elapsed, what, width=30):
+    """One progress line: a bar when the total is known, and the rate."""
+    rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
+    if not total:
+        return f"{done:,} {what} {rate}"
+    filled = int(width * min(done, total) / total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} {what} {rate}"
+
+
+class ProgressBar:
+    """Progress of long work on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, what, stream=None):
+        self.stream = stream or sys.stderr
+        self.on = self.stream.isatty()
+        self.what, self.done, self.total = what, 0, None
+        self.started = self.drawn = time.monotonic()
+
+    def advance(self, count):
+        self.done += count
+        if self.on and time.monotonic() - self.drawn >= 0.1:
+            self.draw()
+
+    def draw(self):
+        self.drawn = time.monotonic()
+        text = progress_text(self.done, self.total, self.drawn - self.started, self.what)
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+
+    def finish(self):
+        if self.on:
+            self.draw()
+            self.stream.write("\n")
+
+
+# -- ph and mdb: output ----------------------------------------------------------
+
+def cell_text(value):
+    """A value on one line of a table."""
+    text = ", ".join(value) if type(value) is list else value or ""
+    return text.replace("\n", " / ")
+
+
+def format_card(record, names, colour):
+    """A record as a card: a title line, then aligned label and value lines."""
+    rtype, key = record.get("type"), record.get("alias") or record.get("hostname", "?")
+    if rtype == MACHINE or "hostname" in record:
+        status = record.get("status")
+        title = paint(key, "bold", colour) + (
+            f"  [{paint(status, STATUS_COLOURS.get(status), colour)}]" if status else "")
+    else:
+        name = record.get("name")
+        title = (f"{paint(name, 'bold', colour)} ({key})" if name
+                 else paint(key, "bold", colour))
+    rows = [(n, record[n]) for n in names if record.get(n)]
+    width = max((len(n) for n, _ in rows), default=0)
+    out = [title]
+    for name, value in rows:
+        label = paint(name.rjust(width), "cyan", colour)
+        for n, item in enumerate(value if type(value) is list else value.split("\n")):
+            out.append(f"  {label if n == 0 else ' ' * width}  {item}")
+    return out
+
+
+def format_table(records, columns, colour):
+    """Records as a table, one per row, with a header; status coloured."""
+    cells = [[cell_text(r.get(c)) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    out = ["  ".join(paint(c.upper().ljust(w), "dim", colour)
+                     for c, w in zip(columns, widths)).rstrip()]
+    for row in cells:
+        parts = []
+        for column, text, width in zip(columns, row, widths):
+            style = STATUS_COLOURS.get(text) if column == "status" else (
+                "bold" if column == "hostname" else None)
+            parts.append(paint(text.ljust(width), style, colour))
+        out.append("  ".join(parts).rstrip())
+    return out
+
+
+def table_columns(records, wanted):
+    """Machine table columns: the fields asked for, else the usual ones that hold a value."""
+    if wanted:
+        return ["hostname"] + [c for c in wanted if c != "hostname"]
+    return [c for c in MACHINE_COLUMNS
+            if c in ("hostname", "status") or any(r.get(c) for r in records)]
+
+
+def format_records(records, wanted, mode, colour, full=False):
+    """The lines that print ``records``: JSON, JSON lines, or people as cards and machines
+    as a table (as cards too when ``full``)."""
+    if wanted and mode != "human":
+        records = [export_record(r, wanted) for r in records]
+    if mode == "json":
+        return [json.dumps(records, indent=2, ensure_ascii=False)]
+    if mode == "jsonl":
+        return [json.dumps(r, ensure_ascii=False) for r in records]
+    out = []
+    people = [r for r in records if r.get("type") != MACHINE and "hostname" not in r]
+    machines = [r for r in records if r not in people]
+    for record in people + (machines if full else []):
+        names = wanted or [n for n in record if n != "type" and (full or n not in CARD_HIDES)]
+        out += ([""] if out else []) + format_card(record, names, colour)
+    if machines and not full:
+        out += ([""] if out else []) + format_table(machines, table_columns(machines, wanted),
+                                                   colour)
+    return out
+
+
+def output_mode(args):
+    return "json" if args.json else "jsonl" if args.jsonl else "human"
+
+
+def field_list(text, schema):
+    """The field names of --fields a,b (UsageError naming an unknown one)."""
+    names = []
+    for name in filter(None, (t.strip() for t in (text or "").split(","))):
+        field = schema.field(name)
+        if field is None:
+            raise UsageError(f"--fields: unknown field {name!r} (see: fields)")
+        names.append(field.name)
+    return names
+
+
+# -- ph and mdb: the verbs -------------------------------------------------------
 
 def cmd_lookup(args):
-    """ph / mdb: query (the default), add, change, delete, fields, show."""
+    """ph / mdb: query (the default), show, add, change, delete, fields, import, export."""
     host, port = server_address(args)
     words = list(args.words)
-    verb = words.pop(0) if words and words[0] in ("add", "change", "delete", "fields",
-                                                  "show", "query") else "query"
+    verb = words.pop(0) if words and words[0] in LOOKUP_VERBS else "query"
+    if args.list or args.host:
+        if args.command != "mdb":
+            raise UsageError(f"{args.command}: --list and --host are for mdb (Ansible inventory)")
+        verb, args.format = "export", "ansible"
     return asyncio.run(run_lookup(args, host, port, verb, words))
 
 
 async def run_lookup(args, host, port, verb, words):
-    rtype = PROGRAM_KIND[args.command]
     client = PhClient(host, port, timeout=args.timeout, client_id=args.command)
     try:
-        if verb == "fields":
-            code, text, body = await client.command("fields " + request_from_args(words))
-            return print_fields(code, text, body, rtype)
-        if verb in ("query", "show"):
-            if verb == "show":
-                words = [f"{KEY_FIELD[rtype]}={words[0]}"] if len(words) == 1 else words
-            tail = request_from_args(words)
-            if not any(t.sep for t in tokenize(tail)):
-                tail += " return all"
-            records = await client.query(tail)
-            print_records(records, args.json)
-            return EXIT_OK if records else EXIT_NOMATCH
-        return await run_write(client, verb, words, args)
+        return await LOOKUP_HANDLERS[verb](client, args, PROGRAM_KIND[args.command], words)
     finally:
         await client.close()
 
 
-async def run_write(client, verb, words, args):
-    if verb == "delete" and not args.yes:
-        code, text, _ = await client.command("set limit=1")
-    else:
-        await client.command(f"set limit={MAX_CHANGE_LIMIT}")
-    code, text, body = await client.command(f"{verb} {request_from_args(words)}")
-    if code >= 300:
-        detail = "; ".join(t for _, _, t in body)
-        raise PhError(code, text + (f" ({detail})" if detail else ""))
-    print(text)
+async def cmd_query(client, args, rtype, words):
+    """Look records up and print them; exit 1 when nothing matches."""
+    if not words:
+        raise UsageError(f"{args.command}: say what to look for, e.g. {args.command} "
+                         f"{'john' if rtype == PERSON else 'role=nas'} (see --help)")
+    schema = await client.load_schema()
+    tail, wanted = request_from_args(words), field_list(args.fields, schema)
+    tokens = tokenize(tail)
+    cut = next((i for i, t in enumerate(tokens) if t.sep and t.value.lower() == "return"), None)
+    if wanted and cut is not None:
+        raise UsageError(f"{args.command}: say return or --fields, not both")
+    if cut is not None and [t.value.lower() for t in tokens[cut + 1:]] != ["all"]:
+        wanted = [t.value.lower() for t in tokens[cut + 1:]]
+        if output_mode(args) == "human":
+            tail += " alias name hostname status"
+    elif cut is None:
+        tail += " return all"
+    records = await client.query(tail)
+    if not records and sys.stderr.isatty():
+        print(f"{args.command}: no match", file=sys.stderr)
+    print_lines(format_records(records, wanted, output_mode(args), colour_on(sys.stdout)))
+    return EXIT_OK if records else EXIT_NOMATCH
+
+
+async def cmd_show(client, args, rtype, words):
+    """One record, every field, by its key."""
+    if len(words) != 1:
+        raise UsageError(f"{args.command}: show takes one {KEY_FIELD[rtype]}")
+    await client.load_schema()
+    records = await client.query(f"type={rtype} {KEY_FIELD[rtype]}={quote_value(words[0])} "
+                                 f"return all")
+    print_lines(format_records(records, field_list(args.fields, client.schema),
+                               output_mode(args), colour_on(sys.stdout), full=True))
+    return EXIT_OK if records else EXIT_NOMATCH
+
+
+def print_lines(lines):
+    for text in lines:
+        print(text)
+
+
+async def cmd_add(client, args, rtype, words):
+    """Add one record from field=value words."""
+    if not words:
+        raise UsageError(f"{args.command}: add needs field=value words, e.g. "
+                         f"{KEY_FIELD[rtype]}=...")
+    print(await client.write(f"add {request_from_args(words)}"))
     return EXIT_OK
 
 
-def print_records(records, as_json):
-    if as_json:
-        print(json.dumps(records, indent=2, ensure_ascii=False))
-        return
-    for n, record in enumerate(records):
-        if n:
-            print()
-        width = max(len(k) for k in record)
-        for name, value in record.items():
-            for item in (value if isinstance(value, list) else value.split("\n")):
-                print(f"{name:>{width}}: {item}")
-                name = ""
+async def cmd_change(client, args, rtype, words):
+    """Change the records a selection picks: change SELECTION make field=value ..."""
+    lowered = [w.lower() for w in words]
+    if "make" not in lowered or lowered.index("make") in (0, len(words) - 1):
+        raise UsageError(f"{args.command}: change SELECTION make field=value ...")
+    cut = lowered.index("make")
+    if not await confirm_selection(client, args, "change", words[:cut]):
+        return EXIT_NOMATCH
+    print(await client.write(f"change {request_from_args(words)}"))
+    return EXIT_OK
 
 
-def print_fields(code, text, body, rtype):
+async def cmd_delete(client, args, rtype, words):
+    """Delete the records a selection picks, asking first when more than one would go."""
+    if not words:
+        raise UsageError(f"{args.command}: delete SELECTION, e.g. delete "
+                         f"{KEY_FIELD[rtype]}=...")
+    if not await confirm_selection(client, args, "delete", words):
+        return EXIT_NOMATCH
+    print(await client.write(f"delete {request_from_args(words)}"))
+    return EXIT_OK
+
+
+async def confirm_selection(client, args, verb, words):
+    """How many records ``words`` select, once the user agreed (on a terminal) when more
+    than one would be touched; the session's limit is set to that count so the server
+    refuses if more match by the time the write arrives. 0: no match, or declined."""
+    total, keys = 0, []
+    async for total, records in client.dump(f"{request_from_args(words)} return alias hostname"):
+        keys = [r.get("alias") or r.get("hostname") for r in records]
+        break
+    if total == 0:
+        print(f"{args.command}: no match", file=sys.stderr)
+        return 0
+    if total > 1 and not args.yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise UsageError(f"{args.command}: {verb} would touch {total} records; "
+                             f"say --yes to go ahead")
+        shown = ", ".join(keys[:8]) + (", ..." if total > 8 else "")
+        sys.stderr.write(f"{verb.capitalize()} {total} records ({shown})? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print(f"{args.command}: nothing done", file=sys.stderr)
+            return 0
+    code, text, body = await client.command(f"set limit={min(total, MAX_CHANGE_LIMIT)}")
     if code >= 300:
-        raise PhError(code, text)
-    seen = {}
-    for _, index, rest in body:
-        name, _, value = rest.partition(":")
-        seen.setdefault(name, []).append(value)
-    for name, (props, *desc) in seen.items():
-        if rtype == PERSON and "NoPeople" in props:
+        raise reply_error(code, text, body)
+    return total
+
+
+async def cmd_fields(client, args, rtype, words):
+    """The fields of this program's record type (or the named ones) and what they hold."""
+    schema = await client.load_schema()
+    fields = [f for f in schema.all[rtype] if not words or f.name in words]
+    for word in words:
+        if schema.field(word) is None:
+            raise UsageError(f"{args.command}: unknown field {word!r}")
+    if args.json or args.jsonl:
+        rows = [{"name": f.name, "max": f.max, "multi": f.multi, "server": f.server,
+                 "description": f.desc.split(" (")[0] if f.id >= CUSTOM_FIELD_FIRST_ID
+                 else f.desc} for f in fields]
+        print_lines([json.dumps(rows, indent=2)] if args.json
+                    else [json.dumps(r) for r in rows])
+        return EXIT_OK
+    width = max(len(f.name) for f in fields)
+    for f in fields:
+        notes = ", ".join(n for n, on in (("multi", f.multi), ("set by server", f.server)) if on)
+        desc = f.desc if f.id < CUSTOM_FIELD_FIRST_ID else f.desc.split(" (")[0]
+        print(f"{f.name:<{width}}  {desc}" + (f" [{notes}]" if notes else ""))
+    return EXIT_OK
+
+
+# -- ph and mdb: export -----------------------------------------------------------
+
+class OutputFile:
+    """Where an export goes: stdout, or a file put in place atomically when complete."""
+
+    def __init__(self, path):
+        self.path = None if path in (None, "-") else path
+        self.tmp = self.f = None
+
+    def __enter__(self):
+        if self.path is None:
+            sys.stdout.flush()
+            self.f = sys.stdout.buffer
+        else:
+            self.tmp = f"{self.path}.tmp-{os.getpid()}"
+            try:
+                self.f = open(self.tmp, "wb")
+            except OSError as e:
+                raise UsageError(f"cannot write {self.path}: {e.strerror}") from None
+        return self
+
+    def write(self, text):
+        if text:
+            self.f.write(text.encode())
+
+    def __exit__(self, kind, value, tb):
+        if self.path is None:
+            self.f.flush()
+            return
+        self.f.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+def make_exporter(fmt, schema, rtype, args):
+    """The exporter for ``fmt`` with the command line's options."""
+    names = field_list(args.fields, schema) or user_fields(schema, rtype)
+    if fmt == "vcard":
+        return VcardExporter([n for n in user_fields(schema, PERSON) if n not in VCARD_BUILTIN])
+    if fmt == "csv":
+        return CsvExporter(names)
+    if fmt in ("json", "jsonl"):
+        return (JsonExporter if fmt == "json" else JsonlExporter)(["type"] + names)
+    if fmt == "prometheus-sd":
+        return PrometheusSdExporter(args.port)
+    if fmt == "ansible":
+        return AnsibleExporter()
+    return (HostsExporter if fmt == "hosts" else DnsmasqExporter)(args.domain)
+
+
+async def cmd_export(client, args, rtype, words):
+    """Stream every record of this type (or those a selection picks) in a format other
+    tools read; constant memory, a page of records at a time."""
+    fmt = args.format or "json"
+    if fmt not in EXPORT_FORMATS[rtype]:
+        raise UsageError(f"{args.command} export: --format must be one of "
+                         f"{', '.join(EXPORT_FORMATS[rtype])}")
+    schema = await client.load_schema()
+    if args.host:
+        found = await client.query(f"hostname={quote_value(args.host)} return all")
+        print(json.dumps(ansible_hostvars(found[0]) if found else {}, ensure_ascii=False))
+        return EXIT_OK
+    exporter = make_exporter(fmt, schema, rtype, args)
+    request = f"type={rtype} {request_from_args(words)}".strip() + " return all"
+    if fmt == "vcard" and args.output and os.path.isdir(args.output):
+        return await export_vdir(client, exporter, request, args.output)
+    progress = ProgressBar("records")
+    with OutputFile(args.output) as out:
+        out.write(exporter.head())
+        async for total, records in client.dump(request):
+            progress.total = total
+            out.write("".join(exporter.item(r) for r in records))
+            progress.advance(len(records))
+        out.write(exporter.tail())
+    progress.finish()
+    return EXIT_OK
+
+
+async def export_vdir(client, exporter, request, directory):
+    """vCards one per file (<alias>.vcf) in ``directory``: a vdir, as khard and vdirsyncer read."""
+    progress = ProgressBar("cards")
+    async for total, records in client.dump(request):
+        progress.total = total
+        for record in records:
+            with OutputFile(os.path.join(directory, record["alias"] + ".vcf")) as out:
+                out.write(exporter.item(record))
+        progress.advance(len(records))
+    progress.finish()
+    return EXIT_OK
+
+
+# -- ph and mdb: import -----------------------------------------------------------
+
+class ImportTally:
+    """What an import did: added, changed, unchanged and rejected, and the first reasons."""
+
+    def __init__(self):
+        self.counts = dict.fromkeys(("added", "changed", "unchanged", "rejected"), 0)
+        self.reasons, self.shown = [], 0
+
+    def count(self, kind):
+        self.counts[kind] += 1
+
+    def reject(self, line, why):
+        self.counts["rejected"] += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append((line, why))
+
+    def summary(self):
+        return ", ".join(f"{kind} {n:,}" for kind, n in self.counts.items())
+
+
+def open_import(path):
+    """A seekable text stream of an import file; stdin ('-') is spooled to a temp file."""
+    import io
+    import tempfile
+    try:
+        if path == "-":
+            raw = tempfile.TemporaryFile()
+            while True:
+                data = sys.stdin.buffer.read(1 << 20)
+                if not data:
+                    break
+                raw.write(data)
+            raw.seek(0)
+        else:
+            raw = open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def check_import(items, tally, progress):
+    """Pass one: read every record, tally the refused ones; the count of good ones."""
+    good = 0
+    for line, record, why in items:
+        if record is None:
+            tally.reject(line, why)
+        else:
+            good += 1
+        progress.advance(1)
+    return good
+
+
+async def cmd_import(client, args, rtype, words):
+    """Add and update records from a file: checked whole first, then written (so a bad file
+    writes nothing unless --keep-going), idempotent, with a summary."""
+    if len(words) != 1:
+        raise UsageError(f"{args.command} import FILE (- for stdin): say one file")
+    path, schema = words[0], await client.load_schema()
+    with open_import(path) as source:
+        try:
+            fmt = args.format or guess_format(path, source.read(4096))
+            source.seek(0)
+            if fmt not in IMPORT_FORMATS[rtype]:
+                raise UsageError(f"{args.command} import: the format must be one of "
+                                 f"{', '.join(IMPORT_FORMATS[rtype])}, not {fmt}")
+            parse, tally = IMPORT_PARSERS[fmt], ImportTally()
+            checking = ProgressBar("records checked")
+            good = check_import(import_items(parse, source, schema, rtype), tally, checking)
+            checking.finish()
+            report_rejects(args, path, tally)
+            refused = tally.counts["rejected"]
+            if refused and not args.keep_going:
+                raise UsageError(f"{args.command} import: {path}: "
+                                 f"{plural(refused, 'record', 'records')} refused; nothing was "
+                                 f"imported (--keep-going imports the others)")
+            source.seek(0)
+            writing = ProgressBar("records imported")
+            writing.total = good
+            items = import_items(parse, source, schema, rtype)
+            await write_import(client, rtype, ((n, r) for n, r, _ in items if r), tally, writing)
+            writing.finish()
+        except FormatError as e:
+            raise UsageError(f"{args.command} import: {path} {e}; nothing was imported") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{args.command} import: {path} is not UTF-8 text; nothing was "
+                             f"imported") from None
+    report_rejects(args, path, tally)
+    print(tally.summary())
+    if tally.counts["rejected"] > refused:
+        return EXIT_FAIL
+    return EXIT_USAGE if refused else EXIT_OK
+
+
+def report_rejects(args, path, tally):
+    """One stderr line per refused record not yet named (at most MAX_REASONS in all)."""
+    for line, why in tally.reasons[tally.shown:]:
+        print(f"{args.command} import: {path} line {line}: {why}", file=sys.stderr)
+    tally.shown = len(tally.reasons)
+
+
+async def write_import(first, rtype, items, tally, progress):
+    """Pass two: each record looked up by key and added, changed or left alone, over
+    IMPORT_WORKERS connections with pipelined requests."""
+    batches = batched(items, PIPELINE_DEPTH // 2)
+    clients = [first] + [PhClient(first.host, first.port, first.timeout, first.client_id)
+                         for _ in range(IMPORT_WORKERS - 1)]
+    for client in clients[1:]:
+        client.schema, client.multi = first.schema, first.multi
+
+    async def worker(client):
+        for batch in batches:
+            await import_batch(client, rtype, batch, tally)
+            progress.advance(len(batch))
+    try:
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        for client in clients[1:]:
+            await client.close()
+
+
+def batched(items, size):
+    """Lists of up to ``size`` items from an iterator."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def import_batch(client, rtype, batch, tally):
+    """Look a batch of records up by key, then send the adds and changes they need."""
+    keyname = KEY_FIELD[rtype]
+    found = await client.pipeline([f"query type={rtype} {keyname}={quote_value(r[keyname])} "
+                                   f"return all" for _, r in batch])
+    plans = []
+    for (line, wanted), (code, text, body) in zip(batch, found):
+        if code >= 300 and code != 501:
+            tally.reject(line, reply_error(code, text, body).text)
             continue
-        print(f"{name:<12} {' '.join(desc)}")
-    return EXIT_OK
+        old = records_from_reply(body, client.multi)[0] if code < 300 else None
+        changes = record_changes(old or {}, wanted)
+        if old is not None and not changes:
+            tally.count("unchanged")
+            continue
+        plans.append((line, "changed" if old else "added",
+                      write_requests(rtype, wanted[keyname], changes, old is None)))
+    replies = iter(await client.write_many([r for _, _, requests in plans for r in requests]))
+    for line, kind, requests in plans:
+        refused = [reply for reply in (next(replies) for _ in requests) if reply[0] >= 300]
+        if refused:
+            tally.reject(line, reply_error(*refused[0]).text)
+        else:
+            tally.count(kind)
+
+
+LOOKUP_HANDLERS = {"query": cmd_query, "show": cmd_show, "add": cmd_add, "change": cmd_change,
+                   "delete": cmd_delete, "fields": cmd_fields, "import": cmd_import,
+                   "export": cmd_export}
 
 
 def build_parser():
@@ -3976,15 +5151,42 @@ def build_parser():
     doctor_p.add_argument("--server", metavar="HOST[:PORT]")
     doctor_p.add_argument("--metrics", metavar="HOST[:PORT]", default=f"localhost:{METRICS_PORT}")
 
-    for name, what in (("ph", "people"), ("mdb", "machines")):
-        p = commands.add_parser(name, help=f"look up and edit {what}")
-        p.add_argument("words", nargs="*", help="[add|change|delete|fields|show] field=value ...")
-        p.add_argument("--version", action="version", version=f"pharos {__version__}")
-        p.add_argument("--server", metavar="HOST[:PORT]")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        p.add_argument("--yes", action="store_true", help="do not limit deletes to one record")
-        p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
+    for name, rtype in PROGRAM_KIND.items():
+        add_lookup_parser(commands, name, rtype)
     return parser
+
+
+def add_lookup_parser(commands, name, rtype):
+    """The parser of ph (people) or mdb (machines)."""
+    what = "people" if rtype == PERSON else "machines"
+    p = commands.add_parser(name, help=f"look up, edit, import and export {what}")
+    p.add_argument("words", nargs="*", metavar="[VERB] WORD",
+                   help=f"[{'|'.join(LOOKUP_VERBS)}] field=value ... (query is the default)")
+    p.add_argument("--version", action="version", version=f"pharos {__version__}")
+    p.add_argument("--server", metavar="HOST[:PORT]",
+                   help="default $PHAROS_SERVER, then server= in ~/.config/pharos/client.ini")
+    p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON document")
+    out.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
+    p.add_argument("--fields", metavar="A,B", help="only these fields")
+    p.add_argument("--yes", action="store_true",
+                   help="change or delete several records without asking")
+    p.add_argument("--format", metavar="FORMAT", help="export/import: " + (
+        "|".join(EXPORT_FORMATS[rtype])) + " (import guesses from the file)")
+    p.add_argument("-o", "--output", metavar="FILE", help="export: write FILE (atomically)"
+                   + (", or one .vcf per person into a directory" if rtype == PERSON else ""))
+    p.add_argument("--keep-going", action="store_true",
+                   help="import: import the good records even if some are refused")
+    if rtype == MACHINE:
+        p.add_argument("--domain", help="hosts/dnsmasq export: add NAME.DOMAIN names")
+        p.add_argument("--port", type=positive_int, default=9100,
+                       help="prometheus-sd export: the port of each target (default 9100)")
+        p.add_argument("--list", action="store_true",
+                       help="Ansible inventory script: the whole inventory")
+        p.add_argument("--host", metavar="NAME",
+                       help="Ansible inventory script: one host's variables")
+    p.set_defaults(list=False, host=None, domain=None, port=9100)
 
 
 def positive_int(text):
@@ -4023,6 +5225,8 @@ def main(argv=None):
         program = re.sub(r"\.(py|pyz)$", "", program)
         if program in PROGRAM_NAMES:
             argv = [PROGRAM_NAMES[program]] + argv
+    if argv[:1] in (["--list"], ["--host"]):
+        argv = ["mdb", "export", "--format", "ansible"] + list(argv)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
