@@ -18,7 +18,8 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Metrics     — counters, histograms, /proc readings and the Prometheus text format
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
     HTTP        — metrics, health and readiness on http.server, in a thread beside the loop
-    Client      — a small asyncio Ph client shared by the command-line tools
+    Client      — the asyncio Ph client core shared by every command-line tool
+    Formats     — vCard, CSV, JSON and the machine exports (pure: text in, text out)
     CLI         — cmd_<name> handlers, argument parsing and main()
 """
 
@@ -62,6 +63,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0    # seconds a connection may sit without a full li
 DEFAULT_MAX_CONNECTIONS = 1024
 FD_RESERVE = 32                 # descriptors kept for the journal, metrics and accept()
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
+INLINE_FSYNC_SECONDS = 0.0005   # an fsync quicker than this is done on the event loop
 LOGIN_TTL = 120.0               # seconds a login challenge stays valid
 LOGIN_FAIL_DELAY = 1.0          # qi answers a failed login after one second
 CHALLENGE_ALPHABET = "".join(chr(c) for c in range(0x21, 0x61) if chr(c) != ":")
@@ -147,14 +149,15 @@ class Field:
     """One field of the schema: its id, limits, properties and validator."""
 
     __slots__ = ("id", "name", "max", "props", "desc", "types", "multi", "multiline",
-                 "server", "check")
+                 "server", "check", "words")
 
     def __init__(self, fid, name, max_len, props, desc, types, *, multi=False,
-                 multiline=False, server=False, check=None):
+                 multiline=False, server=False, check=None, words=True):
         self.id, self.name, self.max, self.desc = fid, name, max_len, desc
         self.props = frozenset(props.split())
         self.types = frozenset(types)
         self.multi, self.multiline, self.server, self.check = multi, multiline, server, check
+        self.words = words                      # False: matched as whole values only
 
     def properties(self):
         """The property keywords in qi's fixed order."""
@@ -266,14 +269,14 @@ BUILTIN_FIELDS = (
     (25, "status", 8, LOOK + " Default", "online, offline or unknown (set by the server).", M,
      {"server": True, "check": check_status}),
     (26, "last_seen", 20, LOOK, "When the machine was last heard from (set by the server).", M,
-     {"server": True}),
+     {"server": True, "words": False}),
     (27, "notes", 4000, LOOK + " Change", "Free-form notes.", PM, {"multiline": True}),
     (28, "source", 16, LOOK, "Who created the record: manual, scan or pulse (set by the server).",
      PM, {"server": True}),
     (29, "created", 20, LOOK, "When the record was created (set by the server).", PM,
-     {"server": True}),
+     {"server": True, "words": False}),
     (30, "modified", 20, LOOK, "When the record last changed (set by the server).", PM,
-     {"server": True}),
+     {"server": True, "words": False}),
     (31, "tenant", 64, LOOK, "Tenant the record belongs to (enterprise tier; set by the server).",
      PM, {"server": True}),
 )
@@ -541,25 +544,27 @@ META_CHARS = frozenset("*?[")
 class Term:
     """One selection: a lower-cased pattern on a field (None: the bare-word fields)."""
 
-    __slots__ = ("field", "pattern", "regex", "prefix")
+    __slots__ = ("field", "pattern", "regex", "prefix", "prefix_only")
 
     def __init__(self, field, pattern):
         self.field = field
         self.pattern = pattern.lower()
         self.regex = None
         self.prefix = self.pattern
+        self.prefix_only = False
         if META_CHARS.intersection(self.pattern):
             self.regex = re.compile(fnmatch.translate(self.pattern), re.S)
             cut = min(i for i, c in enumerate(self.pattern) if c in META_CHARS)
             self.prefix = self.pattern[:cut]
+            self.prefix_only = self.pattern == self.prefix + "*" and bool(self.prefix)
 
     def is_key(self):
         """qi's rule for a usable key: two or more characters, not all wildcards."""
         return len(self.pattern) >= 2 and bool(set(self.pattern) - META_CHARS)
 
-    def matches_value(self, value):
+    def matches_value(self, value, keys_of=None):
         """Whether the pattern matches a stored value as a whole or any word of it."""
-        return any(self.matches_key(k) for k in value_keys(value))
+        return any(self.matches_key(k) for k in (keys_of or value_keys)(value))
 
     def matches_key(self, key):
         return self.regex.match(key) is not None if self.regex else key == self.pattern
@@ -575,6 +580,11 @@ def value_keys(value):
     keys.discard("")
     keys.add(lower)
     return keys
+
+
+def whole_value_key(value):
+    """The one index key of a value matched only as a whole (timestamps)."""
+    return (value.lower(),)
 
 
 class Selection:
@@ -643,12 +653,13 @@ class FieldIndex:
     in ``fresh`` until there are enough of them to be worth a rebuild.
     """
 
-    __slots__ = ("postings", "sorted", "fresh")
+    __slots__ = ("postings", "sorted", "fresh", "keys_of")
 
-    def __init__(self):
+    def __init__(self, keys_of=value_keys):
         self.postings = {}
         self.sorted = None
         self.fresh = set()
+        self.keys_of = keys_of
 
     def add(self, keys, rid):
         postings = self.postings
@@ -688,9 +699,9 @@ class FieldIndex:
         """Ids whose value (or a word of it) matches the term."""
         if term.regex is None:
             return self.exact(term.pattern)
-        found = set()
+        found, match = set(), None if term.prefix_only else term.regex.match
         for key in self.candidates(term.prefix):
-            if term.regex.match(key):
+            if match is None or match(key):
                 posting = self.postings.get(key)
                 if posting is not None:
                     if type(posting) is int:
@@ -707,7 +718,8 @@ class Directory:
         self.schema = schema
         self.records = {}
         self.keys = {}                                  # (tenant, type, key lower) -> id
-        self.index = {f.name: FieldIndex() for f in schema.fields}
+        self.index = {f.name: FieldIndex(value_keys if f.words else whole_value_key)
+                      for f in schema.fields}
         self.next_id = 1
 
     def __len__(self):
@@ -737,9 +749,9 @@ class Directory:
             if fidx is not None:
                 if type(value) is list:
                     for item in value:
-                        fidx.add(value_keys(item), rid)
+                        fidx.add(fidx.keys_of(item), rid)
                 else:
-                    fidx.add(value_keys(value), rid)
+                    fidx.add(fidx.keys_of(value), rid)
         if rid >= self.next_id:
             self.next_id = rid + 1
         return old
@@ -757,7 +769,7 @@ class Directory:
             if fidx is None:
                 continue
             for item in (value if type(value) is list else (value,)):
-                for key in value_keys(item):
+                for key in fidx.keys_of(item):
                     posting_remove(fidx.postings, key, rid)
 
     def term_ids(self, term, types):
@@ -775,9 +787,9 @@ class Directory:
         else:
             names = BARE_FIELDS[record["type"]]
         for name in names:
-            value = record.get(name)
+            value, keys_of = record.get(name), self.index[name].keys_of
             for item in (value if type(value) is list else (value,) if value else ()):
-                if term.matches_value(item):
+                if term.matches_value(item, keys_of):
                     return True
         return False
 
@@ -923,11 +935,19 @@ class MemoryStore:
         new["modified"] = utc_now(now)
         return new
 
-    def load_records(self, pairs):
+    def load_records(self, pairs, source="records"):
         """Put (id, record) pairs straight into the directory (bulk load, start-up)."""
-        put = self.directory.put
-        for rid, record in pairs:
-            put(rid, record)
+        put, common = self.directory.put, {}
+        for n, pair in enumerate(pairs):
+            try:
+                rid, record = pair
+                for name in ("type", "source", "status"):
+                    if name in record:
+                        record[name] = common.setdefault(record[name], record[name])
+                put(rid, record)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                raise DataError(f"{source}: record {n + 1} is not a valid record; "
+                                f"refusing to start") from None
 
 
 SNAPSHOT = "snapshot.jsonl"
@@ -988,21 +1008,25 @@ def fsync_dir(path):
 
 
 def write_snapshot(path, seq, next_id, records):
-    """Write ``records`` ({id: record}) as the snapshot, atomically: temp, fsync, rename."""
+    """Write ``records`` ({id: record}) as the snapshot, atomically: temp, fsync, rename.
+
+    Each record line carries the CRC-32 of its JSON, like a journal line, so damage
+    anywhere is found and named by line at start.
+    """
     tmp = os.path.join(path, SNAPSHOT + ".tmp")
     with open(tmp, "wb") as f:
         header = {"format": SNAPSHOT_FORMAT, "version": 1, "seq": seq,
                   "next_id": next_id, "count": len(records)}
         f.write(json.dumps(header).encode() + b"\n")
         dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-        chunk = []
+        chunk, crc32 = [], zlib.crc32
         for rid, record in records.items():
-            chunk.append(dumps([rid, record]))
+            body = dumps([rid, record]).encode()
+            chunk.append(b"%08x %s\n" % (crc32(body), body))
             if len(chunk) >= 4096:
-                f.write(("\n".join(chunk) + "\n").encode())
+                f.write(b"".join(chunk))
                 chunk = []
-        if chunk:
-            f.write(("\n".join(chunk) + "\n").encode())
+        f.write(b"".join(chunk))
         f.write(json.dumps({"end": len(records)}).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
@@ -1010,32 +1034,63 @@ def write_snapshot(path, seq, next_id, records):
     fsync_dir(path)
 
 
+def snapshot_error(name, lineno, reason):
+    return DataError(f"{name} line {lineno}: corrupt record ({reason}); "
+                     f"refusing to start: restore the file or move it away")
+
+
 def read_snapshot(path):
-    """(seq, next_id, [(id, record)]) from the snapshot file; DataError naming the line."""
+    """(seq, next_id, [[id, record]]) from the snapshot file; DataError naming the line."""
     name = os.path.join(path, SNAPSHOT)
     if not os.path.exists(name):
         return 0, 1, []
-    pairs, header, end = [], None, None
+    pairs = []
     with open(name, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                if end is not None:
-                    raise ValueError("data after the end marker")
-                item = json.loads(raw)
-                if header is None:
-                    header = check_snapshot_header(item)
-                elif type(item) is dict:
-                    end = item.get("end")
-                    if end != len(pairs):
-                        raise ValueError(f"end marker says {end} records, found {len(pairs)}")
-                else:
-                    pairs.append(check_op(item))
-            except (ValueError, TypeError, KeyError) as e:
-                raise DataError(f"{name} line {lineno}: corrupt record ({e}); "
-                                f"refusing to start: restore the file or move it away") from None
-    if end is None:
-        raise DataError(f"{name}: truncated (no end marker); refusing to start")
+        try:
+            header = check_snapshot_header(json.loads(f.readline()))
+        except (ValueError, TypeError) as e:
+            raise snapshot_error(name, 1, e) from None
+        lineno, end = 1, None
+        while end is None:
+            lines = f.readlines(1 << 22)
+            if not lines:
+                raise DataError(f"{name}: truncated (no end marker); refusing to start")
+            if not lines[-1].startswith(b"{"):
+                bodies = snapshot_bodies(name, lineno, lines)
+            else:
+                bodies = snapshot_bodies(name, lineno, lines[:-1])
+                end = snapshot_trailer(name, lineno + len(lines), lines[-1], f)
+            pairs.extend(json.loads(b"[" + b",".join(bodies) + b"]"))
+            lineno += len(lines)
+    if end != len(pairs):
+        raise snapshot_error(name, lineno, f"end marker says {end} records, found {len(pairs)}")
     return header["seq"], header["next_id"], pairs
+
+
+def snapshot_bodies(name, lineno, lines):
+    """The JSON of each record line, each checked against its CRC."""
+    bodies, crc32 = [], zlib.crc32
+    for n, raw in enumerate(lines, lineno + 1):
+        body = raw[9:-1]
+        try:
+            good = raw[8:9] == b" " and raw[-1:] == b"\n" and int(raw[:8], 16) == crc32(body)
+        except ValueError:
+            good = False
+        if not good:
+            raise snapshot_error(name, n, "checksum mismatch or truncated line")
+        bodies.append(body)
+    return bodies
+
+
+def snapshot_trailer(name, lineno, raw, f):
+    """The record count in the end marker; nothing may follow it."""
+    try:
+        end = json.loads(raw)["end"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise snapshot_error(name, lineno, e) from None
+    if f.read(1):
+        raise snapshot_error(name, lineno + 1, "data after the end marker")
+    return end
 
 
 def check_snapshot_header(item):
@@ -1067,7 +1122,12 @@ def read_journal(name, last):
 
 
 class JournalWriter:
-    """Appends journal lines; writes that arrive together share one fsync (group commit)."""
+    """Appends journal lines; writes that arrive together share one fsync (group commit).
+
+    On a disk whose fsync is quick the batch is written on the event loop itself (a thread
+    hand-off would cost more than the fsync); a slow fsync moves the work to a thread, so
+    readers never wait on the disk for long.
+    """
 
     def __init__(self, store, fd):
         self.store = store
@@ -1075,6 +1135,7 @@ class JournalWriter:
         self.size = os.fstat(fd).st_size
         self.queue = []                         # (bytes, future, undo ops)
         self.task = None
+        self.fsync_seconds = INLINE_FSYNC_SECONDS * 4     # running average; starts threaded
         from concurrent.futures import ThreadPoolExecutor
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
 
@@ -1093,7 +1154,10 @@ class JournalWriter:
                 data = b"".join(item[0] for item in batch)
                 started = time.perf_counter()
                 try:
-                    await loop.run_in_executor(self.executor, self.write, data)
+                    if self.fsync_seconds < INLINE_FSYNC_SECONDS:
+                        self.write(data)
+                    else:
+                        await loop.run_in_executor(self.executor, self.write, data)
                 except OSError as e:
                     self.fail(batch + self.queue, e)
                     self.queue = []
@@ -1117,11 +1181,13 @@ class JournalWriter:
             os.ftruncate(self.fd, start)
             os.lseek(self.fd, start, os.SEEK_SET)
             raise
+        synced = time.perf_counter()
         try:
             os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
         except OSError as e:
             self.store.readonly = f"journal fsync failed: {e.strerror}"
             raise
+        self.fsync_seconds = 0.8 * self.fsync_seconds + 0.2 * (time.perf_counter() - synced)
         self.size = start + len(data)
 
     def fail(self, items, error):
@@ -1202,7 +1268,7 @@ class FileStore(MemoryStore):
 
     def load(self):
         seq, next_id, pairs = read_snapshot(self.path)
-        self.load_records(pairs)
+        self.load_records(pairs, os.path.join(self.path, SNAPSHOT))
         del pairs
         self.directory.next_id = max(self.directory.next_id, next_id)
         if seq:
@@ -3558,10 +3624,14 @@ class PhClient:
         return self
 
     async def read_reply(self):
-        """Read one whole reply; return (code, text, body)."""
-        lines = []
+        """Read one whole reply within the timeout; return (code, text, body)."""
+        return await asyncio.wait_for(self.read_lines(), self.timeout)
+
+    async def read_lines(self):
+        """The lines of one reply, up to its final line, parsed."""
+        lines, readline = [], self.reader.readline
         while True:
-            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            raw = await readline()
             if not raw:
                 raise ConnectionResetError("server closed the connection")
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -4546,7 +4616,7 @@ IMPORT_FORMATS = {PERSON: ("vcard", "csv", "json", "jsonl"), MACHINE: ("csv", "j
 MACHINE_COLUMNS = ("hostname", "status", "ip", "role", "os", "owner", "location")
 STATUS_COLOURS = {"online": "green", "offline": "red", "unknown": "yellow"}
 COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
-IMPORT_WORKERS = 8              # connections an import writes on (their fsyncs are shared)
+IMPORT_WORKERS = 32             # connections an import writes on (their fsyncs are shared)
 MAX_REASONS = 20                # rejected records an import names, one line each
 CARD_HIDES = frozenset(("type", "alias", "name", "hostname", "status", "source", "created",
                         "modified", "last_seen"))
@@ -4579,6 +4649,7 @@ def colour_on(stream):
 
 
 def paint(text, style, on):
+    """``text`` in an ANSI style when ``on``."""
     return f"\x1b[{COLOURS[style]}m{text}\x1b[0m" if on and style else text
 
 
@@ -4692,6 +4763,7 @@ def format_records(records, wanted, mode, colour, full=False):
 
 
 def output_mode(args):
+    """json, jsonl or human, from --json and --jsonl."""
     return "json" if args.json else "jsonl" if args.jsonl else "human"
 
 
@@ -4721,6 +4793,7 @@ def cmd_lookup(args):
 
 
 async def run_lookup(args, host, port, verb, words):
+    """Run one ph/mdb verb on its own connection."""
     client = PhClient(host, port, timeout=args.timeout, client_id=args.command)
     try:
         return await LOOKUP_HANDLERS[verb](client, args, PROGRAM_KIND[args.command], words)
@@ -4765,6 +4838,7 @@ async def cmd_show(client, args, rtype, words):
 
 
 def print_lines(lines):
+    """Print each line to stdout."""
     for text in lines:
         print(text)
 
