@@ -3605,9 +3605,11 @@ class PhClient:
     an unreachable server, a lost connection or no reply in time).
     """
 
-    def __init__(self, host, port, timeout=10.0, client_id=None):
+    def __init__(self, host, port, timeout=10.0, client_id=None, user=None, key_path=None):
         self.host, self.port, self.timeout, self.client_id = host, port, timeout, client_id
+        self.user, self.key_path = user, key_path
         self.reader = self.writer = None
+        self.logged_in = False
         self.schema = None
         self.multi = BUILTIN_MULTI
 
@@ -3668,10 +3670,17 @@ class PhClient:
         """Send one request, reconnecting once if the connection was lost; (code, text, body)."""
         return (await self.pipeline([request]))[0]
 
+    async def read_command(self, request):
+        """Like command, logging in first when the server wants a login for reads too."""
+        reply = await self.command(request)
+        if reply[0] == NEEDS_LOGIN and await self.ensure_login():
+            reply = await self.command(request)
+        return reply
+
     async def load_schema(self):
         """The server's fields (custom ones included) as a Schema, asked for once."""
         if self.schema is None:
-            code, text, body = await self.command("fields")
+            code, text, body = await self.read_command("fields")
             if code >= 300:
                 raise reply_error(code, text, body)
             self.schema = schema_from_fields(body)
@@ -3680,7 +3689,7 @@ class PhClient:
 
     async def query(self, request):
         """Records matching ``request`` ('name=x return all'); [] when nothing matches."""
-        code, text, body = await self.command(f"query {request}")
+        code, text, body = await self.read_command(f"query {request}")
         if code == 501:
             return []
         if code >= 300:
@@ -3690,7 +3699,7 @@ class PhClient:
     async def dump(self, request):
         """Yield (total, records) page by page for every record matching ``request``,
         through the server's `dump` extension (no max-results cap)."""
-        code, text, body = await self.command(f"dump {request}")
+        code, text, body = await self.read_command(f"dump {request}")
         while code != 501:
             if code >= 300:
                 raise reply_error(code, text, body)
@@ -3718,12 +3727,34 @@ class PhClient:
         return replies
 
     async def ensure_login(self):
-        """The hook where a client logs in when a write needs it; True if it did.
+        """Log in with an SSH key when the server asks for it; True once logged in.
 
-        Signing a login challenge arrives with SSH-key login on the client side; until
-        then clients write to a dev-tier server, which needs no login.
+        Keys are tried in client_signers' order (ssh-agent, ssh-keygen, asyncssh); a key
+        the server refuses costs a delay there, so the agent's keys come first.
         """
-        return False
+        if self.logged_in or not self.user:
+            return False
+        loop = asyncio.get_running_loop()
+        signers = await loop.run_in_executor(None, client_signers, self.key_path)
+        if not signers:
+            raise PhError(NEEDS_LOGIN, "the server wants an SSH-key login and no key was found: "
+                                       "add one to ssh-agent (ssh-add) or pass --key FILE")
+        problem = "no key was accepted"
+        for description, sign in signers:
+            code, challenge, body = await self.command(f"login {self.user}")
+            if code != 301:
+                raise reply_error(code, challenge, body)
+            try:
+                blob = await loop.run_in_executor(None, sign, challenge.encode())
+            except SSHFormatError as e:
+                problem = str(e)
+                continue
+            code, text, _ = await self.command("answer " + base64.b64encode(blob).decode())
+            if code == 200:
+                self.logged_in = True
+                return True
+            problem = f"{description} is not authorized for {self.user}"
+        raise PhError(500, f"login as {self.user} failed: {problem}")
 
     async def close(self):
         if self.writer is not None:
@@ -3733,6 +3764,7 @@ class PhClient:
             except OSError:
                 pass
             self.reader = self.writer = None
+            self.logged_in = False
 
 
 # SECTION: Formats — vCard, CSV, JSON and the machine exports (pure: text in, text out)
@@ -4792,9 +4824,19 @@ def cmd_lookup(args):
     return asyncio.run(run_lookup(args, host, port, verb, words))
 
 
+def login_name(args):
+    """Who to log in as: --as, then $PHAROS_USER, then the login name."""
+    import getpass
+    try:
+        return args.login_as or os.environ.get("PHAROS_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
 async def run_lookup(args, host, port, verb, words):
     """Run one ph/mdb verb on its own connection."""
-    client = PhClient(host, port, timeout=args.timeout, client_id=args.command)
+    client = PhClient(host, port, timeout=args.timeout, client_id=args.command,
+                      user=login_name(args), key_path=args.key or os.environ.get("PHAROS_KEY"))
     try:
         return await LOOKUP_HANDLERS[verb](client, args, PROGRAM_KIND[args.command], words)
     finally:
@@ -5225,6 +5267,19 @@ def build_parser():
     doctor_p.add_argument("--server", metavar="HOST[:PORT]")
     doctor_p.add_argument("--metrics", metavar="HOST[:PORT]", default=f"localhost:{METRICS_PORT}")
 
+    keys_p = commands.add_parser("keys", help="list, add or remove authorized SSH keys")
+    keys_p.add_argument("words", nargs="*", metavar="list|add|remove ARG",
+                        help="add USER KEY (a .pub file, - or the key text); "
+                             "remove FINGERPRINT|USER; list (the default)")
+    keys_p.add_argument("--role", choices=ROLES, default="writer", help="add: the key's role")
+    keys_p.add_argument("--tenant", help="add: the key's tenant (enterprise tier; * for all)")
+    keys_p.add_argument("--data", default=data_default, metavar="DIR",
+                        help="edit DIR/authorized_keys when it exists and no --server is given")
+    keys_p.add_argument("--server", metavar="HOST[:PORT]", help="manage a server's keys remotely")
+    keys_p.add_argument("--as", dest="login_as", metavar="USER")
+    keys_p.add_argument("--key", metavar="FILE")
+    keys_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
+
     for name, rtype in PROGRAM_KIND.items():
         add_lookup_parser(commands, name, rtype)
     return parser
@@ -5240,6 +5295,10 @@ def add_lookup_parser(commands, name, rtype):
     p.add_argument("--server", metavar="HOST[:PORT]",
                    help="default $PHAROS_SERVER, then server= in ~/.config/pharos/client.ini")
     p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
+    p.add_argument("--as", dest="login_as", metavar="USER",
+                   help="log in as USER when a write needs it (default $PHAROS_USER, your name)")
+    p.add_argument("--key", metavar="FILE", help="SSH key to sign the login with (default "
+                   "$PHAROS_KEY, then ssh-agent's keys, then ~/.ssh/id_*)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON document")
     out.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
@@ -5285,10 +5344,107 @@ def site_value(text):
     return text
 
 
-HANDLERS = {"serve": cmd_serve, "load": cmd_load, "doctor": cmd_doctor,
+def cmd_keys(args):
+    """List, add or remove authorized SSH keys: in DATA/authorized_keys, or on a server."""
+    action, args.what = (args.words[0], args.words[1:]) if args.words else ("list", [])
+    if action not in ("list", "add", "remove"):
+        raise UsageError(f"keys: say list, add or remove, not {action!r}")
+    if action in ("add", "remove") and not args.what:
+        raise UsageError(f"keys {action}: say " + ("USER KEY (a .pub file, - or the key text)"
+                                                   if action == "add" else "FINGERPRINT|USER"))
+    line_text = key_line_from_args(args) if action == "add" else None
+    local = os.path.join(args.data, KEYS_FILE)
+    if not args.server and not os.environ.get("PHAROS_SERVER") and os.path.exists(local):
+        return keys_local(KeyFile(local, log_to_stderr, fast=False), action, line_text, args)
+    host, port = server_address(args)
+    return asyncio.run(keys_remote(args, host, port, action, line_text))
+
+
+def key_line_from_args(args):
+    """An allowed_signers line from `keys add USER KEY [--role R] [--tenant T]`."""
+    if len(args.what) != 2:
+        raise UsageError("keys add: say USER KEY (a .pub file, - for stdin, or the key text)")
+    user, key = args.what
+    if key == "-":
+        key = sys.stdin.readline()
+    elif os.path.exists(key):
+        with open(key, encoding="utf-8") as f:
+            key = f.readline()
+    options = [f'role="{args.role}"'] + ([f'tenant="{args.tenant}"'] if args.tenant else [])
+    text = f"{user} {','.join(options)} {key.strip()}"
+    try:
+        parse_key_line(text)
+    except SSHFormatError as e:
+        raise UsageError(f"keys add: {e}") from None
+    return text
+
+
+def keys_local(keyfile, action, line_text, args):
+    """Edit the key list file beside the data dir (a running server reloads it)."""
+    ring = keyfile.reload()
+    if action == "list":
+        print_key_table([(e.principals, e.role, e.tenant, f"{e.key.keytype} {e.key.fingerprint}",
+                          e.comment) for e in ring.entries])
+        return EXIT_OK if ring.entries else EXIT_NOMATCH
+    if action == "add":
+        keyfile.write_lines(keyfile.lines() + [line_text])
+        print(f"added to {keyfile.path}")
+        return EXIT_OK
+    gone = {e.lineno for e in ring.entries if args.what[0] in (e.key.fingerprint, e.principals)}
+    if not gone:
+        print(f"keys: no key matches {args.what[0]}", file=sys.stderr)
+        return EXIT_NOMATCH
+    keyfile.write_lines([t for n, t in enumerate(keyfile.lines(), 1) if n not in gone])
+    print(f"removed {plural(len(gone), 'key', 'keys')} from {keyfile.path}")
+    return EXIT_OK
+
+
+async def keys_remote(args, host, port, action, line_text):
+    """The same over the Ph port, with the `keys` extension (admin keys only)."""
+    client = PhClient(host, port, timeout=args.timeout, user=login_name(args),
+                      key_path=args.key or os.environ.get("PHAROS_KEY"))
+    request = {"list": "keys list", "add": f"keys add {line_text}",
+               "remove": f"keys remove {args.what[0] if args.what else ''}"}[action]
+    try:
+        code, text, body = await client.read_command(request)
+    finally:
+        await client.close()
+    if code == 501:
+        print(f"keys: {text}", file=sys.stderr)
+        return EXIT_NOMATCH
+    if code >= 300:
+        raise reply_error(code, text, body)
+    if action != "list":
+        print(text)
+        return EXIT_OK
+    rows = [{k: v for k, v in r.items()} for r in records_from_reply(body, frozenset())]
+    print_key_table([(r.get("user", ""), r.get("role", ""), r.get("tenant", ""), r.get("key", ""),
+                      r.get("comment", "")) for r in rows])
+    return EXIT_OK
+
+
+def print_key_table(rows):
+    header = ("USER", "ROLE", "TENANT", "KEY", "COMMENT")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
+
+
+HANDLERS = {"serve": cmd_serve, "load": cmd_load, "doctor": cmd_doctor, "keys": cmd_keys,
             "ph": cmd_lookup, "mdb": cmd_lookup}
 PROGRAM_NAMES = {"ph": "ph", "mdb": "mdb", "pharos-scan": "scan", "pharos-pulse": "pulse",
                  "pharos-console": "console"}
+
+
+def parse_command_line(argv):
+    """Parsed arguments; words after an option still count (`keys add --data D USER KEY`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "words") or any(x.startswith("-") and x != "-" for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words = list(args.words) + extra
+    return args
 
 
 def main(argv=None):
@@ -5302,7 +5458,7 @@ def main(argv=None):
     if argv[:1] in (["--list"], ["--host"]):
         argv = ["mdb", "export", "--format", "ansible"] + list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_command_line(argv)
         if args.command is None:
             raise UsageError("pharos: say a command (serve, ph, mdb, load, doctor); "
                              "see pharos --help")
