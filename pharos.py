@@ -33,6 +33,7 @@ import base64
 import bisect
 import errno
 import fnmatch
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -297,6 +298,7 @@ class Schema:
         self.multi = frozenset(f.name for f in self.fields if f.multi)
         self.default_width = self.width(f for t in RECORD_TYPES for f in self.defaults[t])
         self.all_width = self.width(self.fields)
+        self.return_lists = {}                  # parsed `return a b` clauses, by their words
 
     @staticmethod
     def width(fields):
@@ -397,9 +399,9 @@ def custom_field(path, fid, section, options, taken):
 
 SEPARATORS = frozenset(("return", "make", "force"))
 TOKEN_RE = re.compile(r"""[ \t]*(?:
-      (?P<name>[^ \t"=~]*)(?P<op>[=~])(?:"(?P<qv>(?:[^"\\]|\\.?)*)(?:"|\Z)|(?P<v>[^ \t"]*))
-    | "(?P<qw>(?:[^"\\]|\\.?)*)(?:"|\Z)
-    | (?P<w>[^ \t"=~]+)
+      ([^ \t"=~]*)([=~])(?:(")((?:[^"\\]|\\.?)*)(?:"|\Z)|([^ \t"]*))   # field=value
+    | (")((?:[^"\\]|\\.?)*)(?:"|\Z)                                 # "quoted word"
+    | ([^ \t"=~]+)                                                   # word
     )""", re.X)
 ESCAPE_RE = re.compile(r"\\(.?)")
 ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "": "\\"}
@@ -432,20 +434,19 @@ def unescape(text):
 
 def tokenize(text):
     """Split a request (without its line end) into Tokens; never fails."""
-    tokens, pos, end = [], 0, len(text)
-    while pos < end:
-        match = TOKEN_RE.match(text, pos)
-        if not match or match.end() == pos:
-            break
-        pos = match.end()
-        if match.group("op"):
-            quoted = match.group("qv") is not None
-            value = unescape(match.group("qv")) if quoted else match.group("v")
-            tokens.append(Token(match.group("name"), value, quoted))
-        elif match.group("qw") is not None:
-            tokens.append(Token(None, unescape(match.group("qw")), True))
-        elif match.group("w"):
-            tokens.append(Token(None, match.group("w")))
+    if '"' not in text and "\\" not in text and "~" not in text:
+        return [Token(*word.partition("=")[::2]) if "=" in word else Token(None, word)
+                for word in text.replace("\t", " ").split(" ") if word]
+    tokens = []
+    for name, op, quote, quoted_value, value, word_quote, quoted_word, word in \
+            TOKEN_RE.findall(text):
+        if op:
+            tokens.append(Token(name, unescape(quoted_value), True) if quote
+                          else Token(name, value))
+        elif word_quote:
+            tokens.append(Token(None, unescape(quoted_word), True))
+        else:
+            tokens.append(Token(None, word))
     return tokens
 
 
@@ -508,11 +509,14 @@ def field_lines(index, label, value):
 
 def format_entry(index, record, fields, width, explicit):
     """Reply lines of one query entry; ``explicit`` adds qi's -508 lines for absent fields."""
-    out = []
+    out, get = [], record.get
     for field in fields:
-        value = record.get(field.name)
+        value = get(field.name)
         if value:
-            out.extend(field_lines(index, field.name.rjust(width), value))
+            if type(value) is str and len(value) < 200 and "\n" not in value:
+                out.append(f"-200:{index}:{field.name.rjust(width)}: {value}\n")
+            else:
+                out.extend(field_lines(index, field.name.rjust(width), value))
         elif explicit:
             out.append(f"-508:{index}:{field.name.rjust(width)}: Not present in entry.\n")
     return out
@@ -553,10 +557,11 @@ class Term:
         self.prefix = self.pattern
         self.prefix_only = False
         if META_CHARS.intersection(self.pattern):
-            self.regex = re.compile(fnmatch.translate(self.pattern), re.S)
             cut = min(i for i, c in enumerate(self.pattern) if c in META_CHARS)
             self.prefix = self.pattern[:cut]
             self.prefix_only = self.pattern == self.prefix + "*" and bool(self.prefix)
+            self.regex = PrefixMatch(self.prefix) if self.prefix_only else \
+                wildcard_regex(self.pattern)
 
     def is_key(self):
         """qi's rule for a usable key: two or more characters, not all wildcards."""
@@ -568,6 +573,25 @@ class Term:
 
     def matches_key(self, key):
         return self.regex.match(key) is not None if self.regex else key == self.pattern
+
+
+class PrefixMatch:
+    """A stand-in for a compiled pattern of the form `prefix*`: no regex needed."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def match(self, key):
+        """True (like a match object) when ``key`` starts with the prefix, else None."""
+        return True if key.startswith(self.prefix) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def wildcard_regex(pattern):
+    """The compiled regex of a wildcard pattern (* ? [a-z])."""
+    return re.compile(fnmatch.translate(pattern), re.S)
 
 
 def value_keys(value):
@@ -2730,6 +2754,10 @@ class PhSession:
             return "default", self.schema.default_width, False
         if len(tokens) == 1 and tokens[0].field is None and tokens[0].value.lower() == "all":
             return "all", self.schema.all_width, False
+        key = tuple(t.value.lower() if t.field is None else None for t in tokens)
+        known = self.schema.return_lists.get(key)
+        if known is not None:
+            return known
         fields = []
         for n, token in enumerate(tokens, 1):
             field = self.schema.field(token.value) if token.field is None else None
@@ -2739,7 +2767,10 @@ class PhSession:
                 errors.append(more(507, f"{printable(token.value)}:unknown field."))
             elif field not in fields:
                 fields.append(field)
-        return fields, Schema.width(fields), True
+        chosen = (fields, Schema.width(fields), True)
+        if len(fields) == len(tokens) and len(self.schema.return_lists) < 4096:
+            self.schema.return_lists[key] = chosen
+        return chosen
 
     # -- writes --------------------------------------------------------------
 
@@ -3132,10 +3163,16 @@ class PhServer:
     async def converse(self, conn, reader, writer, loop):
         crlf, transport, observe = self.config.crlf, writer.transport, self.metrics.observe
         clock = time.perf_counter
+        readuntil = reader.readuntil
         while not self.closing:
-            raw = await self.read_request(reader)
-            if raw is None:
+            try:
+                raw = await readuntil(b"\n")
+                if raw.endswith((b"\\\n", b"\\\r\n")):
+                    raw = await self.read_request(reader, raw)
+            except asyncio.IncompleteReadError:
                 return
+            except asyncio.LimitOverrunError:
+                raw = await self.read_request(reader)
             conn.last = loop.time()
             if raw is TOO_LONG:
                 writer.write(line(599, f"Command too long (limit {MAX_LINE} bytes).").encode())
@@ -3161,14 +3198,14 @@ class PhServer:
                 await writer.drain()
                 return
 
-    async def read_request(self, reader):
-        """One request line (continuations joined), TOO_LONG, or None at end of input."""
+    async def read_request(self, reader, first=None):
+        """The rest of a request that goes on past ``first`` (continuation lines joined) or
+        that is too long (then TOO_LONG, the rest skipped); IncompleteReadError at the end."""
         parts, size = [], 0
         while True:
             try:
-                raw = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                return None
+                raw = first if first is not None else await reader.readuntil(b"\n")
+                first = None
             except asyncio.LimitOverrunError:
                 raw = await self.discard_line(reader)
                 while raw.rstrip(b"\r\n").endswith(b"\\"):
