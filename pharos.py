@@ -897,11 +897,16 @@ class MemoryStore:
         undo.reverse()
         return undo
 
-    async def commit(self, ops):
-        """Make ``ops`` visible and durable; raise StoreError if they cannot be."""
+    async def commit(self, ops, audit=None):
+        """Make ``ops`` visible and durable; raise StoreError if they cannot be.
+
+        ``audit`` is (log, line): the write's audit line, made durable with the write.
+        """
         if self.readonly:
             raise StoreError(self.readonly)
         self.apply(ops)
+        if audit:
+            audit[0].append(audit[1])
 
     def plan_add(self, rtype, fields, now, source="manual", tenant=""):
         """The ops that add one record built from {field: [values]}; RecordError if refused."""
@@ -1157,15 +1162,15 @@ class JournalWriter:
         self.store = store
         self.fd = fd
         self.size = os.fstat(fd).st_size
-        self.queue = []                         # (bytes, future, undo ops)
+        self.queue = []                         # (bytes, future, undo ops, audit)
         self.task = None
         self.fsync_seconds = INLINE_FSYNC_SECONDS * 4     # running average; starts threaded
         from concurrent.futures import ThreadPoolExecutor
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
 
-    def submit(self, data, undo):
+    def submit(self, data, undo, audit=None):
         future = asyncio.get_running_loop().create_future()
-        self.queue.append((data, future, undo))
+        self.queue.append((data, future, undo, audit))
         if self.task is None:
             self.task = asyncio.ensure_future(self.run())
         return future
@@ -1176,26 +1181,31 @@ class JournalWriter:
             while self.queue:
                 batch, self.queue = self.queue, []
                 data = b"".join(item[0] for item in batch)
+                audits = [item[3] for item in batch if item[3]]
                 started = time.perf_counter()
                 try:
                     if self.fsync_seconds < INLINE_FSYNC_SECONDS:
-                        self.write(data)
+                        self.write(data, audits)
                     else:
-                        await loop.run_in_executor(self.executor, self.write, data)
+                        await loop.run_in_executor(self.executor, self.write, data, audits)
                 except OSError as e:
                     self.fail(batch + self.queue, e)
                     self.queue = []
                     continue
                 self.store.wrote(len(batch), len(data), time.perf_counter() - started)
-                for _, future, _ in batch:
+                for _, future, _, _ in batch:
                     if not future.done():
                         future.set_result(None)
                 await self.store.maybe_compact(self)
         finally:
             self.task = None
 
-    def write(self, data):
-        """Append and fdatasync (in the journal thread); on a failed write, cut it back off."""
+    def write(self, data, audits=()):
+        """Append and fdatasync, then the batch's audit lines; a failed write is cut back off.
+
+        Runs on the loop or in the journal thread. The journal is written first: a write
+        whose audit line cannot be written is kept, and the store turns read-only.
+        """
         start = self.size
         try:
             view = memoryview(data)
@@ -1213,17 +1223,22 @@ class JournalWriter:
             raise
         self.fsync_seconds = 0.8 * self.fsync_seconds + 0.2 * (time.perf_counter() - synced)
         self.size = start + len(data)
+        if audits:
+            try:
+                audits[0][0].append(b"".join(line for _, line in audits), sync=True)
+            except OSError as e:
+                self.store.readonly = f"the audit log cannot be written: {e.strerror}"
 
     def fail(self, items, error):
         """Refuse every write not yet durable, undoing them newest first."""
         reason = f"Store failed: {error.strerror or error}."
-        for _, future, undo in reversed(items):
+        for _, future, undo, _ in reversed(items):
             self.store.apply(undo)
             if not future.done():
                 future.set_exception(StoreError(reason))
 
     def pending_undo(self):
-        return [undo for _, _, undo in self.queue]
+        return [undo for _, _, undo, _ in self.queue]
 
     async def drain(self):
         while self.task is not None:
@@ -1340,12 +1355,12 @@ class FileStore(MemoryStore):
             raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
         return fd
 
-    async def commit(self, ops):
+    async def commit(self, ops, audit=None):
         if self.readonly:
             raise StoreError(self.readonly)
         undo = self.apply(ops)
         self.seq += 1
-        await self.writer.submit(encode_journal(self.seq, ops), undo)
+        await self.writer.submit(encode_journal(self.seq, ops), undo, audit)
 
     def wrote(self, entries, nbytes, seconds):
         stats = self.stats
@@ -2388,16 +2403,28 @@ class AuditLog:
 
     def __init__(self, path):
         self.path = path
-        self.fd = None
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as e:
+            raise DataError(f"cannot write the audit log {path}: {e.strerror}") from None
 
-    def record(self, now, user, peer, request, reply):
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    @staticmethod
+    def entry(now, user, peer, request, reply):
+        """One audit line (bytes): who, when, from where, what, and the final reply line."""
         entry = {"time": utc_now(now), "user": user.alias if user else None,
                  "key": user.fingerprint if user else None,
                  "tenant": user.tenant if user else None, "peer": peer,
                  "request": request[:2000], "reply": reply.rstrip("\n").rsplit("\n", 1)[-1]}
-        os.write(self.fd, json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+        return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+
+    def append(self, data, sync=False):
+        """Append audit lines; with ``sync`` they are on disk when this returns."""
+        os.write(self.fd, data)
+        if sync:
+            os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+
+    def record(self, now, user, peer, request, reply):
+        self.append(self.entry(now, user, peer, request, reply))
 
     def close(self):
         if self.fd is not None:
@@ -2589,7 +2616,8 @@ class PhSession:
         self.options = dict(SESSION_OPTIONS)
         self.pending_login = None               # (alias, challenge, monotonic time)
         self.user = None
-        self.raw_args = ""
+        self.raw_args = self.request = ""
+        self.audited = False
         self.verbs = {
             "query": self.ph_query, "ph": self.ph_query, "fields": self.ph_fields,
             "status": self.ph_status, "siteinfo": self.ph_siteinfo, "id": self.ph_id,
@@ -2623,11 +2651,11 @@ class PhSession:
             if verb in AUDITED_VERBS:
                 self.server.audit(self, text, refusal)
             return prefix + refusal, False, verb
-        self.raw_args = text[len(verb):].strip()
+        self.raw_args, self.request, self.audited = text[len(verb):].strip(), text, False
         reply = handler(tokens[1:])
         if type(reply) is not str:
             reply = await reply
-        if verb in AUDITED_VERBS:
+        if verb in AUDITED_VERBS and not self.audited:
             self.server.audit(self, text, reply)
         return prefix + reply, verb in ("quit", "exit", "stop"), verb
 
@@ -2813,10 +2841,13 @@ class PhSession:
         return None
 
     async def commit(self, ops, success):
+        """Commit ``ops`` with the audit line of ``success``; the reply to send."""
+        audit = self.server.audit_line(self, success)
         try:
-            await self.store.commit(ops)
+            await self.store.commit(ops, audit)
         except StoreError as e:
             return line(400, str(e))
+        self.audited = audit is not None
         return success
 
     async def ph_add(self, args):
@@ -2876,11 +2907,8 @@ class PhSession:
         if ok == 0:
             return "".join(errors) + line(500, f"{plural(found, 'entry', 'entries')} found, "
                                                f"none changed.")
-        failed = await self.commit(ops, None)
-        if failed:
-            return failed
-        return "".join(errors) + line(500, f"Only {plural(ok, 'entry', 'entries')} changed "
-                                           f"({found} found).")
+        return await self.commit(ops, "".join(errors) + line(
+            500, f"Only {plural(ok, 'entry', 'entries')} changed ({found} found)."))
 
     def addonly_filter(self, ids, make):
         """With `set addonly`, records that already have a value being set are refused."""
@@ -3122,8 +3150,16 @@ class PhServer:
         return ring.verify(alias, challenge.encode(), answer, peer[0] if peer else None,
                            time.time())
 
+    def audit_line(self, session, reply):
+        """(log, line) auditing ``session``'s current write, or None without an audit log."""
+        if self.auditlog is None:
+            return None
+        peer = session.peer[0] if session.peer else None
+        return self.auditlog, self.auditlog.entry(time.time(), session.user, peer,
+                                                  session.request, reply)
+
     def audit(self, session, request, reply):
-        """Append a write to the audit log (lab and enterprise tiers)."""
+        """Append a refused or failed write to the audit log (lab and enterprise tiers)."""
         if self.auditlog is not None:
             try:
                 self.auditlog.record(time.time(), session.user,
