@@ -868,6 +868,7 @@ class MemoryStore:
         self.schema = schema
         self.directory = Directory(schema)
         self.readonly = None                    # reason text when writes are refused
+        self.audit_log = None
 
     def open(self):
         return self
@@ -900,13 +901,17 @@ class MemoryStore:
     async def commit(self, ops, audit=None):
         """Make ``ops`` visible and durable; raise StoreError if they cannot be.
 
-        ``audit`` is (log, line): the write's audit line, made durable with the write.
+        ``audit`` (a dict) is the write's audit-log entry, written with the write.
         """
         if self.readonly:
             raise StoreError(self.readonly)
         self.apply(ops)
-        if audit:
-            audit[0].append(audit[1])
+        if audit is not None and self.audit_log is not None:
+            self.audit_log.append(json.dumps(audit, ensure_ascii=False).encode() + b"\n")
+
+    def attach_audit(self, log):
+        """Write committed writes' audit entries to ``log`` (lab and enterprise tiers)."""
+        self.audit_log = log
 
     def plan_add(self, rtype, fields, now, source="manual", tenant=""):
         """The ops that add one record built from {field: [values]}; RecordError if refused."""
@@ -989,25 +994,31 @@ def journal_name(first_seq):
     return f"journal-{first_seq:016d}.jsonl"
 
 
-def encode_journal(seq, ops):
-    """One journal line: CRC-32 of the JSON, a space, the JSON, a newline."""
-    body = json.dumps({"seq": seq, "ops": ops}, ensure_ascii=False,
-                      separators=(",", ":")).encode()
+def encode_journal(seq, ops, audit=None):
+    """One journal line: CRC-32 of the JSON, a space, the JSON, a newline.
+
+    ``audit`` (the write's audit-log line, as text) rides along, so one fsync makes
+    both durable and the audit log can be completed from the journal after a crash.
+    """
+    entry = {"seq": seq, "ops": ops}
+    if audit is not None:
+        entry["audit"] = audit
+    body = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
 def decode_journal(raw):
-    """The (seq, ops) of one journal line; ValueError if it is damaged."""
+    """The (seq, ops, audit line or None) of one journal line; ValueError if it is damaged."""
     if len(raw) < 10 or raw[8:9] != b" " or not raw.endswith(b"\n"):
         raise ValueError("truncated or malformed line")
     body = raw[9:-1]
     if int(raw[:8], 16) != zlib.crc32(body):
         raise ValueError("checksum mismatch")
     entry = json.loads(body)
-    seq, ops = entry["seq"], entry["ops"]
-    if type(seq) is not int or type(ops) is not list:
+    seq, ops, audit = entry["seq"], entry["ops"], entry.get("audit")
+    if type(seq) is not int or type(ops) is not list or type(audit) not in (str, type(None)):
         raise ValueError("entry lacks seq or ops")
-    return seq, [check_op(op) for op in ops]
+    return seq, [check_op(op) for op in ops], audit
 
 
 def check_op(op):
@@ -1203,8 +1214,9 @@ class JournalWriter:
     def write(self, data, audits=()):
         """Append and fdatasync, then the batch's audit lines; a failed write is cut back off.
 
-        Runs on the loop or in the journal thread. The journal is written first: a write
-        whose audit line cannot be written is kept, and the store turns read-only.
+        Runs on the loop or in the journal thread. The audit lines are in the journal too, so
+        they need no fsync of their own; if the audit log cannot be written the store turns
+        read-only.
         """
         start = self.size
         try:
@@ -1225,7 +1237,7 @@ class JournalWriter:
         self.size = start + len(data)
         if audits:
             try:
-                audits[0][0].append(b"".join(line for _, line in audits), sync=True)
+                self.store.audit_log.append(b"".join(audits))
             except OSError as e:
                 self.store.readonly = f"the audit log cannot be written: {e.strerror}"
 
@@ -1267,6 +1279,7 @@ class FileStore(MemoryStore):
         self.compacting = None
         self.snapshot_time = None
         self.stats = {"fsyncs": 0, "journal_bytes": 0, "entries": 0}
+        self.journal_audits = []                # (seq, audit line) seen while replaying
         self.write_latency = Histogram(WRITE_BUCKETS)
 
     def describe(self):
@@ -1324,10 +1337,12 @@ class FileStore(MemoryStore):
         """Apply one journal segment's entries newer than ``seq``; return the last seq."""
         full = os.path.join(self.path, name)
         entries, good, problem = read_journal(full, last)
-        for entry_seq, ops in entries:
+        for entry_seq, ops, audit in entries:
             if entry_seq > seq:
                 self.apply(ops)
                 seq = entry_seq
+            if audit is not None:
+                self.journal_audits.append((entry_seq, audit))
         if problem:
             lineno, reason, at_end = problem
             if not (last and at_end):
@@ -1360,7 +1375,21 @@ class FileStore(MemoryStore):
             raise StoreError(self.readonly)
         undo = self.apply(ops)
         self.seq += 1
-        await self.writer.submit(encode_journal(self.seq, ops), undo, audit)
+        line_text = None
+        if audit is not None and self.audit_log is not None:
+            line_text = json.dumps(dict(audit, seq=self.seq), ensure_ascii=False)
+        await self.writer.submit(encode_journal(self.seq, ops, line_text), undo,
+                                 line_text and (line_text + "\n").encode())
+
+    def attach_audit(self, log):
+        """Also complete ``log`` from the journal: a crash may have lost its newest lines."""
+        self.audit_log = log
+        last = log.last_seq()
+        missing = [text for seq, text in self.journal_audits if seq > last]
+        if missing:
+            log.append("".join(t + "\n" for t in missing).encode(), sync=True)
+            self.log(f"restored {len(missing)} audit log line(s) from the journal")
+        self.journal_audits = []
 
     def wrote(self, entries, nbytes, seconds):
         stats = self.stats
@@ -1406,6 +1435,8 @@ class FileStore(MemoryStore):
 
     def compact(self, seq, next_id, records, old_segments):
         write_snapshot(self.path, seq, next_id, records)
+        if self.audit_log is not None:
+            self.audit_log.sync()           # the journal going away held its lines too
         for name in old_segments:
             os.unlink(os.path.join(self.path, name))
         fsync_dir(self.path)
@@ -2410,21 +2441,39 @@ class AuditLog:
 
     @staticmethod
     def entry(now, user, peer, request, reply):
-        """One audit line (bytes): who, when, from where, what, and the final reply line."""
-        entry = {"time": utc_now(now), "user": user.alias if user else None,
-                 "key": user.fingerprint if user else None,
-                 "tenant": user.tenant if user else None, "peer": peer,
-                 "request": request[:2000], "reply": reply.rstrip("\n").rsplit("\n", 1)[-1]}
-        return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+        """One audit entry: who, when, from where, what, and the final reply line."""
+        return {"time": utc_now(now), "user": user.alias if user else None,
+                "key": user.fingerprint if user else None,
+                "tenant": user.tenant if user else None, "peer": peer,
+                "request": request[:2000], "reply": reply.rstrip("\n").rsplit("\n", 1)[-1]}
 
     def append(self, data, sync=False):
         """Append audit lines; with ``sync`` they are on disk when this returns."""
         os.write(self.fd, data)
         if sync:
-            os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+            self.sync()
+
+    def sync(self):
+        os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+
+    def last_seq(self):
+        """The journal sequence number of the newest committed write in the log, or 0."""
+        size = os.fstat(self.fd).st_size
+        with open(self.path, "rb") as f:
+            f.seek(max(0, size - 65536))
+            for raw in reversed(f.read().splitlines()):
+                try:
+                    seq = json.loads(raw).get("seq")
+                except (ValueError, AttributeError):
+                    continue
+                if type(seq) is int:
+                    return seq
+        return 0
 
     def record(self, now, user, peer, request, reply):
-        self.append(self.entry(now, user, peer, request, reply))
+        """Append a refused or failed write (nothing was committed: no fsync needed)."""
+        entry = self.entry(now, user, peer, request, reply)
+        self.append(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
 
     def close(self):
         if self.fd is not None:
@@ -2722,10 +2771,28 @@ class PhSession:
             return "".join(out) + line(500, "No help available.")
         return "".join(out) + line(200, "Ok.")
 
-    def ph_query(self, args):
+    def parse_query(self, args):
+        """(selection, (fields, width, explicit), error lines) of `selection [return ...]`."""
         cut = next((i for i, t in enumerate(args) if t.sep), len(args))
         selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
         returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
+        return selection, returned, errors
+
+    def format_entries(self, ids, total, first, returned):
+        """A query reply: the 102 count of ``total``, entries numbered from ``first``, 200."""
+        fields, width, explicit = returned
+        get, alls = self.store.get, (self.schema.defaults if fields == "default" else self.schema.all)
+        out = [count_line(total)]
+        for n, rid in enumerate(ids, first):
+            record = get(rid)
+            if record is not None:
+                chosen = alls[record["type"]] if type(fields) is str else fields
+                out.extend(format_entry(n, record, chosen, width, explicit))
+        out.append("200:Ok.\n")
+        return "".join(out)
+
+    def ph_query(self, args):
+        selection, returned, errors = self.parse_query(args)
         if not errors and not selection.has_key():
             errors += [more(515, "no non-null key field in query."),
                        more(515, "Initial metas may be used as qualifiers only.")]
@@ -2736,15 +2803,7 @@ class PhSession:
             return line(501, "No matches to your query.")
         if len(ids) > self.config.max_results:
             return line(502, "Too many entries to print.")
-        fields, width, explicit = returned
-        get, alls = self.store.get, (self.schema.defaults if fields == "default" else self.schema.all)
-        out = [count_line(len(ids))]
-        for n, rid in enumerate(ids, 1):
-            record = get(rid)
-            chosen = alls[record["type"]] if type(fields) is str else fields
-            out.extend(format_entry(n, record, chosen, width, explicit))
-        out.append("200:Ok.\n")
-        return "".join(out)
+        return self.format_entries(ids, len(ids), 1, returned)
 
     def ph_dump(self, args):
         """Extension: a query answered in pages of max_results entries, for exports.
@@ -2754,27 +2813,17 @@ class PhSession:
         so the page holding entry N (the last) is the end; after it `dump` gives 501.
         """
         if args:
-            cut = next((i for i, t in enumerate(args) if t.sep), len(args))
-            selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
-            returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
+            selection, returned, errors = self.parse_query(args)
             if errors:
                 return "".join(errors) + line(500, "Did not understand query.")
             self.cursor = [self.store.select(selection, self.tenant), 0, returned]
         if not self.cursor or self.cursor[1] >= len(self.cursor[0]):
             self.cursor = None
             return line(501, "No matches to your query.")
-        ids, start, (fields, width, explicit) = self.cursor
+        ids, start, returned = self.cursor
         page = ids[start:start + self.config.max_results]
         self.cursor[1] = start + len(page)
-        alls = self.schema.defaults if fields == "default" else self.schema.all
-        out = [count_line(len(ids))]
-        for n, rid in enumerate(page, start + 1):
-            record = self.store.get(rid)
-            if record is not None:
-                chosen = alls[record["type"]] if type(fields) is str else fields
-                out.extend(format_entry(n, record, chosen, width, explicit))
-        out.append("200:Ok.\n")
-        return "".join(out)
+        return self.format_entries(page, len(ids), start + 1, returned)
 
     def return_fields(self, tokens, has_return, errors):
         """(fields or 'default'/'all', label width, explicit) for a query's return clause."""
@@ -2842,7 +2891,7 @@ class PhSession:
 
     async def commit(self, ops, success):
         """Commit ``ops`` with the audit line of ``success``; the reply to send."""
-        audit = self.server.audit_line(self, success)
+        audit = self.server.audit_entry(self, success)
         try:
             await self.store.commit(ops, audit)
         except StoreError as e:
@@ -3150,13 +3199,12 @@ class PhServer:
         return ring.verify(alias, challenge.encode(), answer, peer[0] if peer else None,
                            time.time())
 
-    def audit_line(self, session, reply):
-        """(log, line) auditing ``session``'s current write, or None without an audit log."""
+    def audit_entry(self, session, reply):
+        """The audit entry of ``session``'s current write, or None without an audit log."""
         if self.auditlog is None:
             return None
         peer = session.peer[0] if session.peer else None
-        return self.auditlog, self.auditlog.entry(time.time(), session.user, peer,
-                                                  session.request, reply)
+        return self.auditlog.entry(time.time(), session.user, peer, session.request, reply)
 
     def audit(self, session, request, reply):
         """Append a refused or failed write to the audit log (lab and enterprise tiers)."""
@@ -4559,6 +4607,8 @@ def cmd_serve(args):
         metrics_at = parse_hostport(args.metrics or f"{host}:{METRICS_PORT}", METRICS_PORT,
                                     "--metrics")
     keys, audit = open_keys(args)
+    if audit is not None:
+        store.attach_audit(audit)
     asyncio.run(serve(store, config, host, port, log_to_stderr, metrics_at, keys, audit))
     return EXIT_OK
 

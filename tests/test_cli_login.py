@@ -1,5 +1,6 @@
 """ph and mdb log in with an SSH key when the server asks: agent, key file, or a clear error."""
 
+import json
 import os
 import shutil
 import signal
@@ -162,3 +163,28 @@ def test_keys_cli_over_the_wire_as_admin(tmp_path, keys):
     finally:
         server.kill()
     assert "mallory" not in (data / "authorized_keys").read_text()
+
+
+def test_audit_lines_lost_in_a_crash_come_back_from_the_journal(tmp_path, keys):
+    server = lab_server(tmp_path, keys)
+    key = ["--as", "alice", "--key", str(keys["alice"])]
+    try:
+        for n in range(3):
+            assert ph(server, tmp_path, *key, "add", f"alias=c{n}", f"name=C {n}").returncode == 0
+    finally:
+        server.kill()                                   # a crash: no clean shutdown
+    log = tmp_path / "data" / "audit.log"
+    lines = log.read_text().splitlines()               # refusals (506 before the login) too
+    assert [json.loads(x)["seq"] for x in lines if "seq" in json.loads(x)] == [1, 2, 3]
+    cut = [n for n, x in enumerate(lines) if json.loads(x).get("seq") == 2][0]
+    log.write_text("".join(x + "\n" for x in lines[:cut]))   # the rest never reached the disk
+    again = ServerProcess(tmp_path / "data", "--tier", "lab").start()
+    try:
+        assert "restored 2 audit log line(s) from the journal" in again.read_stderr()
+    finally:
+        again.kill()
+    restored = log.read_text().splitlines()
+    assert restored[:cut] == lines[:cut]
+    assert [json.loads(x)["seq"] for x in restored[cut:]] == [2, 3]
+    assert [json.loads(x) for x in restored[cut:]] == \
+        [json.loads(x) for x in lines if json.loads(x).get("seq") in (2, 3)]

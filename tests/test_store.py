@@ -141,7 +141,9 @@ def test_snapshot_header_and_trailer(tmp_path):
 
 def test_journal_line_checks_its_crc():
     raw = pharos.encode_journal(5, [(3, {"type": "person", "alias": "a"})])
-    assert pharos.decode_journal(raw) == (5, [(3, {"type": "person", "alias": "a"})])
+    assert pharos.decode_journal(raw) == (5, [(3, {"type": "person", "alias": "a"})], None)
+    with_audit = pharos.encode_journal(6, [(3, None)], '{"user": "a"}')
+    assert pharos.decode_journal(with_audit) == (6, [(3, None)], '{"user": "a"}')
     for broken in (raw[:-1], raw.replace(b'"a"', b'"b"'), b"zzzzzzzz " + raw[9:]):
         with pytest.raises(ValueError):
             pharos.decode_journal(broken)
