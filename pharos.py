@@ -685,6 +685,24 @@ class FieldIndex:
         self.fresh = set()
         self.keys_of = keys_of
 
+    def add_value(self, value, rid):
+        """Index one stored value of record ``rid`` (quick path: a one-word value)."""
+        lower = value.lower()
+        if self.keys_of is value_keys and WORD_SPLIT_RE.search(lower):
+            self.add(value_keys(value), rid)
+            return
+        postings = self.postings
+        current = postings.get(lower)
+        if current is None:
+            postings[lower] = rid
+            if self.sorted is not None:
+                self.fresh.add(lower)
+        elif type(current) is int:
+            if current != rid:
+                postings[lower] = {current, rid}
+        else:
+            current.add(rid)
+
     def add(self, keys, rid):
         postings = self.postings
         for key in keys:
@@ -773,9 +791,9 @@ class Directory:
             if fidx is not None:
                 if type(value) is list:
                     for item in value:
-                        fidx.add(fidx.keys_of(item), rid)
+                        fidx.add_value(item, rid)
                 else:
-                    fidx.add(fidx.keys_of(value), rid)
+                    fidx.add_value(value, rid)
         if rid >= self.next_id:
             self.next_id = rid + 1
         return old
@@ -858,6 +876,9 @@ class Directory:
 
 
 # SECTION: Storage — MemoryStore, FileStore (journal, snapshot, lock)
+
+SHARED_VALUE_FIELDS = ("type", "source", "status", "created", "modified", "tenant")
+
 
 class MemoryStore:
     """The Store protocol over a Directory; nothing persists (the dev tier's store)."""
@@ -975,7 +996,7 @@ class MemoryStore:
         for n, pair in enumerate(pairs):
             try:
                 rid, record = pair
-                for name in ("type", "source", "status"):
+                for name in SHARED_VALUE_FIELDS:
                     if name in record:
                         record[name] = common.setdefault(record[name], record[name])
                 put(rid, record)
@@ -2641,6 +2662,9 @@ HELP_TOPICS = {
              "key: printf %s CHALLENGE | ssh-keygen -Y sign -n pharos -f ~/.ssh/id_ed25519\n"
              "and send the base64 between the armor lines, joined, as: answer <base64>.\n"
              "logout ends the session.",
+    "dump": "dump selection [return field ... | return all]\n"
+            "Like query, but pages of at most max-results entries numbered through the\n"
+            "whole answer (the 102 line gives its size); a bare dump sends the next page.",
     "keys": "keys [list] | keys add <allowed_signers line> | keys remove <fingerprint|user>\n"
             "Manage the authorized SSH keys (admin keys only). A line looks like:\n"
             "alice role=\"writer\",tenant=\"teama\" ssh-ed25519 AAAA... comment",
