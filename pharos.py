@@ -12,10 +12,10 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Schema      — fields, properties, validation and normalisation of records
     Protocol    — Ph request tokenizer and reply formatting (pure, no I/O)
     Query       — query plans, the inverted index and matching
+    Metrics     — counters, histograms, /proc readings and the Prometheus text format
     Storage     — MemoryStore, FileStore (journal, snapshot, lock)
     SSH         — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
     Auth        — the key list, logins, tiers, roles, tenants and the audit log
-    Metrics     — counters, histograms, /proc readings and the Prometheus text format
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
     HTTP        — metrics, health and readiness on http.server, in a thread beside the loop
     Client      — the asyncio Ph client core shared by every command-line tool
@@ -169,18 +169,21 @@ class Field:
 
 
 def check_alias(value):
+    """An alias as given; RecordError unless 1-32 letters, digits, '.', '_' or '-'."""
     if not ALIAS_RE.match(value):
         raise RecordError(f"alias {value!r} must be 1-32 letters, digits, '.', '_' or '-'")
     return value
 
 
 def check_hostname(value):
+    """A host name as given; RecordError unless it is a valid DNS host name."""
     if not HOSTNAME_RE.match(value):
         raise RecordError(f"hostname {value!r} is not a valid host name")
     return value
 
 
 def check_ip(value):
+    """An IPv4 or IPv6 address in canonical form; RecordError if it is not one."""
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -188,6 +191,7 @@ def check_ip(value):
 
 
 def check_mac(value):
+    """A MAC address as lower-case aa:bb:cc:dd:ee:ff; RecordError if it is not one."""
     digits = re.sub(r"[:.-]", "", value.lower())
     if not MAC_HEX_RE.match(digits) or (":" in value and len(value.split(":")) != 6):
         raise RecordError(f"mac {value!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
@@ -195,18 +199,21 @@ def check_mac(value):
 
 
 def check_email(value):
+    """An email address as given; RecordError unless it looks like name@domain."""
     if not EMAIL_RE.match(value):
         raise RecordError(f"email {value!r} is not an address like name@example.org")
     return value
 
 
 def check_url(value):
+    """A URL as given; RecordError unless it has a scheme, :// and no spaces."""
     if not URL_RE.match(value):
         raise RecordError(f"url {value!r} is not a URL like https://example.org/")
     return value
 
 
 def check_service(value):
+    """A service as port/name, the name lower-cased; RecordError if malformed."""
     match = SERVICE_RE.match(value)
     if not match or not 0 < int(match.group(1)) < 65536:
         raise RecordError(f"service {value!r} must look like 22/ssh (port/name)")
@@ -214,12 +221,14 @@ def check_service(value):
 
 
 def check_tag(value):
+    """A tag as given; RecordError unless one word of letters, digits or ._:/+@-."""
     if not TAG_RE.match(value):
         raise RecordError(f"tag {value!r} must be one word of letters, digits or ._:/+@-")
     return value
 
 
 def check_type(value):
+    """A record type, lower-cased; RecordError unless person or machine."""
     value = value.lower()
     if value not in RECORD_TYPES:
         raise RecordError(f"type must be person or machine, not {value!r}")
@@ -227,6 +236,7 @@ def check_type(value):
 
 
 def check_status(value):
+    """A machine status, lower-cased; RecordError unless online, offline or unknown."""
     value = value.lower()
     if value not in ("online", "offline", "unknown"):
         raise RecordError(f"status must be online, offline or unknown, not {value!r}")
@@ -463,8 +473,8 @@ def clean_request(raw):
 
 def printable(text, limit=64):
     """Text from a client made safe to echo in a reply line."""
-    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return text + ("..." if len(text) >= limit else "")
+    cut = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cut + ("..." if len(text) > limit else "")
 
 
 def line(code, text):
@@ -478,6 +488,7 @@ def more(code, text):
 
 
 def plural(count, one, many):
+    """``count`` and its noun: ``one`` when the count is 1, else ``many``."""
     return f"{count} {one if count == 1 else many}"
 
 
@@ -535,6 +546,7 @@ def format_fields(fields):
 
 
 def count_line(count):
+    """The 102 line saying how many entries match (was/were agreeing with ``count``)."""
     if count == 1:
         return "102:There was 1 match to your request.\n"
     return f"102:There were {count} matches to your request.\n"
@@ -572,6 +584,7 @@ class Term:
         return any(self.matches_key(k) for k in (keys_of or value_keys)(value))
 
     def matches_key(self, key):
+        """Whether the pattern matches one index key (equal, or by its wildcards)."""
         return self.regex.match(key) is not None if self.regex else key == self.pattern
 
 
@@ -618,6 +631,7 @@ class Selection:
         self.terms, self.types = terms, types
 
     def has_key(self):
+        """Whether any term is usable as a key (qi's rule, see Term.is_key)."""
         return any(t.is_key() for t in self.terms)
 
 
@@ -658,6 +672,7 @@ def parse_selection(schema, tokens, hint=None):
 
 
 def posting_remove(postings, key, rid):
+    """Take ``rid`` out of the posting of ``key``; a set left with one id becomes that int."""
     current = postings.get(key)
     if current is None:
         return
@@ -704,6 +719,7 @@ class FieldIndex:
             current.add(rid)
 
     def add(self, keys, rid):
+        """Post record ``rid`` under each of ``keys``."""
         postings = self.postings
         for key in keys:
             current = postings.get(key)
@@ -718,6 +734,7 @@ class FieldIndex:
                 current.add(rid)
 
     def exact(self, key):
+        """The ids posted under ``key`` as a set (the live posting set itself, if any)."""
         found = self.postings.get(key)
         if found is None:
             return set()
@@ -768,13 +785,16 @@ class Directory:
         return len(self.records)
 
     def count(self, rtype):
+        """How many records of type ``rtype`` there are."""
         return len(self.index["type"].exact(rtype))
 
     def key_owner(self, rtype, key, tenant=""):
+        """The id of the ``rtype`` record keyed ``key`` in ``tenant`` (any case), or None."""
         return self.keys.get((tenant, rtype, key.lower()))
 
     @staticmethod
     def key_slot(record):
+        """The (tenant, type, lower-cased key) a record takes in ``keys``."""
         rtype = record["type"]
         return (record.get("tenant", ""), rtype, record[KEY_FIELD[rtype]].lower())
 
@@ -799,6 +819,7 @@ class Directory:
         return old
 
     def drop(self, rid):
+        """Remove record ``rid`` and its index entries; return the old record or None."""
         old = self.records.pop(rid, None)
         if old is not None:
             self._unindex(rid, old)
@@ -815,6 +836,7 @@ class Directory:
                     posting_remove(fidx.postings, key, rid)
 
     def term_ids(self, term, types):
+        """Ids matching ``term`` from the index (a bare word: the bare fields of ``types``)."""
         if term.field is not None:
             return self.index[term.field.name].search(term)
         found = set()
@@ -824,6 +846,7 @@ class Directory:
         return found
 
     def term_matches(self, term, record):
+        """Whether ``record`` itself matches ``term`` (checked on its values, not the index)."""
         if term.field is not None:
             names = (term.field.name,)
         else:
@@ -871,8 +894,137 @@ class Directory:
 
     @staticmethod
     def sort_key(record):
+        """Human order: people before machines, then by key ignoring case."""
         rtype = record["type"]
         return (rtype != PERSON, record[KEY_FIELD[rtype]].lower())
+
+
+# SECTION: Metrics — counters, histograms, /proc readings and the Prometheus text format
+
+LATENCY_BUCKETS = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                   0.025, 0.05, 0.1, 0.25, 1.0)
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Counts per bucket (not cumulative, so a reader never sees count < a bucket) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        """Count ``value`` in the first bucket whose bound is at least it; add it to the sum."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Metrics:
+    """Everything the server counts; plain numbers updated on the event loop."""
+
+    def __init__(self):
+        self.requests = {}                      # (command, class) -> count
+        self.latency = {}                       # command -> Histogram
+        self.connections_total = 0
+        self.connections_refused = 0
+        self.logins = {"ok": 0, "failed": 0}
+
+    def observe(self, command, code_class, seconds):
+        """Count one request of ``command`` by reply class and record how long it took."""
+        key = (command, code_class)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.latency.get(command)
+        if histogram is None:
+            histogram = self.latency[command] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
+
+
+def prom_escape(value):
+    """A label value escaped for the Prometheus text format (backslash, newline, quote)."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prom_number(value):
+    """A sample value as Prometheus text, with +Inf, -Inf and NaN spelled its way."""
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {"inf": "+Inf", "-inf": "-Inf"}.get(str(value), "NaN")
+        return repr(value)
+    return str(value)
+
+
+def prom_bound(bound):
+    """One fixed text per bucket bound: le is a label, so "5" and "5.0" would differ."""
+    text = f"{bound:.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def prom_labels(labels):
+    """The {k="v",...} text of (name, value) label pairs, or "" when there are none."""
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{prom_escape(v)}"' for k, v in labels) + "}"
+
+
+def prom_family(out, name, kind, help_text, samples):
+    """Append one metric family: HELP, TYPE, then its samples [(labels, value)]."""
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+    for labels, value in samples:
+        out.append(f"{name}{prom_labels(labels)} {prom_number(value)}\n")
+
+
+def prom_histograms(out, name, help_text, series):
+    """Append a histogram family from [(labels, Histogram)]."""
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
+    for labels, histogram in series:
+        counts, total = list(histogram.counts), 0
+        for bound, count in zip(histogram.bounds, counts):
+            total += count
+            out.append(f"{name}_bucket{prom_labels(labels + (('le', prom_bound(bound)),))} "
+                       f"{total}\n")
+        total += counts[-1]
+        out.append(f"{name}_bucket{prom_labels(labels + (('le', '+Inf'),))} {total}\n")
+        out.append(f"{name}_sum{prom_labels(labels)} {prom_number(histogram.sum)}\n")
+        out.append(f"{name}_count{prom_labels(labels)} {total}\n")
+
+
+def process_stats():
+    """The standard process_* values, from /proc on Linux (os.times elsewhere)."""
+    import resource
+    stats = {"cpu": sum(os.times()[:2]), "max_fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            btime = next(int(x.split()[1]) for x in f if x.startswith("btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        stats["cpu"] = (int(fields[11]) + int(fields[12])) / ticks
+        stats["start"] = btime + int(fields[19]) / ticks
+        stats["rss"] = int(fields[21]) * resource.getpagesize()
+        stats["open_fds"] = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    if stats["max_fds"] == resource.RLIM_INFINITY:
+        stats["max_fds"] = float("inf")
+    return stats
+
+
+def render_process(out, stats):
+    """Append the standard process_* families for the readings present in ``stats``."""
+    for key, name, kind, help_text in (
+            ("cpu", "process_cpu_seconds_total", "counter",
+             "Total user and system CPU time spent in seconds."),
+            ("rss", "process_resident_memory_bytes", "gauge", "Resident memory size in bytes."),
+            ("open_fds", "process_open_fds", "gauge", "Number of open file descriptors."),
+            ("max_fds", "process_max_fds", "gauge", "Maximum number of open file descriptors."),
+            ("start", "process_start_time_seconds", "gauge",
+             "Start time of the process since unix epoch in seconds.")):
+        if key in stats:
+            prom_family(out, name, kind, help_text, [((), stats[key])])
 
 
 # SECTION: Storage — MemoryStore, FileStore (journal, snapshot, lock)
@@ -892,12 +1044,14 @@ class MemoryStore:
         self.audit_log = None
 
     def open(self):
+        """Nothing to open or load; the store itself."""
         return self
 
     async def close(self):
         """Finish pending writes and release resources."""
 
     def describe(self):
+        """The storage as the start-up log names it: memory."""
         return "memory"
 
     def unwritable(self):
@@ -905,9 +1059,11 @@ class MemoryStore:
         return self.readonly
 
     def get(self, rid):
+        """The record with id ``rid``, or None."""
         return self.directory.records.get(rid)
 
     def select(self, selection, tenant=None):
+        """Ids of the records matching ``selection`` (in ``tenant`` unless None), in order."""
         return self.directory.select(selection, tenant)
 
     def apply(self, ops):
@@ -1012,6 +1168,7 @@ LOCK = "lock"
 
 
 def journal_name(first_seq):
+    """The journal segment file name for entries starting at ``first_seq``."""
     return f"journal-{first_seq:016d}.jsonl"
 
 
@@ -1043,6 +1200,7 @@ def decode_journal(raw):
 
 
 def check_op(op):
+    """One journal op as (id, record or None); ValueError if its shape is wrong."""
     rid, record = op
     if type(rid) is not int or rid < 1 or (record is not None and not valid_record(record)):
         raise ValueError(f"bad operation {str(op)[:80]}")
@@ -1061,6 +1219,7 @@ def valid_record(record):
 
 
 def fsync_dir(path):
+    """fsync the directory ``path``, so files created or renamed in it are durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -1096,6 +1255,7 @@ def write_snapshot(path, seq, next_id, records):
 
 
 def snapshot_error(name, lineno, reason):
+    """The DataError for a corrupt snapshot line, naming the file, line and reason."""
     return DataError(f"{name} line {lineno}: corrupt record ({reason}); "
                      f"refusing to start: restore the file or move it away")
 
@@ -1155,6 +1315,7 @@ def snapshot_trailer(name, lineno, raw, f):
 
 
 def check_snapshot_header(item):
+    """The snapshot header; ValueError unless it is a version 1 header with seq and next_id."""
     if type(item) is not dict or item.get("format") != SNAPSHOT_FORMAT:
         raise ValueError("not a Pharos snapshot header")
     if item.get("version") != 1:
@@ -1169,8 +1330,8 @@ def journal_segments(path):
     return sorted(n for n in os.listdir(path) if JOURNAL_RE.match(n))
 
 
-def read_journal(name, last):
-    """(entries, good_length, problem) for one segment; ``problem`` is (lineno, reason) or None."""
+def read_journal(name):
+    """(entries, good_length, problem) of one segment; problem is (lineno, reason, at_end)."""
     entries, offset = [], 0
     with open(name, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -1201,6 +1362,7 @@ class JournalWriter:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
 
     def submit(self, data, undo, audit=None):
+        """Queue ``data`` for the next batch; a future that is done once it is durable."""
         future = asyncio.get_running_loop().create_future()
         self.queue.append((data, future, undo, audit))
         if self.task is None:
@@ -1208,6 +1370,7 @@ class JournalWriter:
         return future
 
     async def run(self):
+        """Write the queue in batches (one write and fsync each) until it is empty."""
         loop = asyncio.get_running_loop()
         try:
             while self.queue:
@@ -1271,9 +1434,11 @@ class JournalWriter:
                 future.set_exception(StoreError(reason))
 
     def pending_undo(self):
+        """The undo ops of the writes queued but not yet written, oldest first."""
         return [undo for _, _, undo, _ in self.queue]
 
     async def drain(self):
+        """Wait until every queued write has been written."""
         while self.task is not None:
             await asyncio.shield(self.task)
 
@@ -1304,6 +1469,7 @@ class FileStore(MemoryStore):
         self.write_latency = Histogram(WRITE_BUCKETS)
 
     def describe(self):
+        """The storage as the start-up log names it: file and the data dir."""
         return f"file {self.path}"
 
     def open(self):
@@ -1317,6 +1483,7 @@ class FileStore(MemoryStore):
         return self
 
     def lock(self):
+        """Take the data dir's lock file (flock) and write our pid in it; DataError if held."""
         import fcntl
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -1335,11 +1502,13 @@ class FileStore(MemoryStore):
         self.lock_fd = fd
 
     def unlock(self):
+        """Release the data dir's lock, if held."""
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
 
     def load(self):
+        """Load the snapshot, replay the journal segments, open the newest one for appends."""
         seq, next_id, pairs = read_snapshot(self.path)
         self.load_records(pairs, os.path.join(self.path, SNAPSHOT))
         del pairs
@@ -1357,7 +1526,7 @@ class FileStore(MemoryStore):
     def replay(self, name, seq, last):
         """Apply one journal segment's entries newer than ``seq``; return the last seq."""
         full = os.path.join(self.path, name)
-        entries, good, problem = read_journal(full, last)
+        entries, good, problem = read_journal(full)
         for entry_seq, ops, audit in entries:
             if entry_seq > seq:
                 self.apply(ops)
@@ -1375,6 +1544,7 @@ class FileStore(MemoryStore):
         return seq
 
     def truncate(self, full, length):
+        """Cut journal segment ``full`` back to ``length`` bytes and fsync it."""
         try:
             with open(full, "r+b") as f:
                 f.truncate(length)
@@ -1383,6 +1553,7 @@ class FileStore(MemoryStore):
             raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
 
     def open_segment(self, name):
+        """The fd of journal segment ``name``, opened (created if new) for appends."""
         full = os.path.join(self.path, name)
         try:
             fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -1392,6 +1563,7 @@ class FileStore(MemoryStore):
         return fd
 
     async def commit(self, ops, audit=None):
+        """Apply ``ops`` and return once their journal entry is durable; StoreError if not."""
         if self.readonly:
             raise StoreError(self.readonly)
         undo = self.apply(ops)
@@ -1413,6 +1585,7 @@ class FileStore(MemoryStore):
         self.journal_audits = []
 
     def wrote(self, entries, nbytes, seconds):
+        """Count one written batch (its entries and bytes) and its write latency."""
         stats = self.stats
         stats["fsyncs"] += 1
         stats["entries"] += entries
@@ -1455,6 +1628,7 @@ class FileStore(MemoryStore):
         self.compacting.add_done_callback(self.compacted)
 
     def compact(self, seq, next_id, records, old_segments):
+        """In a thread: write the snapshot, delete the old segments; the time it finished."""
         write_snapshot(self.path, seq, next_id, records)
         if self.audit_log is not None:
             self.audit_log.sync()           # the journal going away held its lines too
@@ -1464,6 +1638,7 @@ class FileStore(MemoryStore):
         return time.time()
 
     def compacted(self, future):
+        """When a compaction ends: log its failure or note the new snapshot's time."""
         self.compacting = None
         if future.cancelled():
             return
@@ -1474,14 +1649,18 @@ class FileStore(MemoryStore):
             self.snapshot_time = future.result()
 
     async def close(self):
-        if self.writer:
-            await self.writer.drain()
-            if self.compacting is not None:
-                await asyncio.shield(self.compacting)
-            os.close(self.writer.fd)
-            self.writer.executor.shutdown(wait=True)
-            self.writer = None
-        self.unlock()
+        """Finish queued writes and any compaction, close the journal, release the lock."""
+        try:
+            if self.writer:
+                await self.writer.drain()
+                if self.compacting is not None:
+                    await asyncio.shield(self.compacting)
+        finally:
+            if self.writer:
+                os.close(self.writer.fd)
+                self.writer.executor.shutdown(wait=True)
+                self.writer = None
+            self.unlock()
 
 
 # SECTION: SSH — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
@@ -1500,6 +1679,7 @@ class SSHFormatError(PharosError):
 
 
 def ssh_string(data):
+    """``data`` as an SSH wire string: a uint32 length, then the bytes."""
     return struct.pack(">I", len(data)) + data
 
 
@@ -1512,33 +1692,39 @@ class SSHReader:
         self.data, self.pos = bytes(data), 0
 
     def take(self, n):
+        """The next ``n`` bytes; SSHFormatError if fewer are left."""
         if n < 0 or self.pos + n > len(self.data):
             raise SSHFormatError("truncated SSH data")
         self.pos += n
         return self.data[self.pos - n:self.pos]
 
     def u32(self):
+        """The next big-endian uint32."""
         return struct.unpack(">I", self.take(4))[0]
 
     def string(self, limit=1 << 16):
+        """The next SSH string's bytes; SSHFormatError if longer than ``limit``."""
         n = self.u32()
         if n > limit:
             raise SSHFormatError("SSH string too long")
         return self.take(n)
 
     def text(self, limit=256):
+        """The next SSH string decoded as UTF-8 (at most ``limit`` bytes)."""
         try:
             return self.string(limit).decode("utf-8")
         except UnicodeDecodeError:
             raise SSHFormatError("SSH text is not UTF-8") from None
 
     def mpint(self, limit=RSA_MAX_BITS // 8 + 1):
+        """The next mpint as an int; SSHFormatError if it is negative."""
         raw = self.string(limit)
         if raw and raw[0] & 0x80:
             raise SSHFormatError("negative mpint")
         return int.from_bytes(raw, "big")
 
     def end(self):
+        """Raise SSHFormatError unless every byte has been read."""
         if self.pos != len(self.data):
             raise SSHFormatError("trailing data")
 
@@ -1553,6 +1739,7 @@ ED_IDENTITY = (0, 1, 1, 0)
 
 
 def ed_add(p1, p2):
+    """The sum of two Ed25519 points in extended coordinates."""
     x1, y1, z1, t1 = p1
     x2, y2, z2, t2 = p2
     p = ED_P
@@ -1563,6 +1750,7 @@ def ed_add(p1, p2):
 
 
 def ed_double(p1):
+    """Twice an Ed25519 point in extended coordinates."""
     x1, y1, z1, _ = p1
     p = ED_P
     a, b, c = x1 * x1 % p, y1 * y1 % p, 2 * z1 * z1 % p
@@ -1574,11 +1762,13 @@ def ed_double(p1):
 
 
 def ed_is_identity(point):
+    """Whether an extended-coordinates point is the identity (x = 0, y = z)."""
     x, y, z, _ = point
     return x % ED_P == 0 and (y - z) % ED_P == 0
 
 
 def ed_encode(point):
+    """The 32-byte encoding of a point: y little-endian, the low bit of x on top."""
     x, y, z, _ = point
     zi = pow(z, ED_P - 2, ED_P)
     x, y = x * zi % ED_P, y * zi % ED_P
@@ -1620,6 +1810,7 @@ def ed_table(point):
 
 
 def ed_mul_table(table, k):
+    """``k`` times the point whose comb ``table`` (from ed_table) is given."""
     q, i = ED_IDENTITY, 0
     while k:
         if k & 15:
@@ -1634,6 +1825,7 @@ ED_BASE_TABLE = []                      # filled on first use (4 ms)
 
 
 def ed_mul_base(k):
+    """``k`` times the Ed25519 base point (its comb table built on first use)."""
     if not ED_BASE_TABLE:
         ED_BASE_TABLE.extend(ed_table(ED_BASE))
     return ed_mul_table(ED_BASE_TABLE, k)
@@ -1717,6 +1909,7 @@ JACOBIAN_INFINITY = (0, 1, 0)
 
 
 def jacobian_double(p1, p):
+    """Twice a Jacobian point on an a = -3 curve modulo ``p``."""
     x1, y1, z1 = p1
     if z1 == 0 or y1 == 0:
         return JACOBIAN_INFINITY
@@ -1728,6 +1921,7 @@ def jacobian_double(p1, p):
 
 
 def jacobian_add(p1, p2, p):
+    """The sum of two Jacobian points modulo ``p`` (doubling when they are equal)."""
     x1, y1, z1 = p1
     x2, y2, z2 = p2
     if z1 == 0:
@@ -1747,6 +1941,7 @@ def jacobian_add(p1, p2, p):
 
 
 def ec_decode_point(curve, data):
+    """(x, y) of an uncompressed point; SSHFormatError unless it lies on ``curve``."""
     if len(data) != 1 + 2 * curve.size or data[0] != 4:
         raise SSHFormatError("ECDSA key must be an uncompressed point")
     x = int.from_bytes(data[1:1 + curve.size], "big")
@@ -1811,10 +2006,12 @@ class PublicKey:
 
     @property
     def fingerprint(self):
+        """The OpenSSH fingerprint: SHA256: and the unpadded base64 digest of the blob."""
         digest = base64.b64encode(hashlib.sha256(self.blob).digest()).decode()
         return "SHA256:" + digest.rstrip("=")
 
     def openssh(self):
+        """The key as an OpenSSH public key line without a comment."""
         return f"{self.keytype} {base64.b64encode(self.blob).decode()}"
 
     def verify(self, data, sigblob):
@@ -1844,12 +2041,14 @@ class PublicKey:
             return False
 
     def verify_ed25519(self, data, sig, sigblob):
+        """Check an Ed25519 signature: through asyncssh when loaded, else pure Python."""
         if self.fast is not None:
             return len(sig) == 64 and int.from_bytes(sig[32:], "little") < ED_L and \
                 self.fast.verify(data, sigblob)
         return self.ed25519.verify(sig, data)
 
     def verify_rsa(self, hashname, data, sig, sigblob):
+        """Check an RSA signature: through asyncssh when loaded, else pure Python."""
         if self.fast is not None:
             return self.fast.verify(data, sigblob)
         return rsa_verify(*self.rsa, hashname, data, sig)
@@ -1871,6 +2070,7 @@ def sshsig_signed_data(namespace, message, hashalg):
 
 
 def sshsig_blob(pubkey_blob, namespace, hashalg, signature):
+    """An SSHSIG version 1 blob from its parts (the inverse of sshsig_parse)."""
     return (SSHSIG_MAGIC + struct.pack(">I", 1) + ssh_string(pubkey_blob)
             + ssh_string(namespace.encode()) + ssh_string(b"") + ssh_string(hashalg.encode())
             + ssh_string(signature))
@@ -1926,9 +2126,11 @@ class AgentClient:
             raise SSHFormatError(f"cannot reach ssh-agent at {path}: {e.strerror}") from None
 
     def close(self):
+        """Close the connection to the agent."""
         self.sock.close()
 
     def request(self, kind, body=b""):
+        """Send one agent message; (reply type, SSHReader over the rest of the reply)."""
         payload = bytes([kind]) + body
         self.sock.sendall(struct.pack(">I", len(payload)) + payload)
         size = struct.unpack(">I", self.receive(4))[0]
@@ -1938,6 +2140,7 @@ class AgentClient:
         return reply[0], SSHReader(reply[1:])
 
     def receive(self, n):
+        """Exactly ``n`` bytes from the agent; SSHFormatError if it closes first."""
         data = b""
         while len(data) < n:
             chunk = self.sock.recv(n - len(data))
@@ -2044,6 +2247,7 @@ def agent_signers(wanted=None):
 
 ROLES = ("reader", "writer", "admin")
 KEYS_FILE = "authorized_keys"
+MAX_KEYS_FILE = 4 * 1024 * 1024
 AUDIT_FILE = "audit.log"
 SESSION_ONLY_OPTIONS = frozenset((      # OpenSSH options about shell sessions: no bearing here
     "restrict", "no-agent-forwarding", "no-port-forwarding", "no-pty", "no-user-rc",
@@ -2311,6 +2515,7 @@ class KeyFile:
         return self.ring
 
     def stat(self):
+        """The file's (mtime_ns, size, inode), or None when it cannot be stat'd."""
         try:
             st = os.stat(self.path)
             return st.st_mtime_ns, st.st_size, st.st_ino
@@ -2318,15 +2523,19 @@ class KeyFile:
             return None
 
     def reload_if_changed(self):
+        """Reload the key ring if the file's stat differs from the last load's."""
         stamp = self.stat()
         if stamp != self.stamp:
             self.reload()
 
     def reload(self):
+        """Read the file into a new KeyRing (on a read error keep the old one); return it."""
         self.stamp = self.stat()
         try:
             with open(self.path, encoding="utf-8") as f:
-                text = f.read(4 * 1024 * 1024)
+                text = f.read(MAX_KEYS_FILE + 1)
+            if len(text) > MAX_KEYS_FILE:
+                raise OSError(errno.EFBIG, f"larger than {MAX_KEYS_FILE} bytes")
         except FileNotFoundError:
             text = ""
         except (OSError, UnicodeDecodeError) as e:
@@ -2352,6 +2561,7 @@ class KeyFile:
         return self.reload()
 
     def lines(self):
+        """The file's lines as text ([] when there is no file)."""
         try:
             with open(self.path, encoding="utf-8") as f:
                 return f.read().splitlines()
@@ -2432,12 +2642,14 @@ class LoginGuard:
         self.failures = {}                      # address -> (count, last monotonic time)
 
     def delay(self, address, now):
+        """Seconds to wait before answering a failed login from ``address``."""
         count, last = self.failures.get(address, (0, 0.0))
         if now - last > LOGIN_FAILURE_MEMORY:
             count = 0
         return min(LOGIN_MAX_DELAY, self.base_delay * (count + 1))
 
     def failed(self, address, now):
+        """Count a failed login from ``address`` (stale entries pruned past 10,000)."""
         count, last = self.failures.get(address, (0, 0.0))
         if now - last > LOGIN_FAILURE_MEMORY:
             count = 0
@@ -2447,6 +2659,7 @@ class LoginGuard:
             self.failures = {a: v for a, v in self.failures.items() if v[1] > cutoff}
 
     def succeeded(self, address):
+        """Forget the failures of ``address`` after a good login."""
         self.failures.pop(address, None)
 
 
@@ -2475,6 +2688,7 @@ class AuditLog:
             self.sync()
 
     def sync(self):
+        """Flush the audit log to disk (fdatasync)."""
         os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
 
     def last_seq(self):
@@ -2497,131 +2711,10 @@ class AuditLog:
         self.append(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
 
     def close(self):
+        """Close the audit log file (a second close does nothing)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-# SECTION: Metrics — counters, histograms, /proc readings and the Prometheus text format
-
-LATENCY_BUCKETS = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                   0.025, 0.05, 0.1, 0.25, 1.0)
-WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class Histogram:
-    """Counts per bucket (not cumulative, so a reader never sees count < a bucket) and a sum."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value):
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-class Metrics:
-    """Everything the server counts; plain numbers updated on the event loop."""
-
-    def __init__(self):
-        self.requests = {}                      # (command, class) -> count
-        self.latency = {}                       # command -> Histogram
-        self.connections_total = 0
-        self.connections_refused = 0
-        self.logins = {"ok": 0, "failed": 0}
-
-    def observe(self, command, code_class, seconds):
-        key = (command, code_class)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.latency.get(command)
-        if histogram is None:
-            histogram = self.latency[command] = Histogram(LATENCY_BUCKETS)
-        histogram.observe(seconds)
-
-
-def prom_escape(value):
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def prom_number(value):
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return {"inf": "+Inf", "-inf": "-Inf"}.get(str(value), "NaN")
-        return repr(value)
-    return str(value)
-
-
-def prom_bound(bound):
-    """One fixed text per bucket bound: le is a label, so "5" and "5.0" would differ."""
-    text = f"{bound:.6f}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
-
-
-def prom_labels(labels):
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{prom_escape(v)}"' for k, v in labels) + "}"
-
-
-def prom_family(out, name, kind, help_text, samples):
-    """Append one metric family: HELP, TYPE, then its samples [(labels, value)]."""
-    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
-    for labels, value in samples:
-        out.append(f"{name}{prom_labels(labels)} {prom_number(value)}\n")
-
-
-def prom_histograms(out, name, help_text, series):
-    """Append a histogram family from [(labels, Histogram)]."""
-    out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
-    for labels, histogram in series:
-        counts, total = list(histogram.counts), 0
-        for bound, count in zip(histogram.bounds, counts):
-            total += count
-            out.append(f"{name}_bucket{prom_labels(labels + (('le', prom_bound(bound)),))} "
-                       f"{total}\n")
-        total += counts[-1]
-        out.append(f"{name}_bucket{prom_labels(labels + (('le', '+Inf'),))} {total}\n")
-        out.append(f"{name}_sum{prom_labels(labels)} {prom_number(histogram.sum)}\n")
-        out.append(f"{name}_count{prom_labels(labels)} {total}\n")
-
-
-def process_stats():
-    """The standard process_* values, from /proc on Linux (os.times elsewhere)."""
-    import resource
-    stats = {"cpu": sum(os.times()[:2]), "max_fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat") as f:
-            btime = next(int(x.split()[1]) for x in f if x.startswith("btime "))
-        ticks = os.sysconf("SC_CLK_TCK")
-        stats["cpu"] = (int(fields[11]) + int(fields[12])) / ticks
-        stats["start"] = btime + int(fields[19]) / ticks
-        stats["rss"] = int(fields[21]) * resource.getpagesize()
-        stats["open_fds"] = len(os.listdir("/proc/self/fd"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        pass
-    if stats["max_fds"] == resource.RLIM_INFINITY:
-        stats["max_fds"] = float("inf")
-    return stats
-
-
-def render_process(out, stats):
-    for key, name, kind, help_text in (
-            ("cpu", "process_cpu_seconds_total", "counter",
-             "Total user and system CPU time spent in seconds."),
-            ("rss", "process_resident_memory_bytes", "gauge", "Resident memory size in bytes."),
-            ("open_fds", "process_open_fds", "gauge", "Number of open file descriptors."),
-            ("max_fds", "process_max_fds", "gauge", "Maximum number of open file descriptors."),
-            ("start", "process_start_time_seconds", "gauge",
-             "Start time of the process since unix epoch in seconds.")):
-        if key in stats:
-            prom_family(out, name, kind, help_text, [((), stats[key])])
 
 
 # SECTION: Server — PhSession (one ph_<verb> per command), connection loop, serve
@@ -2675,7 +2768,157 @@ HELP_TOPICS = {
 }
 
 
-class PhSession:
+class PhAuthVerbs:
+    """The login and key-management verbs of a PhSession (a mixin: PhSession holds the state)."""
+
+    # -- login ---------------------------------------------------------------
+
+    def ph_login(self, args):
+        """login <alias>: 301:<challenge> to sign; logs out whoever was logged in."""
+        words = self.raw_args.split()
+        if not words:
+            return line(599, "login:no name given.")
+        if len(words) > 1:
+            return line(599, "login:extra arguments.")
+        challenge = "".join(secrets.choice(CHALLENGE_ALPHABET) for _ in range(42))
+        self.pending_login = (words[0][:64], challenge, time.monotonic())
+        self.user = None
+        return line(301, challenge)
+
+    def login_problem(self, verb, args):
+        """The 599 reply when no login is pending or no argument is given, else None."""
+        if not self.pending_login:
+            return line(599, f"{verb}:there is no outstanding login.")
+        if not args:
+            return line(599, f"{verb}:no argument given.")
+        return None
+
+    async def ph_answer(self, args):
+        """answer <base64 SSHSIG>: 200:<alias>:Hi how are you? or, after a delay, 500."""
+        problem = self.login_problem("answer", args)
+        if problem:
+            return problem
+        alias, challenge, issued = self.pending_login
+        self.pending_login = None
+        now = time.monotonic()
+        if now - issued > LOGIN_TTL:
+            verified, reason = None, "the challenge expired"
+        else:
+            verified, reason = self.server.verify_login(alias, challenge, self.raw_args, self.peer)
+        address = self.peer[0] if self.peer else None
+        if verified is None:
+            self.server.metrics.logins["failed"] += 1
+            self.server.log(f"login as {printable(alias)} from {address} refused: {reason}")
+            delay = self.server.guard.delay(address, now)
+            self.server.guard.failed(address, now)
+            await asyncio.sleep(delay)
+            return line(500, "Login failed.")
+        self.server.metrics.logins["ok"] += 1
+        self.server.guard.succeeded(address)
+        self.user = verified
+        return line(200, f"{alias}:Hi how are you?")
+
+    def ph_clear(self, args):
+        """clear <password>: refused with 599 (only signature logins are allowed)."""
+        return self.refuse_method("clear", args)
+
+    def ph_email(self, args):
+        """email <address>: refused with 599 (only signature logins are allowed)."""
+        return self.refuse_method("email", args)
+
+    def refuse_method(self, verb, args):
+        """qi's password and email logins: parsed, then refused (only signatures are allowed)."""
+        problem = self.login_problem(verb, args)
+        if problem:
+            return problem
+        self.pending_login = None
+        return line(599, f"{verb}:Not allowed for challenge type(s) {AUTH_SSHSIG:#x}.")
+
+    def ph_xlogin(self, args):
+        """xlogin <method> ...: 529, the authentication method is unavailable."""
+        method = args[0].text() if args else "0"
+        return line(529, f"xlogin:Authentication method {printable(method, 8)} unavailable.")
+
+    def ph_klogin(self, args):
+        """klogin: 529, authentication method 8 (Kerberos) is unavailable."""
+        return line(529, "klogin:Authentication method 8 unavailable.")
+
+    def ph_logout(self, args):
+        """logout: 200:Ok. (500 when not logged in, 599 with an argument)."""
+        if args:
+            return line(599, "argument given on logout command.")
+        if self.user is None:
+            return line(500, "Not logged in.")
+        self.user = None
+        return line(200, "Ok.")
+
+    # -- key management (extension) -----------------------------------------
+
+    def ph_keys(self, args):
+        """keys [list | add <line> | remove <fingerprint|user>]: manage the key list."""
+        words = self.raw_args.split(None, 1)
+        action = words[0].lower() if words else "list"
+        rest = words[1].strip() if len(words) > 1 else ""
+        if self.server.keys is None:
+            return line(517, "This server keeps no key list (dev tier with memory storage).")
+        if action == "list" and not rest:
+            return self.keys_list()
+        if action == "add" and rest:
+            return self.keys_add(rest)
+        if action == "remove" and rest:
+            return self.keys_remove(rest)
+        return line(599, "keys:say keys list, keys add <line> or keys remove <fingerprint|user>.")
+
+    def visible_keys(self):
+        """Key-list entries this session may manage: all, or its own tenant's."""
+        tenant = self.tenant
+        return [e for e in self.server.keys.current().entries
+                if tenant is None or e.tenant == tenant]
+
+    def keys_list(self):
+        """keys list: 102, -200 lines per visible key, 200:Ok. (501 when there are none)."""
+        entries = self.visible_keys()
+        if not entries:
+            return line(501, "No keys.")
+        out = [count_line(len(entries))]
+        for n, entry in enumerate(entries, 1):
+            fields = [("user", entry.principals), ("role", entry.role), ("tenant", entry.tenant),
+                      ("key", f"{entry.key.keytype} {entry.key.fingerprint}"),
+                      ("comment", entry.comment)]
+            out.extend(f"-200:{n}:{name:>9}: {value}\n" for name, value in fields if value)
+        return "".join(out) + line(200, "Ok.")
+
+    def keys_add(self, text):
+        """keys add <line>: append an allowed_signers line to the key list; 200:Ok."""
+        try:
+            entry = parse_key_line(text)
+        except SSHFormatError as e:
+            return line(512, f"Illegal key line: {e}.")
+        if entry is None:
+            return line(599, "keys:add needs an allowed_signers line.")
+        if self.tenant is not None and entry.tenant != self.tenant:
+            return line(510, f"You may only add keys of tenant {self.tenant} "
+                             f"(add tenant=\"{self.tenant}\").")
+        for other in self.server.keys.current().entries:
+            if other.key.blob == entry.key.blob and other.principals == entry.principals:
+                return line(509, f"That key is already listed for {entry.principals}.")
+        self.server.keys.write_lines(self.server.keys.lines() + [entry.text])
+        return line(200, "Ok.")
+
+    def keys_remove(self, which):
+        """keys remove <fingerprint|user>: drop the matching keys, never the last admin."""
+        mine = {e.lineno for e in self.visible_keys() if which in (e.key.fingerprint, e.principals)}
+        if not mine:
+            return line(501, "No matching keys.")
+        ring = self.server.keys.current()
+        if not any(e.role == "admin" for e in ring.entries if e.lineno not in mine):
+            return line(510, "That would remove the last admin key.")
+        kept = [text for n, text in enumerate(self.server.keys.lines(), 1) if n not in mine]
+        self.server.keys.write_lines(kept)
+        return line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
+
+
+class PhSession(PhAuthVerbs):
     """The state of one Ph connection and one handler (ph_<verb>) per command."""
 
     def __init__(self, server, peer):
@@ -2740,11 +2983,13 @@ class PhSession:
     # -- reads ---------------------------------------------------------------
 
     def ph_status(self, args):
+        """status: 200:Database ready. (201 when read-only)."""
         if self.store.readonly:
             return line(201, f"Database ready, read only ({self.store.readonly}).")
         return line(200, "Database ready.")
 
     def ph_siteinfo(self, args):
+        """siteinfo: -200 lines of site facts (admin, tier, login method), then 200:Ok."""
         items = [("maildomain", ""), ("mailfield", "email"), ("administrator", self.config.admin),
                  ("passwords", self.config.admin), ("mailbox", "email"), ("charset", "UTF-8"),
                  ("server", f"pharos {__version__}"), ("tier", self.config.tier),
@@ -2754,12 +2999,14 @@ class PhSession:
         return "".join(out) + line(200, "Ok.")
 
     def ph_id(self, args):
+        """id <client>: note the client (ph and mdb narrow queries); 200:Thanks."""
         if args:
             self.client_id = args[0].text()[:64]
             self.type_hint = CLIENT_TYPES.get(self.client_id.lower())
         return line(200, "Thanks.")
 
     def ph_fields(self, args):
+        """fields [name ...]: -200 lines per field, then 200:Ok. (599 for unknown names)."""
         if not args:
             return "".join(format_fields(self.schema.fields)) + line(200, "Ok.")
         wanted, errors = [], []
@@ -2776,6 +3023,7 @@ class PhSession:
         return "".join(format_fields(wanted)) + line(200, "Ok.")
 
     def ph_help(self, args):
+        """help [topic ...]: -200 lines of help (or the topic list), 200:Ok. (500 if none)."""
         words = [t.text() for t in args]
         if words and words[0] in ("native", "client", "ph"):
             words = words[1:]
@@ -2816,6 +3064,7 @@ class PhSession:
         return "".join(out)
 
     def ph_query(self, args):
+        """query selection [return ...]: 102, entry lines, 200:Ok. (501 none, 502 too many)."""
         selection, returned, errors = self.parse_query(args)
         if not errors and not selection.has_key():
             errors += [more(515, "no non-null key field in query."),
@@ -2909,6 +3158,7 @@ class PhSession:
         raise RecordError("say type=person or type=machine")
 
     def write_refused(self):
+        """The 517 reply when the store is read-only, else None."""
         if self.store.readonly:
             return line(517, "changes not allowed to read-only database.")
         return None
@@ -2924,6 +3174,7 @@ class PhSession:
         return success
 
     async def ph_add(self, args):
+        """add field=value ...: 200:Ok. once the new record is durable (599 if refused)."""
         refused = self.write_refused()
         if refused:
             return refused
@@ -2954,6 +3205,7 @@ class PhSession:
         return ids, None
 
     async def ph_change(self, args):
+        """change selection make field=value ...: 200:N entries changed. (500 if some fail)."""
         refused = self.write_refused()
         if refused:
             return refused
@@ -2995,6 +3247,7 @@ class PhSession:
         return keep, errors
 
     async def ph_delete(self, args):
+        """delete selection: 200:N entries deleted. (501 no match, 518 over the limit)."""
         refused = self.write_refused()
         if refused:
             return refused
@@ -3012,6 +3265,7 @@ class PhSession:
     # -- options -------------------------------------------------------------
 
     def ph_set(self, args):
+        """set [option[=value] ...]: list or set session options; 200:Done. (513 if none)."""
         if not args:
             out = [more(200, f"{name}:{value}") for name, value in self.options.items()]
             return "".join(out) + line(200, "Done.")
@@ -3051,142 +3305,9 @@ class PhSession:
         self.options[name] = value
         return None
 
-    # -- login ---------------------------------------------------------------
-
-    def ph_login(self, args):
-        words = self.raw_args.split()
-        if not words:
-            return line(599, "login:no name given.")
-        if len(words) > 1:
-            return line(599, "login:extra arguments.")
-        challenge = "".join(secrets.choice(CHALLENGE_ALPHABET) for _ in range(42))
-        self.pending_login = (words[0][:64], challenge, time.monotonic())
-        self.user = None
-        return line(301, challenge)
-
-    def login_problem(self, verb, args):
-        if not self.pending_login:
-            return line(599, f"{verb}:there is no outstanding login.")
-        if not args:
-            return line(599, f"{verb}:no argument given.")
-        return None
-
-    async def ph_answer(self, args):
-        problem = self.login_problem("answer", args)
-        if problem:
-            return problem
-        alias, challenge, issued = self.pending_login
-        self.pending_login = None
-        now = time.monotonic()
-        if now - issued > LOGIN_TTL:
-            verified, reason = None, "the challenge expired"
-        else:
-            verified, reason = self.server.verify_login(alias, challenge, self.raw_args, self.peer)
-        address = self.peer[0] if self.peer else None
-        if verified is None:
-            self.server.metrics.logins["failed"] += 1
-            self.server.log(f"login as {printable(alias)} from {address} refused: {reason}")
-            delay = self.server.guard.delay(address, now)
-            self.server.guard.failed(address, now)
-            await asyncio.sleep(delay)
-            return line(500, "Login failed.")
-        self.server.metrics.logins["ok"] += 1
-        self.server.guard.succeeded(address)
-        self.user = verified
-        return line(200, f"{alias}:Hi how are you?")
-
-    def ph_clear(self, args):
-        return self.refuse_method("clear", args)
-
-    def ph_email(self, args):
-        return self.refuse_method("email", args)
-
-    def refuse_method(self, verb, args):
-        """qi's password and email logins: parsed, then refused (only signatures are allowed)."""
-        problem = self.login_problem(verb, args)
-        if problem:
-            return problem
-        self.pending_login = None
-        return line(599, f"{verb}:Not allowed for challenge type(s) {AUTH_SSHSIG:#x}.")
-
-    def ph_xlogin(self, args):
-        method = args[0].text() if args else "0"
-        return line(529, f"xlogin:Authentication method {printable(method, 8)} unavailable.")
-
-    def ph_klogin(self, args):
-        return line(529, "klogin:Authentication method 8 unavailable.")
-
-    def ph_logout(self, args):
-        if args:
-            return line(599, "argument given on logout command.")
-        if self.user is None:
-            return line(500, "Not logged in.")
-        self.user = None
-        return line(200, "Ok.")
-
     def ph_quit(self, args):
+        """quit, exit or stop: 200:Bye! (the connection then closes)."""
         return line(200, "Bye!")
-
-    # -- key management (extension) -----------------------------------------
-
-    def ph_keys(self, args):
-        words = self.raw_args.split(None, 1)
-        action = words[0].lower() if words else "list"
-        rest = words[1].strip() if len(words) > 1 else ""
-        if self.server.keys is None:
-            return line(517, "This server keeps no key list (dev tier with memory storage).")
-        if action == "list" and not rest:
-            return self.keys_list()
-        if action == "add" and rest:
-            return self.keys_add(rest)
-        if action == "remove" and rest:
-            return self.keys_remove(rest)
-        return line(599, "keys:say keys list, keys add <line> or keys remove <fingerprint|user>.")
-
-    def visible_keys(self):
-        """Key-list entries this session may manage: all, or its own tenant's."""
-        tenant = self.tenant
-        return [e for e in self.server.keys.current().entries
-                if tenant is None or e.tenant == tenant]
-
-    def keys_list(self):
-        entries = self.visible_keys()
-        if not entries:
-            return line(501, "No keys.")
-        out = [count_line(len(entries))]
-        for n, entry in enumerate(entries, 1):
-            fields = [("user", entry.principals), ("role", entry.role), ("tenant", entry.tenant),
-                      ("key", f"{entry.key.keytype} {entry.key.fingerprint}"),
-                      ("comment", entry.comment)]
-            out.extend(f"-200:{n}:{name:>9}: {value}\n" for name, value in fields if value)
-        return "".join(out) + line(200, "Ok.")
-
-    def keys_add(self, text):
-        try:
-            entry = parse_key_line(text)
-        except SSHFormatError as e:
-            return line(512, f"Illegal key line: {e}.")
-        if entry is None:
-            return line(599, "keys:add needs an allowed_signers line.")
-        if self.tenant is not None and entry.tenant != self.tenant:
-            return line(510, f"You may only add keys of tenant {self.tenant} "
-                             f"(add tenant=\"{self.tenant}\").")
-        for other in self.server.keys.current().entries:
-            if other.key.blob == entry.key.blob and other.principals == entry.principals:
-                return line(509, f"That key is already listed for {entry.principals}.")
-        self.server.keys.write_lines(self.server.keys.lines() + [entry.text])
-        return line(200, "Ok.")
-
-    def keys_remove(self, which):
-        mine = {e.lineno for e in self.visible_keys() if which in (e.key.fingerprint, e.principals)}
-        if not mine:
-            return line(501, "No matching keys.")
-        ring = self.server.keys.current()
-        if not any(e.role == "admin" for e in ring.entries if e.lineno not in mine):
-            return line(510, "That would remove the last admin key.")
-        kept = [text for n, text in enumerate(self.server.keys.lines(), 1) if n not in mine]
-        self.server.keys.write_lines(kept)
-        return line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
 
 
 class Connection:
@@ -3240,12 +3361,14 @@ class PhServer:
                 self.log(f"cannot write the audit log: {e.strerror}")
 
     async def start(self, host, port):
+        """Listen on ``host``:``port``, start the idle sweeper; the (host, port) bound."""
         self.listener = await asyncio.start_server(self.handle, host, port, limit=MAX_LINE,
                                                    backlog=1024, reuse_address=True)
         self.sweeper = asyncio.ensure_future(self.sweep())
         return self.listener.sockets[0].getsockname()[:2]
 
     async def handle(self, reader, writer):
+        """Serve one connection until it ends (400 and close when over the cap)."""
         loop = asyncio.get_running_loop()
         self.metrics.connections_total += 1
         if len(self.connections) >= self.config.max_connections or self.closing:
@@ -3269,6 +3392,7 @@ class PhServer:
                 self.idle.set()
 
     async def converse(self, conn, reader, writer, loop):
+        """The request loop: read a request, execute it, write the reply; until quit or EOF."""
         crlf, transport, observe = self.config.crlf, writer.transport, self.metrics.observe
         clock = time.perf_counter
         readuntil = reader.readuntil
@@ -3399,6 +3523,7 @@ def is_loopback(host):
 
 
 def format_address(host, port):
+    """HOST:PORT for messages, an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -3504,6 +3629,7 @@ def render_metrics(server, store, stats, now):
 
 
 def render_store(out, store, now):
+    """Append the store's families: records, machine status, writable, and journal stats."""
     directory = store.directory
     prom_family(out, "pharos_records", "gauge", "Records stored, by type.",
                 [((("type", t),), directory.count(t)) for t in RECORD_TYPES])
@@ -3553,6 +3679,7 @@ def metrics_handler_class(server, store):
         timeout = HTTP_TIMEOUT
 
         def parse_request(self):
+            """Parse as usual, then answer 405 to any method but GET and HEAD."""
             if not super().parse_request():
                 return False
             if self.command not in ("GET", "HEAD"):
@@ -3561,6 +3688,7 @@ def metrics_handler_class(server, store):
             return True
 
         def do_GET(self):
+            """Answer /metrics, /healthz or /readyz (503 when not ready); 404 elsewhere."""
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 body = render_metrics(server, store, process_stats(), time.time()).encode()
@@ -3578,6 +3706,7 @@ def metrics_handler_class(server, store):
         do_HEAD = do_GET
 
         def reply(self, code, content_type, body, headers=()):
+            """Send a response with ``body`` (headers only for HEAD)."""
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -3588,6 +3717,7 @@ def metrics_handler_class(server, store):
                 self.wfile.write(body)
 
         def log_message(self, *args):
+            """Log nothing: no stderr line per scrape."""
             pass
 
     return MetricsHandler
@@ -3606,12 +3736,18 @@ def start_metrics(server, store, host, port):
         slots = threading.BoundedSemaphore(HTTP_MAX_CLIENTS)
 
         def process_request(self, request, client_address):
+            """Start a thread for the request, or drop it when every slot is taken."""
             if not self.slots.acquire(blocking=False):
                 self.shutdown_request(request)
                 return
-            super().process_request(request, client_address)
+            try:
+                super().process_request(request, client_address)
+            except Exception:
+                self.slots.release()
+                raise
 
         def process_request_thread(self, request, client_address):
+            """Handle the request in its thread, then free its slot."""
             try:
                 super().process_request_thread(request, client_address)
             finally:
@@ -3759,6 +3895,7 @@ class PhClient:
         self.multi = BUILTIN_MULTI
 
     async def connect(self):
+        """Open the connection (PhError 421 if unreachable) and send `id` when set; self."""
         try:
             self.reader, self.writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=1 << 20), self.timeout)
@@ -3902,6 +4039,7 @@ class PhClient:
         raise PhError(500, f"login as {self.user} failed: {problem}")
 
     async def close(self):
+        """Close the connection, if open; the next command reconnects, logged out."""
         if self.writer is not None:
             self.writer.close()
             try:
@@ -4332,16 +4470,19 @@ def json_array_items(f, chunk=1 << 16):
     state = {"buf": "", "pos": 0, "mark": 0, "line": 1, "eof": False}
 
     def line_at(p):
+        """The line number at buffer offset ``p`` (offsets only move forward)."""
         state["line"] += state["buf"].count("\n", state["mark"], p)
         state["mark"] = p
         return state["line"]
 
     def fill():
+        """Read the next chunk onto the buffer, dropping what has been consumed."""
         line_at(state["pos"])
         data = f.read(chunk)
         state.update(buf=state["buf"][state["pos"]:] + data, pos=0, mark=0, eof=not data)
 
     def peek():
+        """Skip white space and return the next character ("" at the end of the file)."""
         while True:
             state["pos"] = space.match(state["buf"], state["pos"]).end()
             if state["pos"] < len(state["buf"]) or state["eof"]:
@@ -4410,12 +4551,15 @@ class Exporter:
     """The shape every exporter has: text before, per record, and after the records."""
 
     def head(self):
+        """Text before the first record."""
         return ""
 
     def item(self, record):
+        """Text of one record."""
         raise NotImplementedError
 
     def tail(self):
+        """Text after the last record."""
         return ""
 
 
@@ -4426,17 +4570,21 @@ class JsonExporter(Exporter):
         self.names, self.count = names, 0
 
     def head(self):
+        """The list's opening bracket."""
         return "["
 
     def item(self, record):
+        """One record as JSON on its own line, a comma before all but the first."""
         self.count += 1
         text = json.dumps(self.shape(record), ensure_ascii=False)
         return ("\n" if self.count == 1 else ",\n") + text
 
     def shape(self, record):
+        """The object written for ``record``: its chosen fields."""
         return export_record(record, self.names)
 
     def tail(self):
+        """The list's closing bracket."""
         return "\n]\n" if self.count else "]\n"
 
 
@@ -4444,12 +4592,15 @@ class JsonlExporter(JsonExporter):
     """Records as JSON lines, one object per line."""
 
     def head(self):
+        """Nothing: JSON lines have no header."""
         return ""
 
     def item(self, record):
+        """One record as one line of JSON."""
         return json.dumps(self.shape(record), ensure_ascii=False) + "\n"
 
     def tail(self):
+        """Nothing: JSON lines have no trailer."""
         return ""
 
 
@@ -4460,9 +4611,11 @@ class CsvExporter(Exporter):
         self.names = names
 
     def head(self):
+        """The header row of field names."""
         return csv_line(self.names)
 
     def item(self, record):
+        """One record as a CSV row."""
         return csv_line([csv_cell(record.get(name)) for name in self.names])
 
 
@@ -4473,6 +4626,7 @@ class VcardExporter(Exporter):
         self.custom = custom
 
     def item(self, record):
+        """One person as a vCard."""
         return render_vcard(record, self.custom)
 
 
@@ -4490,6 +4644,7 @@ class HostsExporter(Exporter):
         self.domain = domain
 
     def item(self, record):
+        """One hosts line per address of the machine."""
         names = " ".join(host_names(record["hostname"], self.domain))
         return "".join(f"{ip}\t{names}\n" for ip in record.get("ip", ()))
 
@@ -4498,6 +4653,7 @@ class DnsmasqExporter(HostsExporter):
     """dnsmasq host-record lines (A/AAAA and PTR), one per address."""
 
     def item(self, record):
+        """One host-record line per address of the machine."""
         names = ",".join(host_names(record["hostname"], self.domain))
         return "".join(f"host-record={names},{ip}\n" for ip in record.get("ip", ()))
 
@@ -4526,6 +4682,7 @@ class PrometheusSdExporter(JsonExporter):
         self.port = port
 
     def shape(self, record):
+        """The machine as a target group."""
         return prometheus_target_group(record, self.port)
 
 
@@ -4564,9 +4721,11 @@ class AnsibleExporter(Exporter):
         self.groups, self.ungrouped, self.count = {}, [], 0
 
     def head(self):
+        """The opening of the inventory, up to _meta's hostvars."""
         return '{"_meta": {"hostvars": {'
 
     def item(self, record):
+        """One machine's hostvars entry; its groups are kept for the tail."""
         name = record["hostname"]
         groups = ansible_groups(record)
         for group in groups:
@@ -4578,6 +4737,7 @@ class AnsibleExporter(Exporter):
         return ("\n" if self.count == 1 else ",\n") + text
 
     def tail(self):
+        """Close the hostvars, then the groups, ungrouped and all."""
         inventory = {name: {"hosts": hosts} for name, hosts in sorted(self.groups.items())}
         inventory["ungrouped"] = {"hosts": self.ungrouped}
         inventory["all"] = {"children": ["ungrouped"] + sorted(self.groups)}
@@ -4590,10 +4750,12 @@ class ArgParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (UsageError) instead of exiting."""
 
     def error(self, message):
+        """Raise the message as a UsageError instead of printing usage and exiting."""
         raise UsageError(f"{self.prog}: {message}")
 
 
 def log_to_stderr(message):
+    """Print ``message`` on stderr as one line starting "pharos: "."""
     print(f"pharos: {message}", file=sys.stderr, flush=True)
 
 
@@ -4605,6 +4767,7 @@ def server_address(args):
 
 
 def build_schema(args):
+    """The Schema with the custom fields of --config (default DATA/pharos.ini, if present)."""
     path = args.config or os.path.join(args.data, "pharos.ini")
     if args.config and not os.path.exists(path):
         raise UsageError(f"--config {path}: no such file")
@@ -4726,7 +4889,7 @@ def cmd_doctor(args):
     ok = sys.version_info >= (3, 10)
     print(f"python     {sys.version.split()[0]} ({'ok' if ok else 'too old: need 3.10+'})")
     print(f"pharos     {__version__} ({os.path.abspath(__file__)})")
-    for name, extra in OPTIONAL_PACKAGES.items():
+    for name in OPTIONAL_PACKAGES:
         found = importlib.util.find_spec(name) is not None
         print(f"{name:<10} {'installed' if found else f'not installed (pip install {name})'}")
     print(f"data dir   {doctor_data_dir(args.data)}")
@@ -4755,6 +4918,7 @@ def doctor_metrics(host, port):
 
 
 def doctor_data_dir(path):
+    """The data dir's state: exists, writable, locked by a server, size of its data."""
     import fcntl
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -4774,7 +4938,9 @@ def doctor_data_dir(path):
 
 
 def doctor_server(host, port):
+    """The server's answer to `status`, or why it could not be reached."""
     async def probe():
+        """Connect, ask `status`; the reply line or the error text."""
         client = PhClient(host, port, timeout=2.0)
         try:
             await client.connect()
@@ -4851,17 +5017,20 @@ class ProgressBar:
         self.started = self.drawn = time.monotonic()
 
     def advance(self, count):
+        """Count ``count`` more done; redraw at most ten times a second."""
         self.done += count
         if self.on and time.monotonic() - self.drawn >= 0.1:
             self.draw()
 
     def draw(self):
+        """Redraw the progress line in place."""
         self.drawn = time.monotonic()
         text = progress_text(self.done, self.total, self.drawn - self.started, self.what)
         self.stream.write("\r\x1b[K" + text)
         self.stream.flush()
 
     def finish(self):
+        """Draw the final state and end the line (on a terminal only)."""
         if self.on:
             self.draw()
             self.stream.write("\n")
@@ -5135,6 +5304,7 @@ class OutputFile:
         return self
 
     def write(self, text):
+        """Write ``text`` as UTF-8 (nothing when it is empty)."""
         if text:
             self.f.write(text.encode())
 
@@ -5216,14 +5386,17 @@ class ImportTally:
         self.reasons, self.shown = [], 0
 
     def count(self, kind):
+        """Count one record as ``kind`` (added, changed or unchanged)."""
         self.counts[kind] += 1
 
     def reject(self, line, why):
+        """Count a rejected record, keeping the first MAX_REASONS reasons."""
         self.counts["rejected"] += 1
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append((line, why))
 
     def summary(self):
+        """The counts on one line, e.g. added 3, changed 1, unchanged 0, rejected 0."""
         return ", ".join(f"{kind} {n:,}" for kind, n in self.counts.items())
 
 
@@ -5317,6 +5490,7 @@ async def write_import(first, rtype, items, tally, progress):
         client.schema, client.multi = first.schema, first.multi
 
     async def worker(client):
+        """Import batches from the shared iterator on ``client`` until none are left."""
         for batch in batches:
             await import_batch(client, rtype, batch, tally)
             progress.advance(len(batch))
@@ -5371,6 +5545,7 @@ LOOKUP_HANDLERS = {"query": cmd_query, "show": cmd_show, "add": cmd_add, "change
 
 
 def build_parser():
+    """The argument parser: serve, load, doctor, keys, ph and mdb."""
     parser = ArgParser(prog="pharos", description="A directory of people and machines "
                                                   "that speaks CCSO Ph (RFC 2378).")
     parser.add_argument("--version", action="version", version=f"pharos {__version__}")
@@ -5427,6 +5602,9 @@ def build_parser():
     keys_p.add_argument("--key", metavar="FILE")
     keys_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
 
+    for name in ("scan", "pulse", "console"):
+        planned = commands.add_parser(name, help="(not in this version yet)")
+        planned.add_argument("--version", action="version", version=f"pharos {__version__}")
     for name, rtype in PROGRAM_KIND.items():
         add_lookup_parser(commands, name, rtype)
     return parser
@@ -5470,12 +5648,14 @@ def add_lookup_parser(commands, name, rtype):
 
 
 def positive_int(text):
+    """An argparse type: a whole number of 1 or more."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
 
 
 def positive_float(text):
+    """An argparse type: a number greater than 0."""
     try:
         value = float(text)
     except ValueError:
@@ -5486,6 +5666,7 @@ def positive_float(text):
 
 
 def site_value(text):
+    """An argparse type: a siteinfo value, without ':' or line breaks."""
     if ":" in text or "\n" in text:
         raise argparse.ArgumentTypeError("may not contain ':' or line breaks")
     return text
@@ -5564,20 +5745,27 @@ async def keys_remote(args, host, port, action, line_text):
     if action != "list":
         print(text)
         return EXIT_OK
-    rows = [{k: v for k, v in r.items()} for r in records_from_reply(body, frozenset())]
+    rows = records_from_reply(body, frozenset())
     print_key_table([(r.get("user", ""), r.get("role", ""), r.get("tenant", ""), r.get("key", ""),
                       r.get("comment", "")) for r in rows])
     return EXIT_OK
 
 
 def print_key_table(rows):
+    """Print key rows in aligned columns under a header, the comment last."""
     header = ("USER", "ROLE", "TENANT", "KEY", "COMMENT")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
     for row in [header] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
 
 
+def cmd_planned(args):
+    """scan, pulse and console: named by the design, not built into this version yet."""
+    raise UsageError(f"{args.command} is not in pharos {__version__} yet")
+
+
 HANDLERS = {"serve": cmd_serve, "load": cmd_load, "doctor": cmd_doctor, "keys": cmd_keys,
+            "scan": cmd_planned, "pulse": cmd_planned, "console": cmd_planned,
             "ph": cmd_lookup, "mdb": cmd_lookup}
 PROGRAM_NAMES = {"ph": "ph", "mdb": "mdb", "pharos-scan": "scan", "pharos-pulse": "pulse",
                  "pharos-console": "console"}
@@ -5611,12 +5799,12 @@ def main(argv=None):
                              "see pharos --help")
         return HANDLERS[args.command](args)
     except UsageError as e:
-        print(str(e) if str(e).startswith(("pharos", "ph", "mdb")) else f"pharos: {e}",
+        print(str(e) if str(e).startswith(("ph", "mdb")) else f"pharos: {e}",
               file=sys.stderr)
         return EXIT_USAGE
     except DataError as e:
         log_to_stderr(str(e))
-        return 1
+        return EXIT_FAIL
     except PhError as e:
         print(f"{args.command}: {e.code}: {e.text}", file=sys.stderr)
         return EXIT_FAIL

@@ -83,7 +83,7 @@ def test_load_refuses_a_running_servers_data_dir(tmp_path):
         src = tmp_path / "in.jsonl"
         write_jsonl(src, [{"type": "person", "alias": "a"}])
         result = run("load", "--data", str(tmp_path / "data"), str(src))
-        assert result.returncode == 1 and "already in use" in result.stderr
+        assert result.returncode == 3 and "already in use" in result.stderr
     finally:
         server.kill()
 

@@ -490,7 +490,7 @@ def assert_refuses_to_start(launch, data, path, lineno):
     before = data_files(data)
     srv = launch(data, expect_ready=False)
     code, err = srv.refused()
-    assert code == 1, f"exit status {code}, expected 1; stderr:\n{err}"
+    assert code == 3, f"exit status {code}, expected 3; stderr:\n{err}"
     naming = [l for l in err.splitlines()
               if path.name in l and re.search(rf"\bline {lineno}\b", l)]
     assert naming, f"no stderr line names {path.name} and line {lineno}; stderr:\n{err}"
@@ -560,7 +560,7 @@ def test_second_server_on_the_same_data_dir_is_refused(tmp_path, launch):
 
     second = launch(data, expect_ready=False)
     code, err = second.refused()
-    assert code == 1, f"second server exit {code}; stderr:\n{err}"
+    assert code == 3, f"second server exit {code}; stderr:\n{err}"
     assert "already in use" in err, err
     assert "Traceback" not in err, err
 
@@ -638,7 +638,7 @@ def test_unwritable_data_dir_is_refused(tmp_path, launch, unprivileged):
     make_readonly(data)
     srv = launch(data, expect_ready=False, preexec_fn=demote, python=python)
     code, err = srv.refused()
-    assert code == 1, f"exit {code}; stderr:\n{err}"
+    assert code == 3, f"exit {code}; stderr:\n{err}"
     assert "cannot write" in err, err
     assert str(data) in err or os.path.realpath(data) in err, f"stderr does not name {data}:\n{err}"
     assert "Traceback" not in err, err
