@@ -134,11 +134,11 @@ def main():
         blob = base64.b64decode(pub[1])
         rows = [("login, ed25519, pure Python",) + bench_logins(tmp, agent, blob, args.seconds,
                                                                 "pure")]
-        try:
-            import asyncssh  # noqa: F401
+        import importlib.util
+        if importlib.util.find_spec("asyncssh"):
             rows.append(("login, ed25519, asyncssh",) + bench_logins(tmp, agent, blob,
                                                                      args.seconds, "auto"))
-        except ImportError:
+        else:
             rows.append(("login, ed25519, asyncssh (not installed)", 0.0, 0.0))
         anon = bench_writes(tmp, args.seconds, "dev")
         logged = bench_writes(tmp, args.seconds, "lab", agent, blob)

@@ -590,7 +590,7 @@ def svg_chart(res):
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
              f'height="{top + panel_h * len(panels) + 10}" font-family="sans-serif" '
              f'font-size="12">',
-             f'<rect width="100%" height="100%" fill="white"/>',
+             '<rect width="100%" height="100%" fill="white"/>',
              f'<text x="10" y="20" font-size="14" font-weight="bold">Pharos vs slapd and SQLite '
              f'({res["size"]:,} people + {res["size"]:,} machines, {res["machine"]["nproc"]} '
              f'cores)</text>']
@@ -645,7 +645,7 @@ def scale_rows(scale):
 
 
 def report(res, scale, svg_name):
-    m, s, p, w = res["machine"], res["slapd"], res["pharos"], res["writes"]
+    m, s, p = res["machine"], res["slapd"], res["pharos"]
     fc, met = p["first_connection"], res["metrics"]
     n = res["size"]
     lines = [

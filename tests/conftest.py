@@ -5,8 +5,10 @@ import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +30,29 @@ def need(tool_ok, why):
     pytest.skip(f"needs {why}")
 
 
+def usable_by_nobody(path, need_bits=stat.S_IROTH):
+    """Whether user nobody (not root, no groups) can reach `path` and has `need_bits` on it."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for i in range(2, len(parts)):
+        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH:
+            return False
+    return os.stat(path).st_mode & need_bits == need_bits
+
+
+def python_for_nobody():
+    """An interpreter user nobody can run: ours, else a system python3 >= 3.10."""
+    candidates = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
+    for python in candidates:
+        if not os.path.exists(python) or not usable_by_nobody(python, stat.S_IROTH | stat.S_IXOTH):
+            continue
+        ok = subprocess.run([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
+                            capture_output=True)
+        if ok.returncode == 0:
+            return python
+    need(False, f"a python3 >= 3.10 that user nobody can run (tried {candidates})")
+
+
 def wait_for(predicate, timeout=10.0, interval=0.01, what="condition"):
     """Poll predicate() until it is truthy or the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -41,7 +66,11 @@ def wait_for(predicate, timeout=10.0, interval=0.01, what="condition"):
 
 
 class ServerProcess:
-    """`pharos.py serve` in a subprocess on 127.0.0.1:0; learns its port from stderr."""
+    """`pharos.py serve` in a subprocess on 127.0.0.1:0; learns its port from stderr.
+
+    Once it listens, its stderr is drained in the background, so a chatty server can
+    never block on a full pipe during a long test.
+    """
 
     def __init__(self, data=None, *extra, storage="file", env=None, preexec_fn=None,
                  metrics=False):
@@ -58,12 +87,18 @@ class ServerProcess:
         self.proc = None
         self.port = None
         self.stderr = b""
+        self.drainer = None
 
     def start(self, timeout=30.0, expect_ready=True):
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=self.env, preexec_fn=self.preexec_fn)
-        if not expect_ready:
-            return self
+        if expect_ready:
+            self.wait_listening(timeout)
+        self.drainer = threading.Thread(target=self.drain, daemon=True)
+        self.drainer.start()
+        return self
+
+    def wait_listening(self, timeout):
         deadline = time.monotonic() + timeout
         while self.port is None:
             left = deadline - time.monotonic()
@@ -84,12 +119,25 @@ class ServerProcess:
                 self.port = int(match.group(2))
                 found = METRICS_RE.search(self.stderr)
                 self.metrics_port = int(found.group(2)) if found else None
-        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def drain(self):
+        fd = self.proc.stderr.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.stderr += chunk
 
     def read_stderr(self):
         """Everything the server wrote to stderr so far (after it exits: all of it)."""
-        if self.proc and self.proc.poll() is not None:
-            self.stderr += self.proc.stderr.read()
+        if self.proc and self.proc.poll() is not None and self.drainer is not None:
+            self.drainer.join(timeout=10)
         return self.stderr.decode(errors="replace")
 
     def finish(self, timeout=30.0):

@@ -4,14 +4,11 @@ import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import PHAROS, ROOT, ServerProcess
+from conftest import PHAROS, ServerProcess
 
-sys.path.insert(0, str(ROOT))
-import pharos  # noqa: E402
 
 
 def run(*args, **kw):

@@ -16,15 +16,14 @@ import re
 import resource
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 import zlib
 
 import pytest
 
-from conftest import LISTEN_RE, PHAROS, PhClient, ServerProcess, need, wait_for
+from conftest import (LISTEN_RE, PHAROS, PhClient, ServerProcess, python_for_nobody,
+                      usable_by_nobody, wait_for)
 
 SEED = int(os.environ.get("PHAROS_DURABILITY_SEED", "2378"))
 HOST = "127.0.0.1"
@@ -44,39 +43,11 @@ NOBODY = 65534
 # --------------------------------------------------------------------------
 
 class Server(ServerProcess):
-    """A ServerProcess whose stderr is drained in the background, so a chatty
-    server can never block on a full pipe during a long test."""
-
-    _drainer = None
-
-    def start(self, timeout=30.0, expect_ready=True):
-        super().start(timeout, expect_ready)
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-        return self
-
-    def _drain(self):
-        fd = self.proc.stderr.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.stderr += chunk
-
-    def read_stderr(self):
-        if self.proc and self.proc.poll() is not None and self._drainer:
-            self._drainer.join(timeout=10)
-        return self.stderr.decode(errors="replace")
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
+    """A ServerProcess that may also be expected to refuse to start."""
 
     def refused(self, timeout=30.0):
-        """For a server expected to refuse to start: wait until it exits (failing
-        at once if it starts listening instead); return (code, stderr)."""
+        """Wait until it exits (failing at once if it starts listening instead);
+        return (code, stderr)."""
         wait_for(lambda: not self.alive() or LISTEN_RE.search(self.stderr),
                  timeout=timeout, what="the server to exit")
         started = LISTEN_RE.search(self.stderr) is not None
@@ -101,8 +72,8 @@ def launch():
     for srv in started:
         srv.kill()
         if srv.proc and srv.proc.stderr:
-            if srv._drainer:
-                srv._drainer.join(timeout=10)
+            if srv.drainer:
+                srv.drainer.join(timeout=10)
             srv.proc.stderr.close()
 
 
@@ -576,29 +547,6 @@ def test_second_server_on_the_same_data_dir_is_refused(tmp_path, launch):
 # --------------------------------------------------------------------------
 # 5. Unwritable data dir; full disk
 # --------------------------------------------------------------------------
-
-def usable_by_nobody(path, need_bits=stat.S_IROTH):
-    """Whether user nobody (not root, no groups) can reach `path` and has `need_bits` on it."""
-    path = os.path.realpath(path)
-    parts = path.split(os.sep)
-    for i in range(2, len(parts)):
-        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH:
-            return False
-    return os.stat(path).st_mode & need_bits == need_bits
-
-
-def python_for_nobody():
-    """An interpreter user nobody can run: ours, else a system python3 >= 3.10."""
-    candidates = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
-    for python in candidates:
-        if not os.path.exists(python) or not usable_by_nobody(python, stat.S_IROTH | stat.S_IXOTH):
-            continue
-        ok = subprocess.run([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
-                            capture_output=True)
-        if ok.returncode == 0:
-            return python
-    need(False, f"a python3 >= 3.10 that user nobody can run (tried {candidates})")
-
 
 @pytest.fixture
 def unprivileged(tmp_path):

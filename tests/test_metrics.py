@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import promcheck
-from conftest import PHAROS, ServerProcess, need, wait_for
+from conftest import PHAROS, ServerProcess, need, python_for_nobody, usable_by_nobody, wait_for
 
 HOST = "127.0.0.1"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -513,29 +513,6 @@ def test_prometheus_scrapes_the_exact_values(tmp_path):
 # --------------------------------------------------------------------------
 # /healthz and /readyz
 # --------------------------------------------------------------------------
-
-def usable_by_nobody(path, need_bits=stat.S_IROTH):
-    """Whether user nobody (not root, no groups) can reach `path` and has `need_bits` on it."""
-    path = os.path.realpath(path)
-    parts = path.split(os.sep)
-    for i in range(2, len(parts)):
-        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH:
-            return False
-    return os.stat(path).st_mode & need_bits == need_bits
-
-
-def python_for_nobody():
-    """An interpreter user nobody can run: ours, else a system python3 >= 3.10."""
-    candidates = [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
-    for python in candidates:
-        if not os.path.exists(python) or not usable_by_nobody(python, stat.S_IROTH | stat.S_IXOTH):
-            continue
-        ok = subprocess.run([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
-                            capture_output=True)
-        if ok.returncode == 0:
-            return python
-    need(False, f"a python3 >= 3.10 that user nobody can run (tried {candidates})")
-
 
 @pytest.fixture
 def unprivileged():

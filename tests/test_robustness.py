@@ -17,7 +17,6 @@ import resource
 import socket
 import struct
 import termios
-import threading
 import time
 
 import pytest
@@ -39,33 +38,6 @@ TCP_ESTABLISHED = 1
 # Servers and raw sockets
 # --------------------------------------------------------------------------
 
-class Server(ServerProcess):
-    """A ServerProcess whose stderr is drained in the background, so a chatty server
-    can never block on a full pipe while a test floods it."""
-
-    _drainer = None
-
-    def start(self, timeout=30.0, expect_ready=True):
-        super().start(timeout, expect_ready)
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-        return self
-
-    def _drain(self):
-        fd = self.proc.stderr.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.stderr += chunk
-
-    def read_stderr(self):
-        if self.proc and self.proc.poll() is not None and self._drainer:
-            self._drainer.join(timeout=10)
-        return super().read_stderr()
 
 
 def assert_clean_stderr(err):
@@ -84,7 +56,7 @@ def launch():
     started = []
 
     def start(*extra, **kw):
-        srv = Server(None, *extra, storage="memory", **kw).start()
+        srv = ServerProcess(None, *extra, storage="memory", **kw).start()
         started.append(srv)
         return srv
 
