@@ -40,36 +40,12 @@ PEOPLE = ("m-0", "m-1", "m-2")
 # --------------------------------------------------------------------------
 
 class Server(ServerProcess):
-    """A ServerProcess whose stderr is drained in the background, so the server can
-    never block on a full pipe while a test is busy elsewhere."""
-
-    _drainer = None
-
-    def start(self, timeout=30.0, expect_ready=True):
-        super().start(timeout, expect_ready)
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-        return self
-
-    def _drain(self):
-        while True:
-            try:
-                chunk = os.read(self.proc.stderr.fileno(), 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.stderr += chunk
-
-    def read_stderr(self):
-        if self.proc and self.proc.poll() is not None and self._drainer:
-            self._drainer.join(timeout=10)
-        return self.stderr.decode(errors="replace")
+    """A ServerProcess a test can close: killed, its stderr drained and closed."""
 
     def close(self):
         self.kill()
-        if self._drainer:
-            self._drainer.join(timeout=10)
+        if self.drainer:
+            self.drainer.join(timeout=10)
         if self.proc and self.proc.stderr:
             self.proc.stderr.close()
 
