@@ -700,24 +700,6 @@ class FieldIndex:
         self.fresh = set()
         self.keys_of = keys_of
 
-    def add_value(self, value, rid):
-        """Index one stored value of record ``rid`` (quick path: a one-word value)."""
-        lower = value.lower()
-        if self.keys_of is value_keys and WORD_SPLIT_RE.search(lower):
-            self.add(value_keys(value), rid)
-            return
-        postings = self.postings
-        current = postings.get(lower)
-        if current is None:
-            postings[lower] = rid
-            if self.sorted is not None:
-                self.fresh.add(lower)
-        elif type(current) is int:
-            if current != rid:
-                postings[lower] = {current, rid}
-        else:
-            current.add(rid)
-
     def add(self, keys, rid):
         """Post record ``rid`` under each of ``keys``."""
         postings = self.postings
@@ -811,9 +793,9 @@ class Directory:
             if fidx is not None:
                 if type(value) is list:
                     for item in value:
-                        fidx.add_value(item, rid)
+                        fidx.add(fidx.keys_of(item), rid)
                 else:
-                    fidx.add_value(value, rid)
+                    fidx.add(fidx.keys_of(value), rid)
         if rid >= self.next_id:
             self.next_id = rid + 1
         return old
