@@ -111,9 +111,8 @@ def test_wildcards_see_new_and_removed_keys(make_store):
     assert len(select(store, "ip=10.1.5.*")) == 220                 # 10.1.5.0-219 exist
 
 
+@pytest.mark.parametrize("make_store", ["file"], indirect=True)
 def test_file_store_survives_reopen_and_compaction(make_store):
-    if make_store.kind != "file":
-        pytest.skip("file store only")
     store = make_store(compact_bytes=2000)
     for n in range(60):
         add(store, "person", alias=f"p{n}", name=f"Person {n}")
