@@ -5143,10 +5143,12 @@ async def run_lookup(args, host, port, verb, words):
 
 async def cmd_query(client, args, rtype, words):
     """Look records up and print them; exit 1 when nothing matches."""
-    if not words:
-        raise UsageError(f"{args.command}: say what to look for, e.g. {args.command} "
-                         f"{'john' if rtype == PERSON else 'role=nas'} (see --help)")
     schema = await client.load_schema()
+    if not words:                       # everything of this type, page by page
+        records = [r async for _, page in client.dump(f"type={rtype} return all") for r in page]
+        print_lines(format_records(records, field_list(args.fields, schema), output_mode(args),
+                                   colour_on(sys.stdout)))
+        return EXIT_OK if records else EXIT_NOMATCH
     tail, wanted = request_from_args(words), field_list(args.fields, schema)
     tokens = tokenize(tail)
     cut = next((i for i, t in enumerate(tokens) if t.sep and t.value.lower() == "return"), None)

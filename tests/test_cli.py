@@ -125,3 +125,19 @@ def test_ph_reports_an_unreachable_server(tmp_path):
         result = run("ph", "--server", f"127.0.0.1:{port}", "john")
     assert result.returncode == 3
     assert len(result.stderr.splitlines()) == 1 and "cannot reach" in result.stderr
+
+
+def test_bare_mdb_lists_every_machine_past_the_result_cap():
+    server = ServerProcess(None, "--max-results", "2", storage="memory").start()
+    try:
+        where = ["--server", f"127.0.0.1:{server.port}"]
+        for n in range(5):
+            assert run("mdb", *where, "add", f"hostname=h{n}", f"ip=10.9.0.{n}").returncode == 0
+        assert run("ph", *where, "add", "alias=p1", "name=Not A Machine").returncode == 0
+        listed = run("mdb", *where, "--json")
+        nobody = run("ph", *where, "--json", "--fields", "alias")
+    finally:
+        server.kill()
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(r["hostname"] for r in json.loads(listed.stdout)) == [f"h{n}" for n in range(5)]
+    assert [r["alias"] for r in json.loads(nobody.stdout)] == ["p1"]
