@@ -1154,13 +1154,17 @@ def journal_name(first_seq):
     return f"journal-{first_seq:016d}.jsonl"
 
 
-def encode_journal(seq, ops, audit=None):
+def encode_journal(seq, ops, audit=None, batch=None):
     """One journal line: CRC-32 of the JSON, a space, the JSON, a newline.
 
     ``audit`` (the write's audit-log line, as text) rides along, so one fsync makes
     both durable and the audit log can be completed from the journal after a crash.
+    ``batch`` is the seq that opens the write (group commit) this line goes out in:
+    it tells a torn last write from damage to earlier ones.
     """
     entry = {"seq": seq, "ops": ops}
+    if batch is not None and batch != seq:
+        entry["batch"] = batch
     if audit is not None:
         entry["audit"] = audit
     body = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
@@ -1168,17 +1172,19 @@ def encode_journal(seq, ops, audit=None):
 
 
 def decode_journal(raw):
-    """The (seq, ops, audit line or None) of one journal line; ValueError if it is damaged."""
+    """(seq, ops, audit line or None, batch) of one journal line; ValueError if damaged."""
     if len(raw) < 10 or raw[8:9] != b" " or not raw.endswith(b"\n"):
         raise ValueError("truncated or malformed line")
     body = raw[9:-1]
     if int(raw[:8], 16) != zlib.crc32(body):
         raise ValueError("checksum mismatch")
     entry = json.loads(body)
-    seq, ops, audit = entry["seq"], entry["ops"], entry.get("audit")
+    seq, ops, audit, batch = entry["seq"], entry["ops"], entry.get("audit"), entry.get("batch")
     if type(seq) is not int or type(ops) is not list or type(audit) not in (str, type(None)):
         raise ValueError("entry lacks seq or ops")
-    return seq, [check_op(op) for op in ops], audit
+    if type(batch) not in (int, type(None)):
+        raise ValueError("bad batch")
+    return seq, [check_op(op) for op in ops], audit, seq if batch is None else batch
 
 
 def check_op(op):
@@ -1312,17 +1318,35 @@ def journal_segments(path):
     return sorted(n for n in os.listdir(path) if JOURNAL_RE.match(n))
 
 
-def read_journal(name):
-    """(entries, good_length, problem) of one segment; problem is (lineno, reason, at_end)."""
+def read_journal(name, first_seq):
+    """(entries, good_length, problem) of one segment; problem is (lineno, reason, torn).
+
+    ``torn`` says the damage can only be the last write, cut short by a crash: nothing
+    valid follows it but lines of the same write (its blocks may reach the disk in any
+    order), so it was never acknowledged.
+    """
     entries, offset = [], 0
     with open(name, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 entries.append(decode_journal(raw))
             except (ValueError, TypeError, KeyError) as e:
-                return entries, offset, (lineno, str(e), f.read(1) == b"")
+                last = entries[-1][0] if entries else first_seq - 1
+                return entries, offset, (lineno, str(e), only_same_write_follows(f, last + 1))
             offset += len(raw)
     return entries, offset, None
+
+
+def only_same_write_follows(lines, damaged_seq):
+    """Whether every valid line left belongs to the write holding seq ``damaged_seq``."""
+    for raw in lines:
+        try:
+            batch = decode_journal(raw)[3]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if batch > damaged_seq:
+            return False
+    return True
 
 
 class JournalWriter:
@@ -1337,16 +1361,16 @@ class JournalWriter:
         self.store = store
         self.fd = fd
         self.size = os.fstat(fd).st_size
-        self.queue = []                         # (bytes, future, undo ops, audit)
+        self.queue = []                         # (bytes, future, undo ops, audit, batch)
         self.task = None
         self.fsync_seconds = INLINE_FSYNC_SECONDS * 4     # running average; starts threaded
         from concurrent.futures import ThreadPoolExecutor
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
 
-    def submit(self, data, undo, audit=None):
+    def submit(self, data, undo, audit=None, batch=None):
         """Queue ``data`` for the next batch; a future that is done once it is durable."""
         future = asyncio.get_running_loop().create_future()
-        self.queue.append((data, future, undo, audit))
+        self.queue.append((data, future, undo, audit, batch))
         if self.task is None:
             self.task = asyncio.ensure_future(self.run())
         return future
@@ -1370,7 +1394,7 @@ class JournalWriter:
                     self.queue = []
                     continue
                 self.store.wrote(len(batch), len(data), time.perf_counter() - started)
-                for _, future, _, _ in batch:
+                for _, future, _, _, _ in batch:
                     if not future.done():
                         future.set_result(None)
                 await self.store.maybe_compact(self)
@@ -1410,14 +1434,14 @@ class JournalWriter:
     def fail(self, items, error):
         """Refuse every write not yet durable, undoing them newest first."""
         reason = f"Store failed: {error.strerror or error}."
-        for _, future, undo, _ in reversed(items):
+        for _, future, undo, _, _ in reversed(items):
             self.store.apply(undo)
             if not future.done():
                 future.set_exception(StoreError(reason))
 
     def pending_undo(self):
         """The undo ops of the writes queued but not yet written, oldest first."""
-        return [undo for _, _, undo, _ in self.queue]
+        return [undo for _, _, undo, _, _ in self.queue]
 
     async def drain(self):
         """Wait until every queued write has been written."""
@@ -1508,16 +1532,16 @@ class FileStore(MemoryStore):
     def replay(self, name, seq, last):
         """Apply one journal segment's entries newer than ``seq``; return the last seq."""
         full = os.path.join(self.path, name)
-        entries, good, problem = read_journal(full)
-        for entry_seq, ops, audit in entries:
+        entries, good, problem = read_journal(full, int(JOURNAL_RE.match(name).group(1)))
+        for entry_seq, ops, audit, _ in entries:
             if entry_seq > seq:
                 self.apply(ops)
                 seq = entry_seq
             if audit is not None:
                 self.journal_audits.append((entry_seq, audit))
         if problem:
-            lineno, reason, at_end = problem
-            if not (last and at_end):
+            lineno, reason, torn = problem
+            if not (last and torn):
                 raise DataError(f"{full} line {lineno}: corrupt journal entry ({reason}); "
                                 f"refusing to start: restore the file or move it away")
             self.log(f"dropped a torn write at the end of {full} (line {lineno}: {reason}); "
@@ -1553,8 +1577,9 @@ class FileStore(MemoryStore):
         line_text = None
         if audit is not None and self.audit_log is not None:
             line_text = json.dumps(dict(audit, seq=self.seq), ensure_ascii=False)
-        await self.writer.submit(encode_journal(self.seq, ops, line_text), undo,
-                                 line_text and (line_text + "\n").encode())
+        batch = self.writer.queue[0][4] if self.writer.queue else self.seq
+        await self.writer.submit(encode_journal(self.seq, ops, line_text, batch), undo,
+                                 line_text and (line_text + "\n").encode(), batch)
 
     def attach_audit(self, log):
         """Also complete ``log`` from the journal: a crash may have lost its newest lines."""

@@ -140,9 +140,47 @@ def test_snapshot_header_and_trailer(tmp_path):
 
 def test_journal_line_checks_its_crc():
     raw = pharos.encode_journal(5, [(3, {"type": "person", "alias": "a"})])
-    assert pharos.decode_journal(raw) == (5, [(3, {"type": "person", "alias": "a"})], None)
+    assert pharos.decode_journal(raw) == (5, [(3, {"type": "person", "alias": "a"})], None, 5)
     with_audit = pharos.encode_journal(6, [(3, None)], '{"user": "a"}')
-    assert pharos.decode_journal(with_audit) == (6, [(3, None)], '{"user": "a"}')
+    assert pharos.decode_journal(with_audit) == (6, [(3, None)], '{"user": "a"}', 6)
+    in_a_batch = pharos.encode_journal(7, [(3, None)], None, batch=4)
+    assert pharos.decode_journal(in_a_batch)[3] == 4
     for broken in (raw[:-1], raw.replace(b'"a"', b'"b"'), b"zzzzzzzz " + raw[9:]):
         with pytest.raises(ValueError):
             pharos.decode_journal(broken)
+
+
+def write_segment(path, lines):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "journal-0000000000000001.jsonl").write_bytes(b"".join(lines))
+
+
+def person_line(seq, batch=None):
+    return pharos.encode_journal(seq, [(seq, {"type": "person", "alias": f"p{seq}"})],
+                                 batch=batch)
+
+
+def test_a_torn_last_write_with_its_blocks_out_of_order_is_dropped(tmp_path):
+    """The last group commit (seqs 3 and 4) reached the disk with its first line garbled
+    and its second intact: it was never acknowledged, so the store starts without it."""
+    data, logged = tmp_path / "data", []
+    write_segment(data, [person_line(1), person_line(2), b"\0" * 40 + b"\n",
+                         person_line(4, batch=3)])
+    store = FileStore(Schema(), data, log=logged.append).open()
+    try:
+        assert sorted(r["alias"] for r in store.directory.records.values()) == ["p1", "p2"]
+        assert any("torn write" in message for message in logged)
+    finally:
+        asyncio.run(store.close())
+    assert (data / "journal-0000000000000001.jsonl").read_bytes() == \
+        person_line(1) + person_line(2)
+
+
+def test_damage_before_a_later_write_is_corruption(tmp_path):
+    """A garbled line followed by a write that began after it was acknowledged: refuse."""
+    data = tmp_path / "data"
+    write_segment(data, [person_line(1), b"garbage\n", person_line(3)])
+    before = (data / "journal-0000000000000001.jsonl").read_bytes()
+    with pytest.raises(pharos.DataError, match="line 2: corrupt journal entry"):
+        FileStore(Schema(), data).open()
+    assert (data / "journal-0000000000000001.jsonl").read_bytes() == before
