@@ -4803,6 +4803,9 @@ def cmd_serve(args):
     keys, audit = open_keys(args)
     if audit is not None:
         store.attach_audit(audit)
+    import gc
+    gc.collect()
+    gc.freeze()             # the loaded records never need scanning for cycles again
     asyncio.run(serve(store, config, host, port, log_to_stderr, metrics_at, keys, audit))
     return EXIT_OK
 
