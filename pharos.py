@@ -366,15 +366,21 @@ class Schema:
         return record
 
 
-def parse_custom_fields(path):
-    """Custom fields from an INI file: one ``[field NAME]`` section each."""
+def read_ini(path):
+    """A ConfigParser holding an INI file; UsageError naming the file if it cannot be read."""
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
     except (OSError, UnicodeDecodeError, configparser.Error) as e:
-        raise UsageError(f"cannot read config {path}: {e}") from None
+        raise UsageError(f"cannot read config {path}: {' '.join(str(e).split())}") from None
+    return parser
+
+
+def parse_custom_fields(path):
+    """Custom fields from an INI file: one ``[field NAME]`` section each."""
+    parser = read_ini(path)
     fields, builtin = [], {row[1] for row in BUILTIN_FIELDS}
     for fid, section in enumerate(parser.sections(), CUSTOM_FIELD_FIRST_ID):
         fields.append(custom_field(path, fid, section, parser[section], builtin))
@@ -4999,15 +5005,9 @@ def client_config_path():
 
 def read_client_config(path):
     """The [client] settings of an INI file ({} when there is no file)."""
-    import configparser
     if not os.path.exists(path):
         return {}
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except (OSError, UnicodeDecodeError, configparser.Error) as e:
-        raise UsageError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    parser = read_ini(path)
     return dict(parser["client"]) if parser.has_section("client") else {}
 
 
