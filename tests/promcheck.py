@@ -49,6 +49,15 @@ def check(text):
                 return base
         return name
 
+    def enter(fam, no, current):
+        """The family now open; a family met again after another one is an error."""
+        if fam != current:
+            if fam in closed:
+                errs.append("line %d: family %s is not one contiguous group" % (no, fam))
+            if current:
+                closed.add(current)
+        return fam
+
     lines = text.split("\n")
     for no, line in enumerate(lines[:-1] if text.endswith("\n") else lines, 1):
         s = line.strip()
@@ -60,12 +69,7 @@ def check(text):
                 if len(parts) < 2 or not re.fullmatch(NAME, parts[1]):
                     errs.append("line %d: bad %s line" % (no, parts[0])); continue
                 fam = parts[1]
-                if fam != current:
-                    if fam in closed:
-                        errs.append("line %d: family %s is not one contiguous group" % (no, fam))
-                    if current:
-                        closed.add(current)
-                    current = fam
+                current = enter(fam, no, current)
                 if parts[0] == "HELP":
                     if fam in help_:
                         errs.append("line %d: second HELP for %s" % (no, fam))
@@ -98,12 +102,7 @@ def check(text):
         if any(k.startswith("__") for k in keys):
             errs.append("line %d: label names starting with __ are reserved" % no)
         fam = family_of(name)
-        if fam != current:
-            if fam in closed:
-                errs.append("line %d: family %s is not one contiguous group" % (no, fam))
-            if current:
-                closed.add(current)
-            current = fam
+        current = enter(fam, no, current)
         key = (name, tuple(sorted(pairs)))
         if key in seen_series:
             errs.append("line %d: duplicate series %s%s" % (no, name, dict(pairs)))

@@ -275,6 +275,15 @@ def assert_no_traceback(srv):
     assert "Traceback" not in server_log(srv)
 
 
+def serving(srv):
+    """A fixture's body: yield the started server, then check its log and kill it."""
+    try:
+        yield srv
+        assert_no_traceback(srv)
+    finally:
+        srv.kill()
+
+
 @pytest.fixture(scope="module", params=["pure", "auto"])
 def lab(request, keys, tmp_path_factory):
     """A lab-tier server with the lab key list, once per --crypto mode."""
@@ -283,11 +292,7 @@ def lab(request, keys, tmp_path_factory):
     srv = make_server(tmp_path_factory.mktemp(f"lab-{request.param}"), "lab", lab_key_lines(keys),
                       crypto=request.param)
     srv.crypto = request.param
-    try:
-        yield srv
-        assert_no_traceback(srv)
-    finally:
-        srv.kill()
+    yield from serving(srv)
 
 
 # --------------------------------------------------------------------------
@@ -631,12 +636,7 @@ def test_lab_tier_anonymous_reads_logged_in_writes(lab, keys, agent):
 
 @pytest.fixture
 def enterprise(keys, tmp_path):
-    srv = make_server(tmp_path, "enterprise", enterprise_key_lines(keys))
-    try:
-        yield srv
-        assert_no_traceback(srv)
-    finally:
-        srv.kill()
+    yield from serving(make_server(tmp_path, "enterprise", enterprise_key_lines(keys)))
 
 
 def logged_in(srv, keys, who):
@@ -770,12 +770,7 @@ def test_enterprise_audit_log_records_every_write(enterprise, keys):
 
 @pytest.fixture
 def lab_fresh(keys, tmp_path):
-    srv = make_server(tmp_path, "lab", lab_key_lines(keys))
-    try:
-        yield srv
-        assert_no_traceback(srv)
-    finally:
-        srv.kill()
+    yield from serving(make_server(tmp_path, "lab", lab_key_lines(keys)))
 
 
 def test_keys_list_add_remove(lab_fresh, keys, agent):

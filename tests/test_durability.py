@@ -69,8 +69,9 @@ def launch():
         return srv.start(expect_ready=expect_ready)
 
     yield _launch
-    for srv in started:
+    for srv in started:                 # kill them all before anything else can fail
         srv.kill()
+    for srv in started:
         if srv.proc and srv.proc.stderr:
             if srv.drainer:
                 srv.drainer.join(timeout=10)
