@@ -55,6 +55,7 @@ __all__ = ["main", "Schema", "MemoryStore", "FileStore", "Directory", "PhSession
 PH_PORT = 2378
 METRICS_PORT = 9090
 MAX_LINE = 8192                 # request bytes accepted on one line (qi's buffer)
+READ_BUFFER = 256 * 1024        # the Ph listener's one read buffer, reused by every read
 MAX_REPLY_LINE = 1023           # Lynx truncates longer reply lines
 MAX_VALUES = 64                 # values one multi-valued field may hold
 MAX_QUERY_TERMS = 16
@@ -66,6 +67,7 @@ DEFAULT_MAX_CONNECTIONS = 1024
 FD_RESERVE = 32                 # descriptors kept for the journal, metrics and accept()
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 INLINE_FSYNC_SECONDS = 0.0005   # an fsync quicker than this is done on the event loop
+JOURNAL_PREALLOC = 4 * 1024 * 1024  # journal segments grow by zero-filled steps of this size
 LOGIN_TTL = 120.0               # seconds a login challenge stays valid
 LOGIN_FAIL_DELAY = 1.0          # qi answers a failed login after one second
 CHALLENGE_ALPHABET = "".join(chr(c) for c in range(0x21, 0x61) if chr(c) != ":")
@@ -1328,13 +1330,16 @@ def journal_segments(path):
 def read_journal(name, first_seq):
     """(entries, good_length, problem) of one segment; problem is (lineno, reason, torn).
 
-    ``torn`` says the damage can only be the last write, cut short by a crash: nothing
-    valid follows it but lines of the same write (its blocks may reach the disk in any
-    order), so it was never acknowledged.
+    A segment is preallocated with zeros, so its data ends where a run of zeros
+    reaches the end of the file. ``torn`` says the damage can only be the last write,
+    cut short by a crash: nothing valid follows it but lines of the same write (its
+    blocks may reach the disk in any order), so it was never acknowledged.
     """
     entries, offset = [], 0
     with open(name, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if raw[:1] == b"\0" and not raw.strip(b"\0"):
+                break                       # the zero-filled space not yet written
             try:
                 entries.append(decode_journal(raw))
             except (ValueError, TypeError, KeyError) as e:
@@ -1359,15 +1364,20 @@ def only_same_write_follows(lines, damaged_seq):
 class JournalWriter:
     """Appends journal lines; writes that arrive together share one fsync (group commit).
 
-    On a disk whose fsync is quick the batch is written on the event loop itself (a thread
-    hand-off would cost more than the fsync); a slow fsync moves the work to a thread, so
-    readers never wait on the disk for long.
+    A lone write on a disk whose fsync is quick is written on the event loop itself (a
+    thread hand-off would cost more than the fsync); a batch, or a slow fsync, goes to a
+    thread, so the loop reads and plans the next batch while the disk works.
+
+    The segment grows in zero-filled steps ahead of the data (JOURNAL_PREALLOC), so a
+    write overwrites blocks the file already has and fdatasync need not touch the
+    file's metadata: on ext4 and XFS that makes it a third quicker.
     """
 
-    def __init__(self, store, fd):
+    def __init__(self, store, fd, size=0):
         self.store = store
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        self.size = size                        # where the data ends
+        self.allocated = os.fstat(fd).st_size   # the file's length, zeros after the data
         self.queue = []                         # (bytes, future, undo ops, audit, batch)
         self.task = None
         self.fsync_seconds = INLINE_FSYNC_SECONDS * 4     # running average; starts threaded
@@ -1392,7 +1402,7 @@ class JournalWriter:
                 audits = [item[3] for item in batch if item[3]]
                 started = time.perf_counter()
                 try:
-                    if self.fsync_seconds < INLINE_FSYNC_SECONDS:
+                    if len(batch) == 1 and self.fsync_seconds < INLINE_FSYNC_SECONDS:
                         self.write(data, audits)
                     else:
                         await loop.run_in_executor(self.executor, self.write, data, audits)
@@ -1409,20 +1419,23 @@ class JournalWriter:
             self.task = None
 
     def write(self, data, audits=()):
-        """Append and fdatasync, then the batch's audit lines; a failed write is cut back off.
+        """Write at the data's end and fdatasync, then the batch's audit lines.
 
-        Runs on the loop or in the journal thread. The audit lines are in the journal too, so
-        they need no fsync of their own; if the audit log cannot be written the store turns
-        read-only.
+        Runs on the loop or in the journal thread. A failed write is cut back off. The
+        audit lines are in the journal too, so they need no fsync of their own; if the
+        audit log cannot be written the store turns read-only.
         """
         start = self.size
+        if start + len(data) > self.allocated:
+            self.preallocate(start + len(data))
         try:
-            view = memoryview(data)
+            view, at = memoryview(data), start
             while view:
-                view = view[os.write(self.fd, view):]
+                n = os.pwrite(self.fd, view, at)
+                view, at = view[n:], at + n
         except OSError:
             os.ftruncate(self.fd, start)
-            os.lseek(self.fd, start, os.SEEK_SET)
+            self.allocated = start
             raise
         synced = time.perf_counter()
         try:
@@ -1432,11 +1445,29 @@ class JournalWriter:
             raise
         self.fsync_seconds = 0.8 * self.fsync_seconds + 0.2 * (time.perf_counter() - synced)
         self.size = start + len(data)
+        self.allocated = max(self.allocated, self.size)
         if audits:
             try:
                 self.store.audit_log.append(b"".join(audits))
             except OSError as e:
                 self.store.readonly = f"the audit log cannot be written: {e.strerror}"
+
+    def preallocate(self, end):
+        """Zero-fill the segment to past ``end``; on a full disk, leave it as it was.
+
+        Best effort: the write that needs the room is tried either way and fails, or
+        not, on its own.
+        """
+        target = -(-end // JOURNAL_PREALLOC) * JOURNAL_PREALLOC
+        zeros = bytes(min(target - self.allocated, 1 << 20))
+        at = self.allocated
+        try:
+            while at < target:
+                at += os.pwrite(self.fd, zeros[:target - at], at)
+        except OSError:
+            os.ftruncate(self.fd, self.allocated)
+            return
+        self.allocated = target
 
     def fail(self, items, error):
         """Refuse every write not yet durable, undoing them newest first."""
@@ -1458,7 +1489,7 @@ class JournalWriter:
     def roll(self, fd):
         """Switch to a new segment (between batches, so no write is in flight)."""
         os.close(self.fd)
-        self.fd, self.size = fd, 0
+        self.fd, self.size, self.allocated = fd, 0, os.fstat(fd).st_size
 
 
 class FileStore(MemoryStore):
@@ -1528,16 +1559,16 @@ class FileStore(MemoryStore):
         self.directory.next_id = max(self.directory.next_id, next_id)
         if seq:
             self.snapshot_time = os.stat(os.path.join(self.path, SNAPSHOT)).st_mtime
-        segments = journal_segments(self.path)
+        segments, size = journal_segments(self.path), 0
         for position, name in enumerate(segments):
-            seq = self.replay(name, seq, position == len(segments) - 1)
+            seq, size = self.replay(name, seq, position == len(segments) - 1)
         self.seq = seq
         current = segments[-1] if segments else journal_name(seq + 1)
         self.segment_start = int(JOURNAL_RE.match(current).group(1))
-        self.writer = JournalWriter(self, self.open_segment(current))
+        self.writer = JournalWriter(self, self.open_segment(current), size)
 
     def replay(self, name, seq, last):
-        """Apply one journal segment's entries newer than ``seq``; return the last seq."""
+        """Apply one segment's entries newer than ``seq``; (the last seq, the data's length)."""
         full = os.path.join(self.path, name)
         entries, good, problem = read_journal(full, int(JOURNAL_RE.match(name).group(1)))
         for entry_seq, ops, audit, _ in entries:
@@ -1554,7 +1585,7 @@ class FileStore(MemoryStore):
             self.log(f"dropped a torn write at the end of {full} (line {lineno}: {reason}); "
                      f"it was never acknowledged")
             self.truncate(full, good)
-        return seq
+        return seq, good
 
     def truncate(self, full, length):
         """Cut journal segment ``full`` back to ``length`` bytes and fsync it."""
@@ -1566,10 +1597,10 @@ class FileStore(MemoryStore):
             raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
 
     def open_segment(self, name):
-        """The fd of journal segment ``name``, opened (created if new) for appends."""
+        """The fd of journal segment ``name``, opened (created if new) for writing."""
         full = os.path.join(self.path, name)
         try:
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT, 0o644)
             fsync_dir(self.path)
         except OSError as e:
             raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
@@ -2960,8 +2991,10 @@ class PhSession(PhAuthVerbs):
         }
         self.cursor = None                      # a dump in progress: [ids, next, returned]
 
-    async def execute(self, text):
-        """The reply to one request line, and whether to close the connection after it."""
+    def begin(self, text):
+        """Start one request: (reply, close, verb) when the reply is ready at once (every
+        read is), else a coroutine that returns it (writes and logins wait on the store or
+        the key check)."""
         tokens = tokenize(text)
         if not tokens or tokens[0].field is not None or tokens[0].quoted:
             return line(598, f"{printable(text.split()[0] if text.split() else text)}:"
@@ -2984,10 +3017,23 @@ class PhSession(PhAuthVerbs):
         self.raw_args, self.request, self.audited = text[len(verb):].strip(), text, False
         reply = handler(tokens[1:])
         if type(reply) is not str:
-            reply = await reply
+            return self.finish(prefix, reply, verb, text)
+        return self.done(prefix, reply, verb, text)
+
+    async def finish(self, prefix, pending, verb, text):
+        """The outcome of a request whose handler had to wait."""
+        return self.done(prefix, await pending, verb, text)
+
+    def done(self, prefix, reply, verb, text):
+        """(reply, close, verb) of a finished request; a write not yet audited is, now."""
         if verb in AUDITED_VERBS and not self.audited:
             self.server.audit(self, text, reply)
         return prefix + reply, verb in ("quit", "exit", "stop"), verb
+
+    async def execute(self, text):
+        """The reply to one request line, and whether to close the connection after it."""
+        outcome = self.begin(text)
+        return outcome if type(outcome) is tuple else await outcome
 
     @property
     def tenant(self):
@@ -3324,13 +3370,182 @@ class PhSession(PhAuthVerbs):
         return line(200, "Bye!")
 
 
-class Connection:
-    """Book-keeping for one open connection: its session, writer and activity."""
+class PhConnection(asyncio.BufferedProtocol):
+    """One Ph connection: runs each complete request line in turn and writes its reply.
 
-    __slots__ = ("session", "writer", "last", "busy")
+    A reply that is ready at once (every read) is written from the read callback itself,
+    with no task. A write or a login runs as a task, and the requests after it wait their
+    turn; reading pauses once they pass MAX_LINE bytes, or while the client is slow to take
+    its replies, so a client holds little input and one reply's worth of output.
+    """
 
-    def __init__(self, session, writer, now):
-        self.session, self.writer, self.last, self.busy = session, writer, now, False
+    __slots__ = ("server", "loop", "transport", "session", "inbox", "parts", "size",
+                 "discarding", "last", "busy", "stalled", "eof")
+
+    def __init__(self, server, loop):
+        self.server, self.loop = server, loop
+        self.transport = self.session = None
+        self.inbox = b""                        # received, not yet run
+        self.parts, self.size = [], 0           # a backslash-continued request so far
+        self.discarding = False                 # inside a request over MAX_LINE
+        self.last = loop.time()
+        self.busy = False                       # a request is running as a task
+        self.stalled = False                    # the client is not taking its replies
+        self.eof = False
+
+    def connection_made(self, transport):
+        """Take the connection, or answer 400 and close when over the cap."""
+        server = self.server
+        self.transport = transport
+        server.metrics.connections_total += 1
+        if len(server.connections) >= server.config.max_connections or server.closing:
+            server.metrics.connections_refused += 1
+            transport.write(line(400, f"Too many connections (limit "
+                                      f"{server.config.max_connections}); try again later.").encode())
+            transport.close()
+            return
+        self.session = PhSession(server, transport.get_extra_info("peername"))
+        server.connections.add(self)
+        server.idle.clear()
+
+    def connection_lost(self, exc):
+        """Forget the connection; the server is idle once the last one is gone."""
+        connections = self.server.connections
+        connections.discard(self)
+        if not connections:
+            self.server.idle.set()
+
+    def get_buffer(self, sizehint):
+        """The server's one read buffer: its bytes are copied out before the next read."""
+        return self.server.read_buffer
+
+    def buffer_updated(self, nbytes):
+        """Bytes arrived: run the requests they complete (a half line is still idle)."""
+        if self.session is None:
+            return
+        data = self.server.read_buffer[:nbytes].tobytes()
+        self.inbox = self.inbox + data if self.inbox else data
+        if not self.busy and not self.stalled:
+            self.run_requests()
+        elif len(self.inbox) > MAX_LINE:        # enough waiting; read more once it has run
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        """The client is done sending: answer what is complete, then close."""
+        self.eof = True
+        if not self.busy and not self.stalled:
+            self.run_requests()
+        return True
+
+    def pause_writing(self):
+        """The client is not reading its replies: stop reading its requests."""
+        self.stalled = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        """The replies went out: go on with the requests waiting."""
+        self.stalled = False
+        if not self.busy:
+            self.run_requests()
+
+    def run_requests(self):
+        """Run the complete requests received, in order, until one has to wait."""
+        transport, server = self.transport, self.server
+        while not transport.is_closing():
+            if server.closing:
+                transport.abort()
+                return
+            raw = self.next_request()
+            if raw is None:
+                break
+            self.last = self.loop.time()
+            if raw is TOO_LONG:
+                transport.write(line(599, f"Command too long (limit {MAX_LINE} bytes).").encode())
+                continue
+            text = clean_request(raw)
+            if not text:
+                continue
+            started = time.perf_counter()
+            try:
+                outcome = self.session.begin(text)
+            except Exception:
+                outcome = self.failed()
+            if type(outcome) is not tuple:
+                self.busy = True
+                self.loop.create_task(self.finish(outcome, started))
+                return
+            self.respond(outcome, started)
+            if self.stalled:
+                return
+        if self.eof:
+            transport.close()
+        else:
+            transport.resume_reading()
+
+    async def finish(self, pending, started):
+        """Wait for a request that could not answer at once, reply, and go on reading."""
+        try:
+            outcome = await pending
+        except Exception:
+            outcome = self.failed()
+        self.busy = False
+        self.respond(outcome, started)
+        if not self.stalled:
+            self.run_requests()
+
+    def failed(self):
+        """Log the traceback of a request that broke; the outcome the client sees."""
+        import traceback
+        self.server.log("internal error:\n" + traceback.format_exc().rstrip())
+        return line(400, "Internal error."), False, "error"
+
+    def respond(self, outcome, started):
+        """Count the request, write its reply; close after quit."""
+        reply, close, verb = outcome
+        self.server.metrics.observe(verb, reply[reply.rfind("\n", 0, -1) + 1] + "xx",
+                                    time.perf_counter() - started)
+        self.last = self.loop.time()
+        self.transport.write((reply.replace("\n", "\r\n") if self.server.config.crlf
+                              else reply).encode())
+        if close:
+            self.transport.close()
+
+    def next_request(self):
+        """The next whole request from the input (continuation lines joined), TOO_LONG for
+        one over MAX_LINE (skipped to its end), or None until more input comes."""
+        while True:
+            inbox = self.inbox
+            end = inbox.find(b"\n")
+            if end < 0:
+                if self.discarding or len(inbox) > MAX_LINE:
+                    self.discarding = True
+                    self.inbox = inbox[-2:]     # enough to see a `\` before the line end
+                return None
+            raw, self.inbox = inbox[:end + 1], inbox[end + 1:]
+            body = raw.rstrip(b"\r\n")
+            continued = body.endswith(b"\\")
+            if self.discarding:
+                if not continued:
+                    self.discarding = False
+                    return TOO_LONG
+                continue
+            if not continued and not self.parts:
+                if end > MAX_LINE:
+                    return TOO_LONG
+                return raw
+            self.size += len(raw)
+            if self.size > MAX_LINE:
+                self.parts, self.size, self.discarding = [], 0, continued
+                if not continued:
+                    return TOO_LONG
+                continue
+            if continued:
+                self.parts.append(body[:-1])
+                continue
+            self.parts.append(body)
+            joined = b"".join(self.parts)
+            self.parts, self.size = [], 0
+            return joined
 
 
 TOO_LONG = object()
@@ -3349,6 +3564,7 @@ class PhServer:
         self.sweeper = None
         self.closing = False
         self.idle = asyncio.Event()
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
 
     def verify_login(self, alias, challenge, answer, peer):
         """(Identity, None) for a correct signed answer to ``challenge``, else (None, reason)."""
@@ -3376,106 +3592,11 @@ class PhServer:
 
     async def start(self, host, port):
         """Listen on ``host``:``port``, start the idle sweeper; the (host, port) bound."""
-        self.listener = await asyncio.start_server(self.handle, host, port, limit=MAX_LINE,
-                                                   backlog=1024, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(lambda: PhConnection(self, loop), host, port,
+                                                 backlog=1024, reuse_address=True)
         self.sweeper = asyncio.ensure_future(self.sweep())
         return self.listener.sockets[0].getsockname()[:2]
-
-    async def handle(self, reader, writer):
-        """Serve one connection until it ends (400 and close when over the cap)."""
-        loop = asyncio.get_running_loop()
-        self.metrics.connections_total += 1
-        if len(self.connections) >= self.config.max_connections or self.closing:
-            self.metrics.connections_refused += 1
-            writer.write(line(400, f"Too many connections (limit {self.config.max_connections});"
-                                   f" try again later.").encode())
-            writer.close()
-            return
-        peer = writer.get_extra_info("peername")
-        conn = Connection(PhSession(self, peer), writer, loop.time())
-        self.connections.add(conn)
-        self.idle.clear()
-        try:
-            await self.converse(conn, reader, writer, loop)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.connections.discard(conn)
-            writer.transport.abort() if self.closing else writer.close()
-            if not self.connections:
-                self.idle.set()
-
-    async def converse(self, conn, reader, writer, loop):
-        """The request loop: read a request, execute it, write the reply; until quit or EOF."""
-        crlf, transport, observe = self.config.crlf, writer.transport, self.metrics.observe
-        clock = time.perf_counter
-        readuntil = reader.readuntil
-        while not self.closing:
-            try:
-                raw = await readuntil(b"\n")
-                if raw.endswith((b"\\\n", b"\\\r\n")):
-                    raw = await self.read_request(reader, raw)
-            except asyncio.IncompleteReadError:
-                return
-            except asyncio.LimitOverrunError:
-                raw = await self.read_request(reader)
-            conn.last = loop.time()
-            if raw is TOO_LONG:
-                writer.write(line(599, f"Command too long (limit {MAX_LINE} bytes).").encode())
-                continue
-            text = clean_request(raw)
-            if not text:
-                continue
-            conn.busy = True
-            started = clock()
-            try:
-                reply, close, verb = await conn.session.execute(text)
-            except Exception:
-                import traceback
-                self.log("internal error:\n" + traceback.format_exc().rstrip())
-                reply, close, verb = line(400, "Internal error."), False, "error"
-            observe(verb, reply[reply.rfind("\n", 0, -1) + 1] + "xx", clock() - started)
-            conn.busy = False
-            conn.last = loop.time()
-            writer.write((reply.replace("\n", "\r\n") if crlf else reply).encode())
-            if transport.get_write_buffer_size() > 65536:
-                await writer.drain()
-            if close:
-                await writer.drain()
-                return
-
-    async def read_request(self, reader, first=None):
-        """The rest of a request that goes on past ``first`` (continuation lines joined) or
-        that is too long (then TOO_LONG, the rest skipped); IncompleteReadError at the end."""
-        parts, size = [], 0
-        while True:
-            try:
-                raw = first if first is not None else await reader.readuntil(b"\n")
-                first = None
-            except asyncio.LimitOverrunError:
-                raw = await self.discard_line(reader)
-                while raw.rstrip(b"\r\n").endswith(b"\\"):
-                    raw = await self.discard_line(reader)
-                return TOO_LONG
-            size += len(raw)
-            if size > MAX_LINE:
-                while raw.rstrip(b"\r\n").endswith(b"\\"):
-                    raw = await self.discard_line(reader)
-                return TOO_LONG
-            body = raw.rstrip(b"\r\n")
-            if not body.endswith(b"\\"):
-                parts.append(body)
-                return b"".join(parts) if len(parts) > 1 else body
-            parts.append(body[:-1])
-
-    @staticmethod
-    async def discard_line(reader):
-        """Skip input up to the end of the current line; return that line's last bytes."""
-        while True:
-            try:
-                return await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as e:
-                await reader.readexactly(e.consumed)
 
     async def sweep(self):
         """Close connections idle longer than the timeout (a half line counts as idle)."""
@@ -3485,7 +3606,7 @@ class PhServer:
             await asyncio.sleep(min(5.0, max(0.05, timeout / 4)))
             now = loop.time()
             for conn in [c for c in self.connections if not c.busy and now - c.last > timeout]:
-                conn.writer.transport.abort()
+                conn.transport.abort()
 
     async def shutdown(self, grace=10.0):
         """Stop accepting, let commands in flight finish, close every connection."""
@@ -3493,12 +3614,12 @@ class PhServer:
         self.listener.close()
         for conn in list(self.connections):
             if not conn.busy:
-                conn.writer.transport.abort()
+                conn.transport.abort()
         try:
             await asyncio.wait_for(self.idle.wait(), grace) if self.connections else None
         except asyncio.TimeoutError:
             for conn in list(self.connections):
-                conn.writer.transport.abort()
+                conn.transport.abort()
         self.sweeper.cancel()
 
 

@@ -141,9 +141,15 @@ def journal_line(payload: bytes) -> bytes:
     return b"%08x " % zlib.crc32(payload) + payload + b"\n"
 
 
+def journal_data(path):
+    """A segment's data: segments grow in zero-filled steps, so the data ends where the
+    zeros that reach the end of the file begin."""
+    return path.read_bytes().rstrip(b"\0")
+
+
 def check_journal_format(path):
     """Every line of a (clean) segment is `<crc32 8 hex> <json>\\n` with a matching CRC."""
-    body = path.read_bytes()
+    body = journal_data(path)
     assert body == b"" or body.endswith(b"\n"), f"{path.name} does not end in a newline"
     lines = body.splitlines()
     for n, line in enumerate(lines, 1):
@@ -398,7 +404,7 @@ def forged_line(data, old_alias, new_alias):
     for seg in segments:
         check_journal_format(seg)
     for seg in reversed(segments):
-        for line in seg.read_bytes().splitlines():
+        for line in journal_data(seg).splitlines():
             payload = line.split(b" ", 1)[1]
             if f'"{old_alias}"'.encode() in payload:
                 forged = payload.replace(f'"{old_alias}"'.encode(), f'"{new_alias}"'.encode())
@@ -418,7 +424,8 @@ def test_torn_journal_tail_is_dropped_with_a_warning(tmp_path, launch, damage):
         crc = int(line[:8], 16) ^ 0x1
         tail = b"%08x" % crc + line[8:]
         assert tail.endswith(b"\n")
-    with open(last, "ab") as f:
+    with open(last, "r+b") as f:             # where the data ends, over the zero fill
+        f.seek(len(journal_data(last)))
         f.write(tail)
 
     srv = launch(data)
@@ -503,7 +510,7 @@ def test_corrupt_line_in_the_middle_of_a_journal_stops_the_server(tmp_path, laun
     srv.proc.send_signal(signal.SIGKILL)
     srv.finish(timeout=10)
 
-    segment = max(journal_segments(data), key=lambda p: len(p.read_bytes().splitlines()))
+    segment = max(journal_segments(data), key=lambda p: len(journal_data(p).splitlines()))
     lines = check_journal_format(segment)
     assert len(lines) >= 3, f"{segment.name} has only {len(lines)} lines"
     lineno = 2

@@ -184,3 +184,46 @@ def test_damage_before_a_later_write_is_corruption(tmp_path):
     with pytest.raises(pharos.DataError, match="line 2: corrupt journal entry"):
         FileStore(Schema(), data).open()
     assert (data / "journal-0000000000000001.jsonl").read_bytes() == before
+
+
+def test_a_segment_grows_in_zero_filled_steps_and_writes_land_where_the_data_ends(tmp_path):
+    """Writes overwrite preallocated zeros (fdatasync then leaves the metadata alone); a
+    reopened store finds the data's end and writes on from there, never past the zeros."""
+    global LOOP
+    LOOP = asyncio.new_event_loop()
+    data = tmp_path / "data"
+    segment = data / "journal-0000000000000001.jsonl"
+    store = FileStore(Schema(), data).open()
+    for n in range(3):
+        add(store, "person", alias=f"z{n}")
+    run(store.close())
+    body = segment.read_bytes()
+    assert len(body) == pharos.JOURNAL_PREALLOC
+    text = body.rstrip(b"\0")
+    assert len(text.splitlines()) == 3 and text.endswith(b"\n")
+    again = FileStore(Schema(), data).open()
+    try:
+        assert again.writer.size == len(text)
+        add(again, "person", alias="z3")
+        assert sorted(r["alias"] for r in again.directory.records.values()) == \
+            ["z0", "z1", "z2", "z3"]
+    finally:
+        run(again.close())
+    grown = segment.read_bytes()
+    assert len(grown) == pharos.JOURNAL_PREALLOC and grown.startswith(text)
+    assert [pharos.decode_journal(raw + b"\n")[0] for raw in
+            grown.rstrip(b"\0").splitlines()] == [1, 2, 3, 4]
+    LOOP.close()
+
+
+def test_a_torn_write_over_the_zero_fill_is_dropped(tmp_path):
+    """A crash mid-write leaves part of a line and then zeros: never acknowledged, dropped."""
+    data, logged = tmp_path / "data", []
+    write_segment(data, [person_line(1), person_line(2), person_line(3)[:30],
+                         bytes(pharos.JOURNAL_PREALLOC)])
+    store = FileStore(Schema(), data, log=logged.append).open()
+    try:
+        assert sorted(r["alias"] for r in store.directory.records.values()) == ["p1", "p2"]
+        assert any("torn write" in message for message in logged)
+    finally:
+        asyncio.run(store.close())
