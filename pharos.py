@@ -28,6 +28,7 @@ from __future__ import annotations
 # SECTION: Constants — version, limits, defaults; optional-package helper
 
 import argparse
+import array
 import asyncio
 import base64
 import bisect
@@ -617,8 +618,13 @@ def wildcard_regex(pattern):
 
 
 def value_keys(value):
-    """The index keys of one stored value: the whole value and each word, lower-cased."""
+    """The index keys of one stored value: the whole value and each word, lower-cased.
+
+    A value that is lower-case already is its own key (one string, not two).
+    """
     lower = value.lower()
+    if lower == value:
+        lower = value
     words = WORD_SPLIT_RE.split(lower)
     if len(words) == 1:
         return words
@@ -680,8 +686,33 @@ def parse_selection(schema, tokens, hint=None):
     return Selection(terms, frozenset(types)), errors
 
 
+POSTING_ARRAY_MIN = 16      # a posting this long becomes a sorted array (4 bytes an id)
+
+
+def posting_add(postings, key, rid):
+    """Post ``rid`` under ``key``; True when the key is new."""
+    current = postings.get(key)
+    if current is None:
+        postings[key] = rid
+        return True
+    if type(current) is int:
+        if current != rid:
+            postings[key] = {current, rid}
+    elif type(current) is set:
+        current.add(rid)
+        if len(current) >= POSTING_ARRAY_MIN:
+            postings[key] = array.array("I", sorted(current))
+    elif rid > current[-1]:                     # a new record: the highest id yet
+        current.append(rid)
+    else:
+        at = bisect.bisect_left(current, rid)
+        if at == len(current) or current[at] != rid:
+            current.insert(at, rid)
+    return False
+
+
 def posting_remove(postings, key, rid):
-    """Take ``rid`` out of the posting of ``key``; a set left with one id becomes that int."""
+    """Take ``rid`` out of the posting of ``key``; a posting left with one id becomes that int."""
     current = postings.get(key)
     if current is None:
         return
@@ -689,13 +720,50 @@ def posting_remove(postings, key, rid):
         if current == rid:
             del postings[key]
         return
-    current.discard(rid)
+    if type(current) is set:
+        current.discard(rid)
+    else:
+        at = bisect.bisect_left(current, rid)
+        if at < len(current) and current[at] == rid:
+            del current[at]
     if len(current) == 1:
-        postings[key] = next(iter(current))
+        postings[key] = current[0] if type(current) is array.array else next(iter(current))
+
+
+def posting_has(posting, rid):
+    """Whether a posting (int, set or sorted array) holds ``rid``."""
+    if type(posting) is int:
+        return posting == rid
+    if type(posting) is set:
+        return rid in posting
+    at = bisect.bisect_left(posting, rid)
+    return at < len(posting) and posting[at] == rid
+
+
+def posting_size(posting):
+    """How many ids a posting holds (0 for None)."""
+    return 0 if posting is None else 1 if type(posting) is int else len(posting)
+
+
+def intersect(ids, posting):
+    """The ids of set ``ids`` that ``posting`` holds too (a new set)."""
+    if type(posting) is set:
+        return ids & posting
+    return {rid for rid in ids if posting_has(posting, rid)}
+
+
+def as_set(posting):
+    """A posting's ids as a set (the live set itself when it is one; do not change it)."""
+    if posting is None:
+        return set()
+    if type(posting) is int:
+        return {posting}
+    return posting if type(posting) is set else set(posting)
 
 
 class FieldIndex:
-    """Postings of one field: key -> record id (int) or set of ids; sorted keys for wildcards.
+    """Postings of one field: key -> one id (int), a set of ids, or, for long postings, a
+    sorted array of ids; and sorted keys for wildcards.
 
     The sorted key list is built on the first wildcard search; keys added after that wait
     in ``fresh`` until there are enough of them to be worth a rebuild.
@@ -718,18 +786,22 @@ class FieldIndex:
                 postings[key] = rid
                 if self.sorted is not None:
                     self.fresh.add(key)
-            elif type(current) is int:
-                if current != rid:
-                    postings[key] = {current, rid}
-            else:
+            elif type(current) is set and len(current) < POSTING_ARRAY_MIN - 1:
                 current.add(rid)
+            else:
+                posting_add(postings, key, rid)
+
+    def posting(self, key):
+        """The posting of ``key`` as stored: None, an id, a set or a sorted array."""
+        return self.postings.get(key)
+
+    def count(self, key):
+        """How many records are posted under ``key``."""
+        return posting_size(self.postings.get(key))
 
     def exact(self, key):
-        """The ids posted under ``key`` as a set (the live posting set itself, if any)."""
-        found = self.postings.get(key)
-        if found is None:
-            return set()
-        return {found} if type(found) is int else found
+        """The ids posted under ``key`` as a set (the live set itself, if it is one)."""
+        return as_set(self.postings.get(key))
 
     def candidates(self, prefix):
         """Keys that start with ``prefix`` (may include keys no longer present)."""
@@ -746,9 +818,10 @@ class FieldIndex:
         yield from (k for k in self.fresh if k.startswith(prefix))
 
     def search(self, term):
-        """Ids whose value (or a word of it) matches the term."""
+        """Ids whose value (or a word of it) matches the term: a posting for an exact term,
+        else a new set."""
         if term.regex is None:
-            return self.exact(term.pattern)
+            return self.postings.get(term.pattern)
         found, match = set(), None if term.prefix_only else term.regex.match
         for key in self.candidates(term.prefix):
             if match is None or match(key):
@@ -757,7 +830,7 @@ class FieldIndex:
                     if type(posting) is int:
                         found.add(posting)
                     else:
-                        found |= posting
+                        found.update(posting)
         return found
 
 
@@ -767,7 +840,7 @@ class Directory:
     def __init__(self, schema):
         self.schema = schema
         self.records = {}
-        self.keys = {}                                  # (tenant, type, key lower) -> id
+        self.keys = {}                      # (tenant, type) -> {key lower-cased: id}
         self.index = {f.name: FieldIndex(value_keys if f.words else whole_value_key)
                       for f in schema.fields}
         self.next_id = 1
@@ -777,17 +850,22 @@ class Directory:
 
     def count(self, rtype):
         """How many records of type ``rtype`` there are."""
-        return len(self.index["type"].exact(rtype))
+        return self.index["type"].count(rtype)
 
     def key_owner(self, rtype, key, tenant=""):
         """The id of the ``rtype`` record keyed ``key`` in ``tenant`` (any case), or None."""
-        return self.keys.get((tenant, rtype, key.lower()))
+        return self.keys.get((tenant, rtype), {}).get(key.lower())
 
-    @staticmethod
-    def key_slot(record):
-        """The (tenant, type, lower-cased key) a record takes in ``keys``."""
+    def key_slot(self, record):
+        """The {key: id} map of a record's tenant and type, and its key lower-cased (the
+        record's own string when that is lower-case already)."""
         rtype = record["type"]
-        return (record.get("tenant", ""), rtype, record[KEY_FIELD[rtype]].lower())
+        key = record[KEY_FIELD[rtype]]
+        lower = key.lower()
+        slots = self.keys.get((record.get("tenant", ""), rtype))
+        if slots is None:
+            slots = self.keys[(record.get("tenant", ""), rtype)] = {}
+        return slots, key if lower == key else lower
 
     def put(self, rid, record):
         """Insert or replace record ``rid``; records are never mutated in place."""
@@ -795,7 +873,8 @@ class Directory:
         if old is not None:
             self._unindex(rid, old)
         self.records[rid] = record
-        self.keys[self.key_slot(record)] = rid
+        slots, key = self.key_slot(record)
+        slots[key] = rid
         index = self.index
         for name, value in record.items():
             fidx = index.get(name)
@@ -817,7 +896,8 @@ class Directory:
         return old
 
     def _unindex(self, rid, record):
-        self.keys.pop(self.key_slot(record), None)
+        slots, key = self.key_slot(record)
+        slots.pop(key, None)
         for name, value in record.items():
             fidx = self.index.get(name)
             if fidx is None:
@@ -827,13 +907,18 @@ class Directory:
                     posting_remove(fidx.postings, key, rid)
 
     def term_ids(self, term, types):
-        """Ids matching ``term`` from the index (a bare word: the bare fields of ``types``)."""
+        """Ids matching ``term`` from the index, as a posting (None: none) or a set (a bare
+        word: the bare fields of ``types``)."""
         if term.field is not None:
             return self.index[term.field.name].search(term)
         found = set()
         for rtype in types:
             for name in BARE_FIELDS[rtype]:
-                found |= self.index[name].search(term)
+                posting = self.index[name].search(term)
+                if type(posting) is int:
+                    found.add(posting)
+                elif posting is not None:
+                    found.update(posting)
         return found
 
     def term_matches(self, term, record):
@@ -856,7 +941,7 @@ class Directory:
         if not types or not selection.terms:
             return []
         if not terms:
-            ids = set().union(*(self.index["type"].exact(t) for t in types))
+            ids = set().union(*(as_set(self.index["type"].posting(t)) for t in types))
         else:
             ids = self._intersect(terms, types)
         records = self.records
@@ -867,10 +952,13 @@ class Directory:
 
     def _intersect(self, terms, types):
         """Exact terms by posting size first; wildcards checked per record once few remain."""
-        exact = sorted((self.term_ids(t, types) for t in terms if t.regex is None), key=len)
+        exact = sorted((self.term_ids(t, types) for t in terms if t.regex is None),
+                       key=posting_size)
         ids = None
         for found in exact:
-            ids = found if ids is None else ids & found
+            if found is None:
+                return ()
+            ids = as_set(found) if ids is None else intersect(ids, found)
             if not ids:
                 return ()
         for term in (t for t in terms if t.regex is not None):
@@ -1020,7 +1108,8 @@ def render_process(out, stats):
 
 # SECTION: Storage — MemoryStore, FileStore (journal, snapshot, lock)
 
-SHARED_VALUE_FIELDS = ("type", "source", "status", "created", "modified", "tenant")
+SHARED_VALUE_FIELDS = ("type", "source", "status", "created", "modified", "tenant", "title",
+                       "department", "os", "role", "location", "vendor", "model")
 
 
 class MemoryStore:
@@ -1033,6 +1122,7 @@ class MemoryStore:
         self.directory = Directory(schema)
         self.readonly = None                    # reason text when writes are refused
         self.audit_log = None
+        self.common_values = {}                 # one string for each value many records share
 
     def open(self):
         """Nothing to open or load; the store itself."""
@@ -1128,7 +1218,7 @@ class MemoryStore:
             raise RecordError(f"{keyname} may not be removed: it is the record's key")
         if key.lower() != old[keyname].lower():
             slot = (old.get("tenant", ""), rtype, key.lower())
-            if self.directory.keys.get(slot) is not None or slot in claimed:
+            if self.directory.key_owner(rtype, key, slot[0]) is not None or slot in claimed:
                 what = "Alias" if rtype == PERSON else "Hostname"
                 raise RecordError(f"{what} {key} conflicts with other entries.", code=509)
             claimed.add(slot)
@@ -1137,17 +1227,18 @@ class MemoryStore:
         new["modified"] = utc_now(now)
         return new
 
-    def load_records(self, pairs, source="records"):
-        """Put (id, record) pairs straight into the directory (bulk load, start-up)."""
-        put, common = self.directory.put, {}
-        for n, pair in enumerate(pairs):
+    def load_records(self, pairs, source="records", first=0):
+        """Put (id, record) pairs straight into the directory (bulk load, start-up);
+        ``first`` is how many records of ``source`` came before these."""
+        put, common = self.directory.put, self.common_values
+        for n, pair in enumerate(pairs, first):
             try:
                 rid, record = pair
                 for name in SHARED_VALUE_FIELDS:
                     if name in record:
                         record[name] = common.setdefault(record[name], record[name])
                 put(rid, record)
-            except (ValueError, TypeError, KeyError, AttributeError):
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                 raise DataError(f"{source}: record {n + 1} is not a valid record; "
                                 f"refusing to start") from None
 
@@ -1199,7 +1290,8 @@ def decode_journal(raw):
 def check_op(op):
     """One journal op as (id, record or None); ValueError if its shape is wrong."""
     rid, record = op
-    if type(rid) is not int or rid < 1 or (record is not None and not valid_record(record)):
+    if type(rid) is not int or not 0 < rid < 1 << 32 or \
+            (record is not None and not valid_record(record)):
         raise ValueError(f"bad operation {str(op)[:80]}")
     return rid, record
 
@@ -1257,12 +1349,16 @@ def snapshot_error(name, lineno, reason):
                      f"refusing to start: restore the file or move it away")
 
 
-def read_snapshot(path):
-    """(seq, next_id, [[id, record]]) from the snapshot file; DataError naming the line."""
+def read_snapshot(path, sink=None):
+    """(seq, next_id, [[id, record]]) from the snapshot file; DataError naming the line.
+
+    With ``sink``, each chunk of pairs goes to ``sink`` as it is read and the list comes
+    back empty: a large snapshot is loaded without holding all of it twice.
+    """
     name = os.path.join(path, SNAPSHOT)
     if not os.path.exists(name):
         return 0, 1, []
-    pairs = []
+    pairs, count = [], 0
     with open(name, "rb") as f:
         try:
             header = check_snapshot_header(json.loads(f.readline()))
@@ -1278,10 +1374,16 @@ def read_snapshot(path):
             else:
                 bodies = snapshot_bodies(name, lineno, lines[:-1])
                 end = snapshot_trailer(name, lineno + len(lines), lines[-1], f)
-            pairs.extend(json.loads(b"[" + b",".join(bodies) + b"]"))
             lineno += len(lines)
-    if end != len(pairs):
-        raise snapshot_error(name, lineno, f"end marker says {end} records, found {len(pairs)}")
+            chunk = json.loads(b"[" + b",".join(bodies) + b"]")
+            del lines, bodies
+            count += len(chunk)
+            if sink is None:
+                pairs.extend(chunk)
+            else:
+                sink(chunk)
+    if end != count:
+        raise snapshot_error(name, lineno, f"end marker says {end} records, found {count}")
     return header["seq"], header["next_id"], pairs
 
 
@@ -1553,9 +1655,12 @@ class FileStore(MemoryStore):
 
     def load(self):
         """Load the snapshot, replay the journal segments, open the newest one for appends."""
-        seq, next_id, pairs = read_snapshot(self.path)
-        self.load_records(pairs, os.path.join(self.path, SNAPSHOT))
-        del pairs
+        name, loaded = os.path.join(self.path, SNAPSHOT), [0]
+
+        def load_chunk(pairs):
+            self.load_records(pairs, name, loaded[0])
+            loaded[0] += len(pairs)
+        seq, next_id, _ = read_snapshot(self.path, load_chunk)
         self.directory.next_id = max(self.directory.next_id, next_id)
         if seq:
             self.snapshot_time = os.stat(os.path.join(self.path, SNAPSHOT)).st_mtime
@@ -3770,7 +3875,7 @@ def render_store(out, store, now):
                 [((("type", t),), directory.count(t)) for t in RECORD_TYPES])
     status = directory.index["status"]
     prom_family(out, "pharos_machines", "gauge", "Machines, by status.",
-                [((("status", v),), len(status.exact(v))) for v in ("online", "offline", "unknown")])
+                [((("status", v),), status.count(v)) for v in ("online", "offline", "unknown")])
     prom_family(out, "pharos_store_writable", "gauge", "1 when the store accepts writes, else 0.",
                 [((), 0 if store.readonly else 1)])
     if store.kind != "file":
