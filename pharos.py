@@ -268,7 +268,7 @@ BUILTIN_FIELDS = (
     (14, "ip", 45, LOOK + " Default Change", "IP address (one per line).", M,
      {"multi": True, "check": check_ip}),
     (15, "mac", 17, LOOK + " Default Change", "MAC address (one per line).", M,
-     {"multi": True, "check": check_mac}),
+     {"multi": True, "check": check_mac, "words": False}),
     (16, "os", 64, LOOK + " Default Change", "Operating system.", M, {}),
     (17, "role", 64, LOOK + " Default Change", "What the machine is for (nas, router, ...).", M, {}),
     (18, "owner", 32, LOOK + " Default Change", "Alias of the person responsible.", M,
@@ -788,8 +788,29 @@ class FieldIndex:
                     self.fresh.add(key)
             elif type(current) is set and len(current) < POSTING_ARRAY_MIN - 1:
                 current.add(rid)
+            elif type(current) is array.array and rid > current[-1]:
+                current.append(rid)
             else:
                 posting_add(postings, key, rid)
+
+    def add_ids(self, key, rids):
+        """Post each of ``rids`` (a list) under ``key`` at once (the bulk load's way)."""
+        postings = self.postings
+        current = postings.get(key)
+        if current is None and self.sorted is not None:
+            self.fresh.add(key)
+        if type(current) is array.array and rids[0] > current[-1] and rids == sorted(rids):
+            current.extend(rids)
+            return
+        ids = set(rids)
+        if current is not None:
+            ids.update(as_set(current))
+        if len(ids) == 1:
+            postings[key] = rids[0]
+        elif len(ids) < POSTING_ARRAY_MIN:
+            postings[key] = ids
+        else:
+            postings[key] = array.array("I", sorted(ids))
 
     def posting(self, key):
         """The posting of ``key`` as stored: None, an id, a set or a sorted array."""
@@ -887,6 +908,43 @@ class Directory:
         if rid >= self.next_id:
             self.next_id = rid + 1
         return old
+
+    def put_new(self, rid, record, pending, common):
+        """Insert record ``rid`` (not present yet) at start-up. Values of the fields in
+        ``pending`` ({field: {value: [ids]}}) become one string each via ``common`` and
+        wait there for ``post_many``."""
+        self.records[rid] = record
+        slots, key = self.key_slot(record)
+        slots[key] = rid
+        index = self.index
+        for name, value in record.items():
+            by_value = pending.get(name)
+            if by_value is not None:
+                value = record[name] = common.setdefault(value, value)
+                rids = by_value.get(value)
+                if rids is None:
+                    by_value[value] = [rid]
+                else:
+                    rids.append(rid)
+                continue
+            fidx = index.get(name)
+            if fidx is not None:
+                if type(value) is list:
+                    for item in value:
+                        fidx.add(fidx.keys_of(item), rid)
+                else:
+                    fidx.add(fidx.keys_of(value), rid)
+        if rid >= self.next_id:
+            self.next_id = rid + 1
+
+    def post_many(self, pending):
+        """Index what ``put`` left out: {field: {value: [ids]}}; empties ``pending``."""
+        for name, by_value in pending.items():
+            fidx = self.index[name]
+            for value, rids in by_value.items():
+                for key in fidx.keys_of(value):
+                    fidx.add_ids(key, rids)
+            by_value.clear()
 
     def drop(self, rid):
         """Remove record ``rid`` and its index entries; return the old record or None."""
@@ -1229,18 +1287,28 @@ class MemoryStore:
 
     def load_records(self, pairs, source="records", first=0):
         """Put (id, record) pairs straight into the directory (bulk load, start-up);
-        ``first`` is how many records of ``source`` came before these."""
-        put, common = self.directory.put, self.common_values
+        ``first`` is how many records of ``source`` came before these.
+
+        The fields most records share a value of (type, created, os, ...) keep one string
+        per value and are indexed in bulk, a posting at a time, after the records.
+        """
+        directory, common = self.directory, self.common_values
+        records, put_new = directory.records, directory.put_new
+        pending = {name: {} for name in SHARED_VALUE_FIELDS if name in directory.index}
         for n, pair in enumerate(pairs, first):
             try:
                 rid, record = pair
-                for name in SHARED_VALUE_FIELDS:
-                    if name in record:
-                        record[name] = common.setdefault(record[name], record[name])
-                put(rid, record)
+                if type(rid) is not int or not 0 < rid < 1 << 32:
+                    raise ValueError("bad id")
+                if rid in records:              # given twice: the exact way
+                    directory.post_many(pending)
+                    directory.put(rid, record)
+                    continue
+                put_new(rid, record, pending, common)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                 raise DataError(f"{source}: record {n + 1} is not a valid record; "
                                 f"refusing to start") from None
+        directory.post_many(pending)
 
 
 SNAPSHOT = "snapshot.jsonl"

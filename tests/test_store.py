@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,42 @@ def test_wildcards_see_new_and_removed_keys(make_store):
     run(store.commit([(rid, None) for rid in ids]))
     assert select(store, "hostname=host-00*") == []
     assert len(select(store, "ip=10.1.5.*")) == 220                 # 10.1.5.0-219 exist
+
+
+def test_long_postings_agree_with_the_records_through_every_change(make_store):
+    """Postings past POSTING_ARRAY_MIN ids become sorted arrays: adds, changes back and
+    forth, deletes and a reopen must leave every query agreeing with the records."""
+    store = make_store()
+    teams = ["ops", "dev", "sales"]
+    for n in range(3 * pharos.POSTING_ARRAY_MIN + 7):
+        add(store, "person", alias=f"m{n}", name=f"Member {n % 5} Team",
+            department=teams[n % 3])
+
+    def check():
+        records = [store.get(rid) for rid in store.directory.records]
+        for team in teams:
+            want = sorted(r["alias"] for r in records if r.get("department") == team)
+            assert sorted(r["alias"] for r in select(store, f"department={team}")) == want
+            want = sorted(r["alias"] for r in records
+                          if r.get("department") == team and r["name"].startswith("Member 2"))
+            assert sorted(r["alias"] for r in select(store, f"department={team} name=2")) == want
+        assert store.directory.count("person") == len(records)
+
+    check()
+    ops = store.select(parse_selection(store.schema, tokenize("department=ops"))[0])
+    assert len(ops) > pharos.POSTING_ARRAY_MIN
+    for rid in ops[::4]:                            # out of ops, into dev, out of the middle
+        run(store.commit([(rid, dict(store.get(rid), department="dev"))]))
+    check()
+    for rid in ops[::8]:                            # and back: ids inserted mid-array
+        run(store.commit([(rid, dict(store.get(rid), department="ops"))]))
+    check()
+    run(store.commit([(rid, None) for rid in ops[1::3]]))
+    check()
+    if make_store.kind == "file":
+        run(store.close())
+        store = make_store()
+        check()
 
 
 @pytest.mark.parametrize("make_store", ["file"], indirect=True)
@@ -225,5 +262,41 @@ def test_a_torn_write_over_the_zero_fill_is_dropped(tmp_path):
     try:
         assert sorted(r["alias"] for r in store.directory.records.values()) == ["p1", "p2"]
         assert any("torn write" in message for message in logged)
+    finally:
+        asyncio.run(store.close())
+
+
+@pytest.mark.parametrize("rid", [0, -3, 1 << 32, "7"])
+def test_a_snapshot_record_with_an_impossible_id_is_refused(tmp_path, rid):
+    records = {1: {"type": "person", "alias": "a"}}
+    pharos.write_snapshot(str(tmp_path), 1, 2, records)
+    text = (tmp_path / "snapshot.jsonl").read_bytes().replace(b"[1,", b"[%s," % json.dumps(rid).encode())
+    lines = text.splitlines(keepends=True)
+    body = lines[1][9:-1]
+    lines[1] = b"%08x %s\n" % (zlib.crc32(body), body)
+    (tmp_path / "snapshot.jsonl").write_bytes(b"".join(lines))
+    with pytest.raises(pharos.DataError, match="record 1 is not a valid record"):
+        FileStore(Schema(), tmp_path).open()
+
+
+def test_a_snapshot_that_names_an_id_twice_keeps_the_last(tmp_path):
+    """Start-up indexes common values in bulk; a repeated id must still leave one record
+    and no stale postings."""
+    records = {1: {"type": "person", "alias": "a", "department": "ops"},
+               2: {"type": "person", "alias": "b", "department": "ops"}}
+    pharos.write_snapshot(str(tmp_path), 1, 3, records)
+    lines = (tmp_path / "snapshot.jsonl").read_bytes().splitlines(keepends=True)
+    again = json.dumps([1, {"type": "person", "alias": "a", "department": "dev"}],
+                       separators=(",", ":")).encode()
+    lines.insert(3, b"%08x %s\n" % (zlib.crc32(again), again))
+    lines[-1] = b'{"end": 3}\n'
+    (tmp_path / "snapshot.jsonl").write_bytes(b"".join(lines))
+    store = FileStore(Schema(), tmp_path).open()
+    try:
+        assert [store.get(rid)["alias"] for rid in store.select(
+            parse_selection(store.schema, tokenize("department=ops"))[0])] == ["b"]
+        assert [store.get(rid)["alias"] for rid in store.select(
+            parse_selection(store.schema, tokenize("department=dev"))[0])] == ["a"]
+        assert len(store.directory) == 2
     finally:
         asyncio.run(store.close())
