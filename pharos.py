@@ -1223,7 +1223,7 @@ class MemoryStore:
             raise StoreError(self.readonly)
         self.apply(ops)
         if audit is not None and self.audit_log is not None:
-            self.audit_log.append(json.dumps(audit, ensure_ascii=False).encode() + b"\n")
+            self.audit_log.append(AUDIT_JSON(audit).encode() + b"\n")
 
     def attach_audit(self, log):
         """Write committed writes' audit entries to ``log`` (lab and enterprise tiers)."""
@@ -1322,6 +1322,10 @@ def journal_name(first_seq):
     return f"journal-{first_seq:016d}.jsonl"
 
 
+JOURNAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+AUDIT_JSON = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def encode_journal(seq, ops, audit=None, batch=None):
     """One journal line: CRC-32 of the JSON, a space, the JSON, a newline.
 
@@ -1335,7 +1339,7 @@ def encode_journal(seq, ops, audit=None, batch=None):
         entry["batch"] = batch
     if audit is not None:
         entry["audit"] = audit
-    body = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+    body = JOURNAL_JSON(entry).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -1787,7 +1791,8 @@ class FileStore(MemoryStore):
         self.seq += 1
         line_text = None
         if audit is not None and self.audit_log is not None:
-            line_text = json.dumps(dict(audit, seq=self.seq), ensure_ascii=False)
+            audit["seq"] = self.seq
+            line_text = AUDIT_JSON(audit)
         batch = self.writer.queue[0][4] if self.writer.queue else self.seq
         await self.writer.submit(encode_journal(self.seq, ops, line_text, batch), undo,
                                  line_text and (line_text + "\n").encode(), batch)
@@ -2926,7 +2931,7 @@ class AuditLog:
     def record(self, now, user, peer, request, reply):
         """Append a refused or failed write (nothing was committed: no fsync needed)."""
         entry = self.entry(now, user, peer, request, reply)
-        self.append(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+        self.append(AUDIT_JSON(entry).encode() + b"\n")
 
     def close(self):
         """Close the audit log file (a second close does nothing)."""
