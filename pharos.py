@@ -1000,13 +1000,19 @@ class Directory:
             return []
         if not terms:
             ids = set().union(*(as_set(self.index["type"].posting(t)) for t in types))
+        elif len(terms) == 1 and terms[0].regex is None:           # the common lookup
+            ids = self.term_ids(terms[0], types)
+            ids = () if ids is None else (ids,) if type(ids) is int else ids
         else:
             ids = self._intersect(terms, types)
         records = self.records
         hits = [i for i in ids if records[i]["type"] in types]
         if tenant is not None:
             hits = [i for i in hits if records[i].get("tenant", "") == tenant]
-        return sorted(hits, key=lambda i: self.sort_key(records[i]))
+        if len(hits) > 1:
+            sort_key = self.sort_key
+            hits.sort(key=lambda i: sort_key(records[i]))
+        return hits
 
     def _intersect(self, terms, types):
         """Exact terms by posting size first; wildcards checked per record once few remain."""
@@ -3283,7 +3289,11 @@ class PhSession(PhAuthVerbs):
 
     def parse_query(self, args):
         """(selection, (fields, width, explicit), error lines) of `selection [return ...]`."""
-        cut = next((i for i, t in enumerate(args) if t.sep), len(args))
+        cut = len(args)
+        for i, token in enumerate(args):
+            if token.sep:
+                cut = i
+                break
         selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
         returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
         return selection, returned, errors
