@@ -300,3 +300,48 @@ def test_a_snapshot_that_names_an_id_twice_keeps_the_last(tmp_path):
         assert len(store.directory) == 2
     finally:
         asyncio.run(store.close())
+
+
+def normalised_index(directory):
+    """A directory's index and unique keys in a comparable form."""
+    index = {name: {key: sorted(pharos.as_set(posting)) for key, posting in fidx.postings.items()}
+             for name, fidx in directory.index.items()}
+    return index, directory.keys, directory.next_id
+
+
+def test_the_start_up_loader_builds_the_index_put_builds(tmp_path):
+    """Start-up indexes a chunk column by column and shares common values in bulk; the
+    result must be what inserting the same records one by one gives."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import dataset
+    data = dataset.Dataset(1500)
+    records = [data.person(i) for i in range(1500)] + [data.machine(i) for i in range(1500)]
+    records += [
+        {"type": "person", "alias": "Mixed", "name": "Ann-Marie  O'Neil, Jr.", "phone": ""},
+        {"type": "person", "alias": "t1", "tenant": "blue", "name": "Tenant One"},
+        {"type": "machine", "hostname": "multi", "ip": ["10.9.0.1", "fe80::9"],
+         "mac": ["aa:bb:cc:00:00:01", "AA:BB:CC:00:00:02"], "tags": ["x", "y/z"]},
+        {"type": "person", "alias": "dup", "name": "First Version", "department": "Ops"},
+    ]
+    pairs = [[rid, dict(record)] for rid, record in enumerate(records, 1)]
+    pairs.append([len(records), dict(records[-1], name="Second Version", department="Dev")])
+    one_by_one = pharos.Directory(Schema())
+    for rid, record in pairs:
+        one_by_one.put(rid, dict(record))
+    store = MemoryStore(Schema())
+    for start in range(0, len(pairs), 700):                    # chunks, as the snapshot
+        store.load_records([[rid, dict(r)] for rid, r in pairs[start:start + 700]], first=start)
+    assert store.directory.records == one_by_one.records
+    assert normalised_index(store.directory) == normalised_index(one_by_one)
+
+
+@pytest.mark.parametrize("bad", [{"type": "robot", "alias": "x"}, {"type": "person"},
+                                 {"type": "person", "alias": "x", "name": 7},
+                                 {"type": "machine", "hostname": "h", "ip": ["10.0.0.1", 5]},
+                                 {"type": "person", "alias": "x", "department": ["a"]}, "text"])
+def test_the_start_up_loader_names_the_bad_record(bad):
+    store = MemoryStore(Schema())
+    pairs = [[1, {"type": "person", "alias": "a"}], [2, {"type": "person", "alias": "b"}],
+             [3, bad]]
+    with pytest.raises(pharos.DataError, match="record 13 is not a valid record"):
+        store.load_records(pairs, first=10)
