@@ -40,6 +40,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import marshal
 import os
 import re
 import secrets
@@ -1319,6 +1320,8 @@ class MemoryStore:
 
 SNAPSHOT = "snapshot.jsonl"
 SNAPSHOT_FORMAT = "pharos-snapshot"
+IMAGE = "snapshot.image"
+IMAGE_FORMAT = "pharos-image"
 JOURNAL_RE = re.compile(r"journal-(\d{16})\.jsonl\Z")
 LOCK = "lock"
 
@@ -1502,6 +1505,122 @@ def check_snapshot_header(item):
     return item
 
 
+def snapshot_signature(path):
+    """What tells this snapshot file from any other: [inode, size, mtime in ns], or None.
+
+    A snapshot is only ever replaced by a rename, so a new one has a new inode.
+    """
+    try:
+        st = os.stat(os.path.join(path, SNAPSHOT))
+    except FileNotFoundError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def image_header(schema, seq, signature, body):
+    """The image's first line: what it holds and what it must match to be used."""
+    fields = repr([(f.name, f.words, f.multi) for f in schema.fields]).encode()
+    return {"format": IMAGE_FORMAT, "version": 1, "python": list(sys.version_info[:2]),
+            "marshal": marshal.version, "schema": zlib.crc32(fields), "seq": seq,
+            "snapshot": signature, "size": len(body), "crc": zlib.crc32(body)}
+
+
+def write_image(path, directory, seq):
+    """Write the directory (records, unique keys, index) as the image of the snapshot that
+    holds it, so the next start loads it whole instead of indexing every record again.
+
+    Only a cache beside the snapshot, which stays the truth: a start that finds the image
+    stale, damaged or from another Python ignores it. One marshal blob keeps the strings
+    records and index keys share, shared; values many records hold (type, created, ...)
+    are made one string first. Long postings go in as bytes and come back.
+    """
+    common = {}
+    for record in directory.records.values():
+        for name in SHARED_VALUE_FIELDS:
+            value = record.get(name)
+            if type(value) is str:
+                record[name] = common.setdefault(value, value)     # an equal string
+    del common
+    arrays = []
+    for fidx in directory.index.values():
+        postings = fidx.postings
+        for key, posting in postings.items():
+            if type(posting) is array.array:
+                arrays.append((postings, key, posting))
+    for postings, key, posting in arrays:
+        postings[key] = posting.tobytes()
+    try:
+        body = marshal.dumps((directory.records, directory.keys, directory.next_id,
+                              {name: fidx.postings for name, fidx in directory.index.items()}))
+    finally:
+        for postings, key, posting in arrays:
+            postings[key] = posting
+    del arrays
+    header = image_header(directory.schema, seq, snapshot_signature(path), body)
+    tmp = os.path.join(path, IMAGE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(header).encode() + b"\n")
+        f.write(body)
+        del body
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, IMAGE))
+
+
+def read_image_header(path):
+    """The image's header if it matches the snapshot and this Python, else None."""
+    try:
+        with open(os.path.join(path, IMAGE), "rb") as f:
+            header = json.loads(f.readline(1024))
+    except (OSError, ValueError):
+        return None
+    if type(header) is not dict or header.get("format") != IMAGE_FORMAT or \
+            header != dict(header, version=1, python=list(sys.version_info[:2]),
+                           marshal=marshal.version, snapshot=snapshot_signature(path)):
+        return None
+    return header
+
+
+def read_image(path, directory):
+    """Fill ``directory`` from the snapshot's image: (seq, None), or (None, why it was not
+    used) when there is none or it does not match the snapshot, this Python and schema."""
+    name = os.path.join(path, IMAGE)
+    if not os.path.exists(name):
+        return None, None
+    header = read_image_header(path)
+    if header is None:
+        return None, "it was written for another snapshot or Python"
+    import mmap
+    try:
+        f = open(name, "rb")
+        blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        return None, f"it cannot be read ({e})"
+    with f, blob:
+        with memoryview(blob) as view:
+            body = view[blob.find(b"\n") + 1:]
+            try:
+                if header != image_header(directory.schema, header["seq"], header["snapshot"],
+                                          body):
+                    return None, "it is damaged or was written for other fields"
+                try:
+                    records, keys, next_id, postings = marshal.loads(body)
+                except (ValueError, EOFError, TypeError):
+                    return None, "it is damaged"
+            finally:
+                body.release()
+    if type(records) is not dict or type(keys) is not dict or type(next_id) is not int or \
+            type(postings) is not dict or postings.keys() != directory.index.keys():
+        return None, "it is damaged"
+    for name, fidx in directory.index.items():
+        fidx.postings = table = postings[name]
+        for key, posting in table.items():
+            if type(posting) is bytes:
+                table[key] = array.array("I", posting)
+    directory.records, directory.keys, directory.next_id = records, keys, next_id
+    return header["seq"], None
+
+
 def journal_segments(path):
     """Journal segment names in order."""
     return sorted(n for n in os.listdir(path) if JOURNAL_RE.match(n))
@@ -1677,8 +1796,10 @@ class FileStore(MemoryStore):
 
     kind = "file"
 
-    def __init__(self, schema, path, compact_bytes=DEFAULT_COMPACT_BYTES, log=None):
+    def __init__(self, schema, path, compact_bytes=DEFAULT_COMPACT_BYTES, log=None,
+                 image=False):
         super().__init__(schema)
+        self.image = image                      # fold the journal and write the image at close
         self.path = os.path.abspath(path)
         self.compact_bytes = compact_bytes
         self.log = log or (lambda msg: None)
@@ -1732,14 +1853,21 @@ class FileStore(MemoryStore):
             self.lock_fd = None
 
     def load(self):
-        """Load the snapshot, replay the journal segments, open the newest one for appends."""
+        """Load the snapshot (from its image when that matches), replay the journal
+        segments, open the newest one for appends."""
         name, loaded = os.path.join(self.path, SNAPSHOT), [0]
 
         def load_chunk(pairs):
             self.load_records(pairs, name, loaded[0])
             loaded[0] += len(pairs)
-        seq, next_id, _ = read_snapshot(self.path, load_chunk)
-        self.directory.next_id = max(self.directory.next_id, next_id)
+        seq, unused = read_image(self.path, self.directory)
+        if unused:
+            self.log(f"not using {os.path.join(self.path, IMAGE)}: {unused}; "
+                     f"loading {name}")
+        if seq is None:
+            self.directory = Directory(self.schema)
+            seq, next_id, _ = read_snapshot(self.path, load_chunk)
+            self.directory.next_id = max(self.directory.next_id, next_id)
         if seq:
             self.snapshot_time = os.stat(os.path.join(self.path, SNAPSHOT)).st_mtime
         segments, size = journal_segments(self.path), 0
@@ -1856,9 +1984,27 @@ class FileStore(MemoryStore):
                                                records, old_segments)
         self.compacting.add_done_callback(self.compacted)
 
+    def save_image(self):
+        """At a clean stop: fold the journal into a new snapshot if it holds writes, and
+        write the snapshot's image unless it has a good one, so the next start is quick."""
+        segments = journal_segments(self.path)
+        try:
+            if self.writer.size or len(segments) > 1 or not os.path.exists(
+                    os.path.join(self.path, SNAPSHOT)):
+                self.compact(self.seq, self.directory.next_id, self.directory.records, segments)
+            elif read_image_header(self.path) is not None:
+                return
+            write_image(self.path, self.directory, self.seq)
+            self.log(f"wrote {os.path.join(self.path, IMAGE)} for a quick start")
+        except OSError as e:
+            self.log(f"could not write the snapshot and its image at stop ({e.strerror}); "
+                     f"the journal has every write")
+
     def compact(self, seq, next_id, records, old_segments):
         """In a thread: write the snapshot, delete the old segments; the time it finished."""
         write_snapshot(self.path, seq, next_id, records)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.path, IMAGE))   # it was the old snapshot's
         if self.audit_log is not None:
             self.audit_log.sync()           # the journal going away held its lines too
         for name in old_segments:
@@ -1884,6 +2030,8 @@ class FileStore(MemoryStore):
                 await self.writer.drain()
                 if self.compacting is not None:
                     await asyncio.shield(self.compacting)
+                if self.image and not self.readonly:
+                    self.save_image()
         finally:
             if self.writer:
                 os.close(self.writer.fd)
@@ -5122,7 +5270,8 @@ def cmd_serve(args):
         store = MemoryStore(schema)
     else:
         with loading():
-            store = FileStore(schema, args.data, args.compact_bytes, log=log_to_stderr).open()
+            store = FileStore(schema, args.data, args.compact_bytes, log=log_to_stderr,
+                              image=True).open()
     config = ServerConfig(tier=args.tier, max_results=args.max_results,
                           idle_timeout=args.idle_timeout, max_connections=args.max_connections,
                           crlf=args.crlf, admin=args.admin, login_delay=args.login_delay)
@@ -5166,6 +5315,7 @@ def cmd_load(args):
         for name in journal_segments(store.path):
             if name != journal_name(store.segment_start) or store.writer.size:
                 os.unlink(os.path.join(store.path, name))
+        write_image(store.path, store.directory, store.seq)
         fsync_dir(store.path)
     finally:
         os.close(store.writer.fd)

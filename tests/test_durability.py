@@ -680,3 +680,95 @@ def test_sigterm_with_writes_in_flight_exits_0_and_keeps_acknowledged_writes(tmp
     verify(srv, model, "restart after SIGTERM")
     code, err = srv.stop()
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------
+# 7. The snapshot's image (a quick start after a clean stop)
+# --------------------------------------------------------------------------
+
+IMAGE_NOTE = "not using"
+
+
+def changed_directory(srv, n=30):
+    """Adds, changes and deletes through the Ph port; the people it leaves."""
+    expected = {}
+    with srv.client() as c:
+        for i in range(n):
+            expected.update([add_ok(c, f"im-{i}")])
+        for i in range(0, n, 3):
+            assert c.cmd(f'change alias=im-{i} make name="Renamed {i}"') == ["200:1 entry changed."]
+            expected[f"im-{i}"] = (f"Renamed {i}", expected[f"im-{i}"][1])
+        for i in range(1, n, 5):
+            assert c.cmd(f"delete alias=im-{i}") == ["200:1 entries deleted."]
+            del expected[f"im-{i}"]
+    return expected
+
+
+def test_a_clean_stop_folds_the_journal_and_the_next_start_loads_the_image(tmp_path, launch):
+    data = tmp_path / "data"
+    srv = launch(data, *MANY)
+    expected = changed_directory(srv)
+    code, err = srv.stop()
+    assert code == 0, err
+    assert (data / "snapshot.image").exists(), sorted(p.name for p in data.iterdir())
+    assert all(not journal_data(p) for p in journal_segments(data)), "journal not folded"
+
+    srv = launch(data, *MANY)
+    assert people(srv) == expected
+    with srv.client() as c:                       # the index came back too, not just records
+        assert parse_entries(c.cmd("query name=renamed return alias")) and \
+            {e["alias"] for e in parse_entries(c.cmd("query name=renamed return alias"))} == \
+            {a for a, (name, _) in expected.items() if name.startswith("Renamed")}
+        expected.update([add_ok(c, "after-image")])
+    srv.proc.send_signal(signal.SIGKILL)          # no clean stop: the image stays as it was
+    srv.finish(timeout=10)
+    srv = launch(data, *MANY)
+    assert people(srv) == expected, "the journal after the image was not replayed"
+    code, err = srv.stop()
+    assert code == 0 and IMAGE_NOTE not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("damage", ["body", "python", "snapshot"])
+def test_an_image_that_does_not_match_is_ignored(tmp_path, launch, damage):
+    data = tmp_path / "data"
+    srv = launch(data, *MANY)
+    expected = changed_directory(srv, 12)
+    code, err = srv.stop()
+    assert code == 0, err
+    image = data / "snapshot.image"
+    header, body = image.read_bytes().split(b"\n", 1)
+    if damage == "body":
+        body = flip(body, [len(body) // 2])
+    elif damage == "python":
+        header = json.dumps(dict(json.loads(header), python=[2, 7])).encode()
+    else:                                     # the snapshot was replaced by another one
+        snapshot = data / "snapshot.jsonl"
+        snapshot.write_bytes(snapshot.read_bytes())
+    image.write_bytes(header + b"\n" + body)
+
+    srv = launch(data, *MANY)
+    assert people(srv) == expected
+    srv.proc.send_signal(signal.SIGKILL)
+    _, err = srv.finish(timeout=10)
+    assert IMAGE_NOTE in err and "Traceback" not in err, err
+
+
+def test_compaction_retires_the_image_of_the_snapshot_it_replaces(tmp_path, launch):
+    data = tmp_path / "data"
+    srv = launch(data, *MANY)
+    expected = changed_directory(srv, 6)
+    code, err = srv.stop()
+    assert code == 0, err
+    assert (data / "snapshot.image").exists()
+    srv = launch(data, *MANY, "--compact-bytes", "2048")
+    with srv.client() as c:
+        for i in range(40):
+            expected.update([add_ok(c, f"cx-{i}")])
+    wait_for(lambda: not (data / "snapshot.image").exists(), timeout=15,
+             what="compaction to remove the old snapshot's image")
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.finish(timeout=10)
+    srv = launch(data, *MANY)
+    assert people(srv) == expected
+    code, err = srv.stop()
+    assert code == 0, err

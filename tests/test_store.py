@@ -345,3 +345,23 @@ def test_the_start_up_loader_names_the_bad_record(bad):
              [3, bad]]
     with pytest.raises(pharos.DataError, match="record 13 is not a valid record"):
         store.load_records(pairs, first=10)
+
+
+def test_an_image_for_other_fields_is_not_used(tmp_path):
+    """The index depends on the fields (custom ones too): an image written under one field
+    table is refused under another, and the snapshot is loaded instead."""
+    global LOOP
+    LOOP = asyncio.new_event_loop()
+    store = FileStore(Schema(), tmp_path, image=True).open()
+    add(store, "person", alias="a", name="Ann Example")
+    run(store.close())
+    assert (tmp_path / "snapshot.image").exists()
+    custom = pharos.Field(100, "badge", 16, pharos.LOOK + " Change", "Badge.", ("person",))
+    logged = []
+    again = FileStore(Schema([custom]), tmp_path, log=logged.append).open()
+    try:
+        assert [r["alias"] for r in select(again, "name=ann")] == ["a"]
+        assert any("other fields" in line for line in logged), logged
+    finally:
+        run(again.close())
+    LOOP.close()
