@@ -1610,7 +1610,9 @@ def read_image(path, directory):
             finally:
                 body.release()
     if type(records) is not dict or type(keys) is not dict or type(next_id) is not int or \
-            type(postings) is not dict or postings.keys() != directory.index.keys():
+            type(postings) is not dict or postings.keys() != directory.index.keys() or \
+            any(type(table) is not dict for table in postings.values()) or \
+            set(map(type, records)) - {int} or set(map(type, records.values())) - {dict}:
         return None, "it is damaged"
     for name, fidx in directory.index.items():
         fidx.postings = table = postings[name]
@@ -3731,13 +3733,13 @@ class PhConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport):
         """Take the connection, or answer 400 and close when over the cap."""
-        server = self.server
+        server, cap = self.server, self.server.config.max_connections
         self.transport = transport
         server.metrics.connections_total += 1
-        if len(server.connections) >= server.config.max_connections or server.closing:
+        if len(server.connections) >= cap or server.closing:
             server.metrics.connections_refused += 1
-            transport.write(line(400, f"Too many connections (limit "
-                                      f"{server.config.max_connections}); try again later.").encode())
+            transport.write(line(400, f"Too many connections (limit {cap}); "
+                                      f"try again later.").encode())
             transport.close()
             return
         self.session = PhSession(server, transport.get_extra_info("peername"))

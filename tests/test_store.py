@@ -365,3 +365,17 @@ def test_an_image_for_other_fields_is_not_used(tmp_path):
     finally:
         run(again.close())
     LOOP.close()
+
+
+def test_an_image_whose_checksum_holds_but_whose_shape_is_wrong_is_not_used(tmp_path):
+    import marshal
+    directory = pharos.Directory(Schema())
+    directory.put(1, {"type": "person", "alias": "a"})
+    pharos.write_snapshot(str(tmp_path), 1, 2, directory.records)
+    body = marshal.dumps(({1: "not a record"}, {}, 2,
+                          {name: {} for name in directory.index}))
+    header = pharos.image_header(directory.schema, 1, pharos.snapshot_signature(str(tmp_path)),
+                                 body)
+    (tmp_path / "snapshot.image").write_bytes(json.dumps(header).encode() + b"\n" + body)
+    seq, why = pharos.read_image(str(tmp_path), pharos.Directory(Schema()))
+    assert seq is None and why == "it is damaged"
