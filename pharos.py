@@ -894,40 +894,31 @@ class Directory:
         old = self.records.get(rid)
         if old is not None:
             self._unindex(rid, old)
-        self.records[rid] = record
-        slots, key = self.key_slot(record)
-        slots[key] = rid
-        index = self.index
-        for name, value in record.items():
-            fidx = index.get(name)
-            if fidx is not None:
-                if type(value) is list:
-                    for item in value:
-                        fidx.add(fidx.keys_of(item), rid)
-                else:
-                    fidx.add(fidx.keys_of(value), rid)
-        if rid >= self.next_id:
-            self.next_id = rid + 1
+        self.insert(rid, record)
         return old
 
-    def put_new(self, rid, record, pending, common):
-        """Insert record ``rid`` (not present yet) at start-up. Values of the fields in
-        ``pending`` ({field: {value: [ids]}}) become one string each via ``common`` and
-        wait there for ``post_many``."""
+    def insert(self, rid, record, pending=None, common=None):
+        """Store record ``rid`` (not present yet) under its unique key and post it under the
+        index keys of its values.
+
+        At start-up, values of the fields in ``pending`` ({field: {value: [ids]}}) become
+        one string each via ``common`` and wait there for ``post_many``.
+        """
         self.records[rid] = record
         slots, key = self.key_slot(record)
         slots[key] = rid
         index = self.index
         for name, value in record.items():
-            by_value = pending.get(name)
-            if by_value is not None:
-                value = record[name] = common.setdefault(value, value)
-                rids = by_value.get(value)
-                if rids is None:
-                    by_value[value] = [rid]
-                else:
-                    rids.append(rid)
-                continue
+            if pending is not None:
+                by_value = pending.get(name)
+                if by_value is not None:
+                    value = record[name] = common.setdefault(value, value)
+                    rids = by_value.get(value)
+                    if rids is None:
+                        by_value[value] = [rid]
+                    else:
+                        rids.append(rid)
+                    continue
             fidx = index.get(name)
             if fidx is not None:
                 if type(value) is list:
@@ -1300,7 +1291,7 @@ class MemoryStore:
         per value and are indexed in bulk, a posting at a time, after the records.
         """
         directory, common = self.directory, self.common_values
-        records, put_new = directory.records, directory.put_new
+        records, insert = directory.records, directory.insert
         pending = {name: {} for name in SHARED_VALUE_FIELDS if name in directory.index}
         for n, pair in enumerate(pairs, first):
             try:
@@ -1311,7 +1302,7 @@ class MemoryStore:
                     directory.post_many(pending)
                     directory.put(rid, record)
                     continue
-                put_new(rid, record, pending, common)
+                insert(rid, record, pending, common)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                 raise DataError(f"{source}: record {n + 1} is not a valid record; "
                                 f"refusing to start") from None
