@@ -3708,13 +3708,13 @@ class PhConnection(asyncio.BufferedProtocol):
     its replies, so a client holds little input and one reply's worth of output.
     """
 
-    __slots__ = ("server", "loop", "transport", "session", "inbox", "parts", "size",
+    __slots__ = ("server", "loop", "transport", "session", "inbox", "start", "parts", "size",
                  "discarding", "last", "busy", "stalled", "eof")
 
     def __init__(self, server, loop):
         self.server, self.loop = server, loop
         self.transport = self.session = None
-        self.inbox = b""                        # received, not yet run
+        self.inbox, self.start = b"", 0         # received; not yet run from ``start`` on
         self.parts, self.size = [], 0           # a backslash-continued request so far
         self.discarding = False                 # inside a request over MAX_LINE
         self.last = loop.time()
@@ -3753,10 +3753,12 @@ class PhConnection(asyncio.BufferedProtocol):
         if self.session is None:
             return
         data = self.server.read_buffer[:nbytes].tobytes()
-        self.inbox = self.inbox + data if self.inbox else data
+        if self.start < len(self.inbox):
+            data = self.inbox[self.start:] + data
+        self.inbox, self.start = data, 0
         if not self.busy and not self.stalled:
             self.run_requests()
-        elif len(self.inbox) > MAX_LINE:        # enough waiting; read more once it has run
+        elif len(data) > MAX_LINE:              # enough waiting; read more once it has run
             self.transport.pause_reading()
 
     def eof_received(self):
@@ -3843,14 +3845,15 @@ class PhConnection(asyncio.BufferedProtocol):
         """The next whole request from the input (continuation lines joined), TOO_LONG for
         one over MAX_LINE (skipped to its end), or None until more input comes."""
         while True:
-            inbox = self.inbox
-            end = inbox.find(b"\n")
+            inbox, start = self.inbox, self.start
+            end = inbox.find(b"\n", start)
             if end < 0:
-                if self.discarding or len(inbox) > MAX_LINE:
+                if self.discarding or len(inbox) - start > MAX_LINE:
                     self.discarding = True
-                    self.inbox = inbox[-2:]     # enough to see a `\` before the line end
+                    self.inbox = inbox[max(start, len(inbox) - 2):]   # to see a `\` at the end
+                    self.start = 0
                 return None
-            raw, self.inbox = inbox[:end + 1], inbox[end + 1:]
+            raw, self.start = inbox[start:end + 1], end + 1
             body = raw.rstrip(b"\r\n")
             continued = body.endswith(b"\\")
             if self.discarding:
@@ -3859,9 +3862,7 @@ class PhConnection(asyncio.BufferedProtocol):
                     return TOO_LONG
                 continue
             if not continued and not self.parts:
-                if end > MAX_LINE:
-                    return TOO_LONG
-                return raw
+                return TOO_LONG if len(raw) - 1 > MAX_LINE else raw
             self.size += len(raw)
             if self.size > MAX_LINE:
                 self.parts, self.size, self.discarding = [], 0, continued

@@ -397,6 +397,20 @@ def test_long_lines_refused_and_connection_keeps_working(launch):
     stop_clean(srv)
 
 
+def test_a_flood_of_pipelined_lines_is_answered_in_order(launch):
+    """Hundreds of thousands of lines in one write: blank ones answer nothing, every
+    request is answered once and in order, and the connection then works as before."""
+    srv = launch()
+    c = Raw(srv.port)
+    try:
+        c.send(b"\n" * 400_000 + b"id a\n" * 2000 + b"status\n")
+        assert [c.reply(timeout=60) for _ in range(2000)] == [[b"200:Thanks."]] * 2000
+        assert c.reply(timeout=60) == [READY]
+    finally:
+        c.close()
+    stop_clean(srv)
+
+
 def test_long_continued_line_is_one_refused_request(launch):
     """Backslash-continued pieces form one request line; over 8192 bytes in all it gets a
     single 599 and none of its pieces run as commands of their own."""
