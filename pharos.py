@@ -1549,13 +1549,18 @@ def write_image(path, directory, seq):
     del arrays
     header = image_header(directory.schema, seq, snapshot_signature(path), body)
     tmp = os.path.join(path, IMAGE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(header).encode() + b"\n")
-        f.write(body)
-        del body
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, IMAGE))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n")
+            f.write(body)
+            del body
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, IMAGE))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_image_header(path):
