@@ -636,8 +636,10 @@ def value_keys(value):
 
 
 def whole_value_key(value):
-    """The one index key of a value matched only as a whole (timestamps)."""
-    return (value.lower(),)
+    """The one index key of a value matched only as a whole (timestamps, MACs); like
+    value_keys, a value already lower-case is its own key."""
+    lower = value.lower()
+    return (value if lower == value else lower,)
 
 
 class Selection:
@@ -691,12 +693,11 @@ POSTING_ARRAY_MIN = 16      # a posting this long becomes a sorted array (4 byte
 
 
 def posting_add(postings, key, rid):
-    """Post ``rid`` under ``key``; True when the key is new."""
+    """Post ``rid`` under ``key``."""
     current = postings.get(key)
     if current is None:
         postings[key] = rid
-        return True
-    if type(current) is int:
+    elif type(current) is int:
         if current != rid:
             postings[key] = {current, rid}
     elif type(current) is set:
@@ -709,7 +710,6 @@ def posting_add(postings, key, rid):
         at = bisect.bisect_left(current, rid)
         if at == len(current) or current[at] != rid:
             current.insert(at, rid)
-    return False
 
 
 def posting_remove(postings, key, rid):
@@ -821,10 +821,6 @@ class FieldIndex:
         """How many records are posted under ``key``."""
         return posting_size(self.postings.get(key))
 
-    def exact(self, key):
-        """The ids posted under ``key`` as a set (the live set itself, if it is one)."""
-        return as_set(self.postings.get(key))
-
     def candidates(self, prefix):
         """Keys that start with ``prefix`` (may include keys no longer present)."""
         if self.sorted is None or len(self.fresh) > max(1000, len(self.sorted) >> 3):
@@ -882,11 +878,11 @@ class Directory:
         """The {key: id} map of a record's tenant and type, and its key lower-cased (the
         record's own string when that is lower-case already)."""
         rtype = record["type"]
-        key = record[KEY_FIELD[rtype]]
+        key, scope = record[KEY_FIELD[rtype]], (record.get("tenant", ""), rtype)
         lower = key.lower()
-        slots = self.keys.get((record.get("tenant", ""), rtype))
+        slots = self.keys.get(scope)
         if slots is None:
-            slots = self.keys[(record.get("tenant", ""), rtype)] = {}
+            slots = self.keys[scope] = {}
         return slots, key if lower == key else lower
 
     def put(self, rid, record):
@@ -1322,7 +1318,7 @@ def journal_name(first_seq):
     return f"journal-{first_seq:016d}.jsonl"
 
 
-JOURNAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+JOURNAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # and snapshot
 AUDIT_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 
@@ -1399,10 +1395,9 @@ def write_snapshot(path, seq, next_id, records):
         header = {"format": SNAPSHOT_FORMAT, "version": 1, "seq": seq,
                   "next_id": next_id, "count": len(records)}
         f.write(json.dumps(header).encode() + b"\n")
-        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
         chunk, crc32 = [], zlib.crc32
         for rid, record in records.items():
-            body = dumps([rid, record]).encode()
+            body = JOURNAL_JSON([rid, record]).encode()
             chunk.append(b"%08x %s\n" % (crc32(body), body))
             if len(chunk) >= 4096:
                 f.write(b"".join(chunk))
@@ -1863,7 +1858,6 @@ class FileStore(MemoryStore):
             self.log(f"not using {os.path.join(self.path, IMAGE)}: {unused}; "
                      f"loading {name}")
         if seq is None:
-            self.directory = Directory(self.schema)
             seq, next_id, _ = read_snapshot(self.path, load_chunk)
             self.directory.next_id = max(self.directory.next_id, next_id)
         if seq:
@@ -1982,17 +1976,23 @@ class FileStore(MemoryStore):
                                                records, old_segments)
         self.compacting.add_done_callback(self.compacted)
 
+    def fold(self):
+        """Write everything in memory as the snapshot and its image; the journal goes."""
+        self.compact(self.seq, self.directory.next_id, self.directory.records,
+                     journal_segments(self.path))
+        write_image(self.path, self.directory, self.seq)
+
     def save_image(self):
         """At a clean stop: fold the journal into a new snapshot if it holds writes, and
         write the snapshot's image unless it has a good one, so the next start is quick."""
-        segments = journal_segments(self.path)
         try:
-            if self.writer.size or len(segments) > 1 or not os.path.exists(
+            if self.writer.size or len(journal_segments(self.path)) > 1 or not os.path.exists(
                     os.path.join(self.path, SNAPSHOT)):
-                self.compact(self.seq, self.directory.next_id, self.directory.records, segments)
-            elif read_image_header(self.path) is not None:
+                self.fold()
+            elif read_image_header(self.path) is None:
+                write_image(self.path, self.directory, self.seq)
+            else:
                 return
-            write_image(self.path, self.directory, self.seq)
             self.log(f"wrote {os.path.join(self.path, IMAGE)} for a quick start")
         except OSError as e:
             self.log(f"could not write the snapshot and its image at stop ({e.strerror}); "
@@ -5310,12 +5310,7 @@ def cmd_load(args):
     try:
         with loading():
             added = load_jsonl(store, args.file)
-        write_snapshot(store.path, store.seq, store.directory.next_id, store.directory.records)
-        for name in journal_segments(store.path):
-            if name != journal_name(store.segment_start) or store.writer.size:
-                os.unlink(os.path.join(store.path, name))
-        write_image(store.path, store.directory, store.seq)
-        fsync_dir(store.path)
+        store.fold()
     finally:
         os.close(store.writer.fd)
         store.unlock()
