@@ -1160,6 +1160,66 @@ def render_process(out, stats):
 
 # SECTION: Storage — MemoryStore, FileStore (journal, snapshot, lock)
 
+class Later:
+    """A result not ready yet: a write waiting for its fsync, a refused login waiting out
+    its delay. Settling it runs its callbacks at once, in the same turn of the event loop,
+    so a write is answered right after its fsync, with no task and no extra turn. A task
+    may also await it; an exception as the value is raised there.
+    """
+
+    __slots__ = ("settled", "value", "callbacks")
+
+    def __init__(self):
+        self.settled, self.value, self.callbacks = False, None, []
+
+    @classmethod
+    def now(cls, value):
+        """A Later settled already with ``value``."""
+        later = cls()
+        later.settled, later.value = True, value
+        return later
+
+    def then(self, callback):
+        """Call ``callback(value)`` once settled (now, if it is)."""
+        if self.settled:
+            callback(self.value)
+        else:
+            self.callbacks.append(callback)
+
+    def settle(self, value=None):
+        """Set the value and run the callbacks; one that breaks is reported, not spread."""
+        self.settled, self.value = True, value
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            try:
+                callback(value)
+            except Exception as e:
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "a callback of a settled result failed", "exception": e})
+
+    def map(self, fn):
+        """A Later of ``fn(value)``; if ``fn`` raises, its value is the exception."""
+        later = Later()
+
+        def apply(value):
+            try:
+                value = fn(value)
+            except Exception as e:
+                value = e
+            later.settle(value)
+        self.then(apply)
+        return later
+
+    def __await__(self):
+        if not self.settled:
+            future = asyncio.get_running_loop().create_future()
+            self.then(future.set_result)
+            yield from future
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
 SHARED_VALUE_FIELDS = ("type", "source", "status", "created", "modified", "tenant", "title",
                        "department", "os", "role", "location", "vendor", "model")
 
@@ -1208,16 +1268,18 @@ class MemoryStore:
         undo.reverse()
         return undo
 
-    async def commit(self, ops, audit=None):
-        """Make ``ops`` visible and durable; raise StoreError if they cannot be.
+    def commit(self, ops, audit=None):
+        """Make ``ops`` visible and durable: a Later of None once they are, or of the
+        StoreError that says why they cannot be.
 
         ``audit`` (a dict) is the write's audit-log entry, written with the write.
         """
         if self.readonly:
-            raise StoreError(self.readonly)
+            return Later.now(StoreError(self.readonly))
         self.apply(ops)
         if audit is not None and self.audit_log is not None:
             self.audit_log.append(AUDIT_JSON(audit).encode() + b"\n")
+        return Later.now(None)
 
     def attach_audit(self, log):
         """Write committed writes' audit entries to ``log`` (lab and enterprise tiers)."""
@@ -1656,9 +1718,12 @@ def only_same_write_follows(lines, damaged_seq):
 class JournalWriter:
     """Appends journal lines; writes that arrive together share one fsync (group commit).
 
-    A lone write on a disk whose fsync is quick is written on the event loop itself (a
-    thread hand-off would cost more than the fsync); a batch, or a slow fsync, goes to a
-    thread, so the loop reads and plans the next batch while the disk works.
+    A write is queued, and the queue is flushed at the loop's next turn, so the writes
+    read in one turn go out as one batch. A lone write on a disk whose fsync is quick is
+    written on the event loop itself (a thread hand-off would cost more than the fsync);
+    a batch, or a slow fsync, goes to a thread, so the loop reads and plans the next
+    batch while the disk works. No task is involved: whoever waits on a write gets its
+    Later settled right after the fsync.
 
     The segment grows in zero-filled steps ahead of the data (JOURNAL_PREALLOC), so a
     write overwrites blocks the file already has and fdatasync need not touch the
@@ -1670,45 +1735,69 @@ class JournalWriter:
         self.fd = fd
         self.size = size                        # where the data ends
         self.allocated = os.fstat(fd).st_size   # the file's length, zeros after the data
-        self.queue = []                         # (bytes, future, undo ops, audit, batch)
-        self.task = None
+        self.queue = []                         # (bytes, Later, undo ops, audit, batch)
+        self.scheduled = False                  # a flush is due at the loop's next turn
+        self.writing = False                    # a batch is in the thread, or a segment opening
+        self.drained = None                     # a Later for drain(), settled once idle
         self.fsync_seconds = INLINE_FSYNC_SECONDS * 4     # running average; starts threaded
         from concurrent.futures import ThreadPoolExecutor
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
 
     def submit(self, data, undo, audit=None, batch=None):
-        """Queue ``data`` for the next batch; a future that is done once it is durable."""
-        future = asyncio.get_running_loop().create_future()
-        self.queue.append((data, future, undo, audit, batch))
-        if self.task is None:
-            self.task = asyncio.ensure_future(self.run())
-        return future
+        """Queue ``data`` for the next batch; a Later settled once it is durable."""
+        later = Later()
+        self.queue.append((data, later, undo, audit, batch))
+        if not self.scheduled and not self.writing:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        return later
 
-    async def run(self):
-        """Write the queue in batches (one write and fsync each) until it is empty."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self.queue:
-                batch, self.queue = self.queue, []
-                data = b"".join(item[0] for item in batch)
-                audits = [item[3] for item in batch if item[3]]
-                started = time.perf_counter()
-                try:
-                    if len(batch) == 1 and self.fsync_seconds < INLINE_FSYNC_SECONDS:
-                        self.write(data, audits)
-                    else:
-                        await loop.run_in_executor(self.executor, self.write, data, audits)
-                except OSError as e:
-                    self.fail(batch + self.queue, e)
-                    self.queue = []
-                    continue
-                self.store.wrote(len(batch), len(data), time.perf_counter() - started)
-                for _, future, _, _, _ in batch:
-                    if not future.done():
-                        future.set_result(None)
-                await self.store.maybe_compact(self)
-        finally:
-            self.task = None
+    def flush(self):
+        """Write the queue as one batch: on the loop if it is a lone write and fsync is
+        quick, else in the journal thread."""
+        self.scheduled = False
+        if self.writing or not self.queue:
+            self.idle()
+            return
+        batch, self.queue = self.queue, []
+        data = b"".join(item[0] for item in batch)
+        audits = [item[3] for item in batch if item[3]]
+        started = time.perf_counter()
+        if len(batch) == 1 and self.fsync_seconds < INLINE_FSYNC_SECONDS:
+            try:
+                self.write(data, audits)
+            except OSError as e:
+                self.written(batch, len(data), started, e)
+            else:
+                self.written(batch, len(data), started, None)
+            return
+        self.writing = True
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.write, data,
+                                                            audits)
+        future.add_done_callback(
+            lambda f: self.written(batch, len(data), started, f.exception()))
+
+    def written(self, batch, nbytes, started, error):
+        """A batch is on disk (or failed): settle its writes, then go on with the queue."""
+        self.writing = False
+        if error is not None:
+            self.fail(batch + self.queue, error)
+            self.queue = []
+        else:
+            self.store.wrote(len(batch), nbytes, time.perf_counter() - started)
+            for item in batch:
+                item[1].settle(None)
+            self.store.maybe_compact(self)
+        if self.queue and not self.scheduled and not self.writing:
+            self.flush()                        # they came in while the thread wrote
+        else:
+            self.idle()
+
+    def idle(self):
+        """Settle drain()'s Later once nothing is queued or being written."""
+        if self.drained is not None and not (self.queue or self.writing or self.scheduled):
+            drained, self.drained = self.drained, None
+            drained.settle(None)
 
     def write(self, data, audits=()):
         """Write at the data's end and fdatasync, then the batch's audit lines.
@@ -1763,11 +1852,10 @@ class JournalWriter:
 
     def fail(self, items, error):
         """Refuse every write not yet durable, undoing them newest first."""
-        reason = f"Store failed: {error.strerror or error}."
-        for _, future, undo, _, _ in reversed(items):
+        reason = StoreError(f"Store failed: {getattr(error, 'strerror', None) or error}.")
+        for _, later, undo, _, _ in reversed(items):
             self.store.apply(undo)
-            if not future.done():
-                future.set_exception(StoreError(reason))
+            later.settle(reason)
 
     def pending_undo(self):
         """The undo ops of the writes queued but not yet written, oldest first."""
@@ -1775,8 +1863,9 @@ class JournalWriter:
 
     async def drain(self):
         """Wait until every queued write has been written."""
-        while self.task is not None:
-            await asyncio.shield(self.task)
+        while self.queue or self.writing or self.scheduled:
+            self.drained = self.drained or Later()
+            await self.drained
 
     def roll(self, fd):
         """Switch to a new segment (between batches, so no write is in flight)."""
@@ -1795,6 +1884,7 @@ class FileStore(MemoryStore):
         self.image = image                      # fold the journal and write the image at close
         self.path = os.path.abspath(path)
         self.compact_bytes = compact_bytes
+        self.roll_at = compact_bytes            # the segment size that starts a compaction
         self.log = log or (lambda msg: None)
         self.lock_fd = None
         self.writer = None
@@ -1909,10 +1999,11 @@ class FileStore(MemoryStore):
             raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
         return fd
 
-    async def commit(self, ops, audit=None):
-        """Apply ``ops`` and return once their journal entry is durable; StoreError if not."""
+    def commit(self, ops, audit=None):
+        """Apply ``ops``: a Later of None once their journal entry is durable, or of the
+        StoreError that refused or undid them."""
         if self.readonly:
-            raise StoreError(self.readonly)
+            return Later.now(StoreError(self.readonly))
         undo = self.apply(ops)
         self.seq += 1
         line_text = None
@@ -1920,8 +2011,8 @@ class FileStore(MemoryStore):
             audit["seq"] = self.seq
             line_text = AUDIT_JSON(audit)
         batch = self.writer.queue[0][4] if self.writer.queue else self.seq
-        await self.writer.submit(encode_journal(self.seq, ops, line_text, batch), undo,
-                                 line_text and (line_text + "\n").encode(), batch)
+        return self.writer.submit(encode_journal(self.seq, ops, line_text, batch), undo,
+                                  line_text and (line_text + "\n").encode(), batch)
 
     def attach_audit(self, log):
         """Also complete ``log`` from the journal: a crash may have lost its newest lines."""
@@ -1953,9 +2044,13 @@ class FileStore(MemoryStore):
             return f"data dir {self.path} is not writable: {e.strerror}"
         return None
 
-    async def maybe_compact(self, writer):
-        """Between batches: once the segment is big, roll it and snapshot in a thread."""
-        if writer.size < self.compact_bytes or self.compacting is not None:
+    def maybe_compact(self, writer):
+        """Between batches: once the segment is big, roll it and snapshot in a thread.
+
+        The records as of the last durable write are copied now; new batches wait while
+        the journal thread opens the next segment.
+        """
+        if writer.size < self.roll_at or self.compacting is not None:
             return
         durable_seq = self.seq - len(writer.queue)
         records = dict(self.directory.records)
@@ -1967,14 +2062,31 @@ class FileStore(MemoryStore):
                     records[rid] = old
         loop = asyncio.get_running_loop()
         name = journal_name(durable_seq + 1)
-        fd = await loop.run_in_executor(writer.executor, self.open_segment, name)
-        old_segments = [n for n in journal_segments(self.path) if n != name]
-        writer.roll(fd)
-        self.segment_start = durable_seq + 1
-        next_id = self.directory.next_id
-        self.compacting = loop.run_in_executor(None, self.compact, durable_seq, next_id,
-                                               records, old_segments)
-        self.compacting.add_done_callback(self.compacted)
+        writer.writing = True
+        opening = loop.run_in_executor(writer.executor, self.open_segment, name)
+        opening.add_done_callback(lambda f: self.rolled(f, name, durable_seq, records))
+
+    def rolled(self, opening, name, durable_seq, records):
+        """The next segment is open (or could not be): switch to it, start the snapshot."""
+        writer = self.writer
+        writer.writing = False
+        error = opening.exception()
+        if error is None:
+            old_segments = [n for n in journal_segments(self.path) if n != name]
+            writer.roll(opening.result())
+            self.segment_start = durable_seq + 1
+            self.roll_at = self.compact_bytes
+            self.compacting = asyncio.get_running_loop().run_in_executor(
+                None, self.compact, durable_seq, self.directory.next_id, records,
+                old_segments)
+            self.compacting.add_done_callback(self.compacted)
+        else:
+            self.log(f"cannot start a new journal segment, the journal keeps growing: {error}")
+            self.roll_at = writer.size + self.compact_bytes
+        if writer.queue and not writer.scheduled:
+            writer.flush()
+        else:
+            writer.idle()
 
     def fold(self):
         """Write everything in memory as the snapshot and its image; the journal goes."""
@@ -3168,7 +3280,7 @@ class PhAuthVerbs:
             return line(599, f"{verb}:no argument given.")
         return None
 
-    async def ph_answer(self, args):
+    def ph_answer(self, args):
         """answer <base64 SSHSIG>: 200:<alias>:Hi how are you? or, after a delay, 500."""
         problem = self.login_problem("answer", args)
         if problem:
@@ -3186,8 +3298,10 @@ class PhAuthVerbs:
             self.server.log(f"login as {printable(alias)} from {address} refused: {reason}")
             delay = self.server.guard.delay(address, now)
             self.server.guard.failed(address, now)
-            await asyncio.sleep(delay)
-            return line(500, "Login failed.")
+            refused = Later()
+            asyncio.get_running_loop().call_later(delay, refused.settle,
+                                                  line(500, "Login failed."))
+            return refused
         self.server.metrics.logins["ok"] += 1
         self.server.guard.succeeded(address)
         self.user = verified
@@ -3323,8 +3437,8 @@ class PhSession(PhAuthVerbs):
 
     def begin(self, text):
         """Start one request: (reply, close, verb) when the reply is ready at once (every
-        read is), else a coroutine that returns it (writes and logins wait on the store or
-        the key check)."""
+        read is), else a Later of it (a write waits for its fsync, a refused login for its
+        delay)."""
         tokens = tokenize(text)
         if not tokens or tokens[0].field is not None or tokens[0].quoted:
             return line(598, f"{printable(text.split()[0] if text.split() else text)}:"
@@ -3347,12 +3461,8 @@ class PhSession(PhAuthVerbs):
         self.raw_args, self.request, self.audited = text[len(verb):].strip(), text, False
         reply = handler(tokens[1:])
         if type(reply) is not str:
-            return self.finish(prefix, reply, verb, text)
+            return reply.map(lambda reply: self.done(prefix, reply, verb, text))
         return self.done(prefix, reply, verb, text)
-
-    async def finish(self, prefix, pending, verb, text):
-        """The outcome of a request whose handler had to wait."""
-        return self.done(prefix, await pending, verb, text)
 
     def done(self, prefix, reply, verb, text):
         """(reply, close, verb) of a finished request; a write not yet audited is, now."""
@@ -3557,17 +3667,20 @@ class PhSession(PhAuthVerbs):
             return line(517, "changes not allowed to read-only database.")
         return None
 
-    async def commit(self, ops, success):
-        """Commit ``ops`` with the audit line of ``success``; the reply to send."""
+    def commit(self, ops, success):
+        """Commit ``ops`` with the audit line of ``success``: a Later of the reply to send."""
         audit = self.server.audit_entry(self, success)
-        try:
-            await self.store.commit(ops, audit)
-        except StoreError as e:
-            return line(400, str(e))
-        self.audited = audit is not None
-        return success
 
-    async def ph_add(self, args):
+        def reply(error):
+            if error is not None:
+                if not isinstance(error, StoreError):
+                    raise error
+                return line(400, str(error))
+            self.audited = audit is not None
+            return success
+        return self.store.commit(ops, audit).map(reply)
+
+    def ph_add(self, args):
         """add field=value ...: 200:Ok. once the new record is durable (599 if refused)."""
         refused = self.write_refused()
         if refused:
@@ -3583,7 +3696,7 @@ class PhSession(PhAuthVerbs):
                 errors.append(more(e.code, str(e)))
         if errors:
             return "".join(errors) + line(599, "Add command not understood.")
-        return await self.commit(ops, line(200, "Ok."))
+        return self.commit(ops, line(200, "Ok."))
 
     def limited_selection(self, tokens, failure):
         """(ids, None) for a change/delete selection, or (None, reply) when refused."""
@@ -3598,7 +3711,7 @@ class PhSession(PhAuthVerbs):
             return None, line(518, f"Too many entries ({len(ids)}) selected; limit is {limit}.")
         return ids, None
 
-    async def ph_change(self, args):
+    def ph_change(self, args):
         """change selection make field=value ...: 200:N entries changed. (500 if some fail)."""
         refused = self.write_refused()
         if refused:
@@ -3622,11 +3735,11 @@ class PhSession(PhAuthVerbs):
         errors += refused
         ok = len(ids) - len(refused)
         if not errors:
-            return await self.commit(ops, line(200, f"{plural(ok, 'entry', 'entries')} changed."))
+            return self.commit(ops, line(200, f"{plural(ok, 'entry', 'entries')} changed."))
         if ok == 0:
             return "".join(errors) + line(500, f"{plural(found, 'entry', 'entries')} found, "
                                                f"none changed.")
-        return await self.commit(ops, "".join(errors) + line(
+        return self.commit(ops, "".join(errors) + line(
             500, f"Only {plural(ok, 'entry', 'entries')} changed ({found} found)."))
 
     def addonly_filter(self, ids, make):
@@ -3640,7 +3753,7 @@ class PhSession(PhAuthVerbs):
                 keep.append(rid)
         return keep, errors
 
-    async def ph_delete(self, args):
+    def ph_delete(self, args):
         """delete selection: 200:N entries deleted. (501 no match, 518 over the limit)."""
         refused = self.write_refused()
         if refused:
@@ -3654,7 +3767,7 @@ class PhSession(PhAuthVerbs):
         if not ids:
             return line(501, "No entries matched specifications.")
         ops = [(rid, None) for rid in ids]
-        return await self.commit(ops, line(200, f"{len(ids)} entries deleted."))
+        return self.commit(ops, line(200, f"{len(ids)} entries deleted."))
 
     # -- options -------------------------------------------------------------
 
@@ -3707,10 +3820,11 @@ class PhSession(PhAuthVerbs):
 class PhConnection(asyncio.BufferedProtocol):
     """One Ph connection: runs each complete request line in turn and writes its reply.
 
-    A reply that is ready at once (every read) is written from the read callback itself,
-    with no task. A write or a login runs as a task, and the requests after it wait their
-    turn; reading pauses once they pass MAX_LINE bytes, or while the client is slow to take
-    its replies, so a client holds little input and one reply's worth of output.
+    A reply that is ready at once (every read) is written from the read callback itself.
+    One that comes later (a write, after its fsync) is written when its Later settles,
+    still with no task; the requests after it wait their turn. Reading pauses once they
+    pass MAX_LINE bytes, or while the client is slow to take its replies, so a client
+    holds little input and one reply's worth of output.
     """
 
     __slots__ = ("server", "loop", "transport", "session", "inbox", "start", "parts", "size",
@@ -3723,7 +3837,7 @@ class PhConnection(asyncio.BufferedProtocol):
         self.parts, self.size = [], 0           # a backslash-continued request so far
         self.discarding = False                 # inside a request over MAX_LINE
         self.last = loop.time()
-        self.busy = False                       # a request is running as a task
+        self.busy = False                       # a request's reply is still to come
         self.stalled = False                    # the client is not taking its replies
         self.eof = False
 
@@ -3804,12 +3918,16 @@ class PhConnection(asyncio.BufferedProtocol):
             started = time.perf_counter()
             try:
                 outcome = self.session.begin(text)
-            except Exception:
-                outcome = self.failed()
+            except Exception as e:
+                outcome = self.failed(e)
             if type(outcome) is not tuple:
-                self.busy = True
-                self.loop.create_task(self.finish(outcome, started))
-                return
+                if not outcome.settled:
+                    self.busy = True
+                    outcome.then(lambda outcome: self.finish(outcome, started))
+                    return
+                outcome = outcome.value
+                if type(outcome) is not tuple:
+                    outcome = self.failed(outcome)
             self.respond(outcome, started)
             if self.stalled:
                 return
@@ -3818,21 +3936,18 @@ class PhConnection(asyncio.BufferedProtocol):
         else:
             transport.resume_reading()
 
-    async def finish(self, pending, started):
-        """Wait for a request that could not answer at once, reply, and go on reading."""
-        try:
-            outcome = await pending
-        except Exception:
-            outcome = self.failed()
+    def finish(self, outcome, started):
+        """A request that could not answer at once has its outcome: reply, go on reading."""
         self.busy = False
-        self.respond(outcome, started)
+        self.respond(outcome if type(outcome) is tuple else self.failed(outcome), started)
         if not self.stalled:
             self.run_requests()
 
-    def failed(self):
+    def failed(self, error):
         """Log the traceback of a request that broke; the outcome the client sees."""
         import traceback
-        self.server.log("internal error:\n" + traceback.format_exc().rstrip())
+        self.server.log("internal error:\n" + "".join(
+            traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
         return line(400, "Internal error."), False, "error"
 
     def respond(self, outcome, started):

@@ -46,6 +46,13 @@ def make_store(request, tmp_path):
     LOOP.close()
 
 
+def commit(store, ops):
+    """Commit ``ops`` from inside the test's loop (where a store is used) and wait for it."""
+    async def durable():
+        return await store.commit(ops)
+    return run(durable())
+
+
 def select(store, text):
     selection, errors = parse_selection(store.schema, tokenize(text))
     assert not errors
@@ -55,7 +62,7 @@ def select(store, text):
 def add(store, rtype, **fields):
     ops = store.plan_add(rtype, {k: v if isinstance(v, list) else [v] for k, v in fields.items()},
                          NOW)
-    run(store.commit(ops))
+    commit(store, ops)
 
 
 def test_add_query_change_delete(make_store):
@@ -70,11 +77,11 @@ def test_add_query_change_delete(make_store):
     ids = store.select(parse_selection(store.schema, tokenize("alias=jsmith"))[0])
     ops, errors = store.plan_change(ids, {"phone": ["555"], "email": [""]}, NOW + 60)
     assert not errors
-    run(store.commit(ops))
+    commit(store, ops)
     [john] = select(store, "phone=555")
     assert "email" not in john and john["modified"] == pharos.utc_now(NOW + 60)
     assert select(store, "email=john@example.org") == []
-    run(store.commit([(rid, None) for rid in ids]))
+    commit(store, [(rid, None) for rid in ids])
     assert select(store, "name=smith") == []
     assert len(store.directory) == 1
 
@@ -94,7 +101,7 @@ def test_a_changed_record_is_a_new_object(make_store):
     [rid] = store.select(parse_selection(store.schema, tokenize("alias=a"))[0])
     before = store.get(rid)
     ops, _ = store.plan_change([rid], {"name": ["Anne"]}, NOW)
-    run(store.commit(ops))
+    commit(store, ops)
     assert before["name"] == "Ann" and store.get(rid)["name"] == "Anne"
     assert select(store, "name=ann") == [] and len(select(store, "name=anne")) == 1
 
@@ -107,7 +114,7 @@ def test_wildcards_see_new_and_removed_keys(make_store):
     add(store, "machine", hostname="host-zz")
     assert [r["hostname"] for r in select(store, "hostname=host-z*")] == ["host-zz"]
     ids = store.select(parse_selection(store.schema, tokenize("hostname=host-00*"))[0])
-    run(store.commit([(rid, None) for rid in ids]))
+    commit(store, [(rid, None) for rid in ids])
     assert select(store, "hostname=host-00*") == []
     assert len(select(store, "ip=10.1.5.*")) == 220                 # 10.1.5.0-219 exist
 
@@ -135,12 +142,12 @@ def test_long_postings_agree_with_the_records_through_every_change(make_store):
     ops = store.select(parse_selection(store.schema, tokenize("department=ops"))[0])
     assert len(ops) > pharos.POSTING_ARRAY_MIN
     for rid in ops[::4]:                            # out of ops, into dev, out of the middle
-        run(store.commit([(rid, dict(store.get(rid), department="dev"))]))
+        commit(store, [(rid, dict(store.get(rid), department="dev"))])
     check()
     for rid in ops[::8]:                            # and back: ids inserted mid-array
-        run(store.commit([(rid, dict(store.get(rid), department="ops"))]))
+        commit(store, [(rid, dict(store.get(rid), department="ops"))])
     check()
-    run(store.commit([(rid, None) for rid in ops[1::3]]))
+    commit(store, [(rid, None) for rid in ops[1::3]])
     check()
     if make_store.kind == "file":
         run(store.close())
@@ -155,7 +162,7 @@ def test_file_store_survives_reopen_and_compaction(make_store):
         add(store, "person", alias=f"p{n}", name=f"Person {n}")
     ids = store.select(parse_selection(store.schema, tokenize("name=person"))[0])
     kept = {store.get(rid)["alias"] for rid in ids[10:]}
-    run(store.commit([(rid, None) for rid in ids[:10]]))
+    commit(store, [(rid, None) for rid in ids[:10]])
     run(store.close())
     files = sorted(os.listdir(store.path))
     assert "snapshot.jsonl" in files
