@@ -44,6 +44,7 @@ import marshal
 import os
 import re
 import secrets
+import selectors
 import signal
 import socket
 import struct
@@ -66,6 +67,8 @@ DEFAULT_CHANGE_LIMIT = 2        # qi's `set limit` default for change/delete
 MAX_CHANGE_LIMIT = 1_000_000
 DEFAULT_IDLE_TIMEOUT = 300.0    # seconds a connection may sit without a full line
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_BUSY_POLL_US = 100      # the event loop looks again this long before it sleeps
+MAX_BUSY_POLL_US = 10_000
 FD_RESERVE = 32                 # descriptors kept for the journal, metrics and accept()
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 INLINE_FSYNC_SECONDS = 0.0005   # an fsync quicker than this is done on the event loop
@@ -4148,6 +4151,50 @@ class LoopErrors:
                  f"(repeats of this are not logged for a minute)")
 
 
+class PollingSelector(selectors.DefaultSelector):
+    """The server loop's selector: before it sleeps, it keeps looking for ``window``
+    seconds.
+
+    A CPU that has gone idle takes tens of µs to wake, far more on a virtual machine, and
+    a client with one request outstanding (every Ph client) sends its next one a few tens
+    of µs after its reply. If it comes within the window the server is still awake, and
+    on this kind of traffic the latency falls by a third or more. The loop asks for a
+    wait only when it has nothing to run, so the cost is at most one window per wake-up.
+    """
+
+    def __init__(self, window):
+        super().__init__()
+        self.window = window
+
+    def select(self, timeout=None):
+        """Ready (key, events) pairs: at once if any, else after polling, else after a wait."""
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        clock = time.perf_counter
+        start = clock()
+        deadline = start + (self.window if timeout is None else min(self.window, timeout))
+        while clock() < deadline:
+            ready = super().select(0)
+            if ready:
+                return ready
+        if timeout is not None:
+            timeout = max(0.0, timeout - (clock() - start))
+        return super().select(timeout)
+
+
+def run_loop(main, busy_poll):
+    """Run coroutine ``main`` like asyncio.run, on a loop that polls for ``busy_poll``
+    seconds before it sleeps. Polling needs a second CPU (on one it only delays the
+    client) and asyncio.Runner (Python 3.11); without either it is a plain loop."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if busy_poll <= 0 or (cpus or 1) < 2 or not hasattr(asyncio, "Runner"):
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(
+            PollingSelector(busy_poll))) as runner:
+        return runner.run(main)
+
+
 async def serve(store, config, host, port, log, metrics_at=None, keys=None, audit=None):
     """Run the Ph server (and the metrics listener) until SIGTERM or SIGINT, then stop."""
     loop = asyncio.get_running_loop()
@@ -5396,7 +5443,8 @@ def cmd_serve(args):
     keys, audit = open_keys(args)
     if audit is not None:
         store.attach_audit(audit)
-    asyncio.run(serve(store, config, host, port, log_to_stderr, metrics_at, keys, audit))
+    run_loop(serve(store, config, host, port, log_to_stderr, metrics_at, keys, audit),
+             args.busy_poll / 1e6)
     return EXIT_OK
 
 
@@ -6165,6 +6213,10 @@ def build_parser():
     serve_p.add_argument("--compact-bytes", type=positive_int, default=DEFAULT_COMPACT_BYTES,
                          help="journal size that triggers a snapshot")
     serve_p.add_argument("--crlf", action="store_true", help="end reply lines with CRLF")
+    serve_p.add_argument("--busy-poll", type=busy_poll_us, default=DEFAULT_BUSY_POLL_US,
+                         metavar="MICROSECONDS", help="after a request, look for the next "
+                         f"one this long before sleeping (default {DEFAULT_BUSY_POLL_US}; "
+                         "0: off)")
     serve_p.add_argument("--login-delay", type=positive_float, default=LOGIN_FAIL_DELAY,
                          metavar="SECONDS", help="wait before answering a failed login; it "
                          "grows with each failure from the same address (default 1)")
@@ -6245,6 +6297,14 @@ def positive_int(text):
     """An argparse type: a whole number of 1 or more."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def busy_poll_us(text):
+    """An argparse type: a whole number of microseconds, 0 to MAX_BUSY_POLL_US."""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_BUSY_POLL_US:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of microseconds "
+                                         f"from 0 to {MAX_BUSY_POLL_US}")
     return int(text)
 
 

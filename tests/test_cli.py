@@ -24,7 +24,8 @@ def test_source_parses_as_python_3_10():
     [], ["serve", "--no-such-flag"], ["serve", "--tier", "dev", "--listen", "0.0.0.0:2378"],
     ["serve", "--listen", "a:b:c"], ["serve", "--tier", "bogus"], ["serve", "--max-results", "0"],
     ["serve", "--idle-timeout", "soon"], ["frobnicate"], ["ph", "--server", "host:port", "x"],
-    ["load"], ["serve", "--config", "/nonexistent/pharos.ini"],
+    ["load"], ["serve", "--config", "/nonexistent/pharos.ini"], ["serve", "--busy-poll", "-1"],
+    ["serve", "--busy-poll", "10001"], ["serve", "--busy-poll", "0.5"],
 ])
 def test_usage_errors_are_one_line_and_exit_2(args, tmp_path):
     result = run(*args, "--data", str(tmp_path)) if args[:1] in (["serve"], ["load"]) else run(*args)

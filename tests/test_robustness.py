@@ -296,8 +296,10 @@ def test_connection_cap_refuses_then_recovers(launch):
 # Idle timeout
 # --------------------------------------------------------------------------
 
-def test_idle_timeout_closes_silent_and_half_line_clients(launch):
-    srv = launch("--idle-timeout", "0.5")
+@pytest.mark.parametrize("busy_poll", ["0", "10000"])
+def test_idle_timeout_closes_silent_and_half_line_clients(launch, busy_poll):
+    # the timeout's timer fires whether the loop sleeps at once or polls first
+    srv = launch("--idle-timeout", "0.5", "--busy-poll", busy_poll)
     start = time.monotonic()
     silent = Raw(srv.port)
     half = Raw(srv.port)
@@ -737,3 +739,32 @@ def test_sigterm_with_connections_open_exits_zero(launch):
         for c in idle + [talked, midline]:
             c.close()
         stalled.close()
+
+
+# --------------------------------------------------------------------------
+# The polling selector the server loop runs on
+# --------------------------------------------------------------------------
+
+def test_polling_selector_reports_ready_sockets_and_honours_timeouts():
+    import selectors
+    import sys
+    import threading
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import pharos
+    a, b = socket.socketpair()
+    sel = pharos.PollingSelector(0.002)
+    try:
+        sel.register(a, selectors.EVENT_READ)
+        assert sel.select(0) == [] and sel.select(0.01) == []      # nothing yet: a timeout
+        b.send(b"x")
+        ready = sel.select(None)                                   # ready: no wait at all
+        assert [(key.fileobj, events) for key, events in ready] == [(a, selectors.EVENT_READ)]
+        a.recv(1)
+        deadline = time.monotonic() + 5
+        threading.Timer(0.05, b.send, (b"y",)).start()             # comes after the window
+        ready = sel.select(None)
+        assert time.monotonic() < deadline and [key.fileobj for key, _ in ready] == [a]
+    finally:
+        sel.close()
+        a.close()
+        b.close()

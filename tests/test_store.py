@@ -173,6 +173,36 @@ def test_file_store_survives_reopen_and_compaction(make_store):
     assert max(again.directory.records) == 61                        # ids never reused
 
 
+def test_a_segment_that_cannot_be_opened_delays_compaction_but_loses_no_write(tmp_path):
+    global LOOP
+    LOOP = asyncio.new_event_loop()
+    logged = []
+    data = tmp_path / "data"
+    store = FileStore(Schema(), data, compact_bytes=2000, log=logged.append).open()
+    try:
+        blocked = [data / pharos.journal_name(seq) for seq in range(2, 40)]
+        for path in blocked:                        # a directory where a segment should go
+            path.mkdir()
+        for n in range(30):
+            add(store, "person", alias=f"p{n}", name=f"Person {n}")
+        refused = [m for m in logged if "cannot start a new journal segment" in m]
+        assert refused and len(refused) < 5, logged            # retried later, not per write
+        assert store.compacting is None and not (data / "snapshot.jsonl").exists()
+        for path in blocked:
+            path.rmdir()
+        for n in range(30, 60):
+            add(store, "person", alias=f"p{n}", name=f"Person {n}")
+        run(store.close())
+        assert (data / "snapshot.jsonl").exists()
+        again = FileStore(Schema(), data).open()
+        assert {r["alias"] for r in select(again, "name=person")} == {f"p{n}" for n in range(60)}
+        run(again.close())
+    finally:
+        if store.writer is not None:
+            run(store.close())
+        LOOP.close()
+
+
 def test_snapshot_header_and_trailer(tmp_path):
     records = {1: {"type": "person", "alias": "a"}, 7: {"type": "machine", "hostname": "h"}}
     pharos.write_snapshot(str(tmp_path), 12, 8, records)
