@@ -1769,7 +1769,7 @@ class JournalWriter:
         if len(batch) == 1 and self.fsync_seconds < INLINE_FSYNC_SECONDS:
             try:
                 self.write(data, audits)
-            except OSError as e:
+            except Exception as e:              # as the thread's future would report it
                 self.written(batch, len(data), started, e)
             else:
                 self.written(batch, len(data), started, None)
