@@ -1768,12 +1768,12 @@ class JournalWriter:
         audits = [item[3] for item in batch if item[3]]
         started = time.perf_counter()
         if self.fsync_seconds < INLINE_FSYNC_SECONDS:
+            error = None
             try:
                 self.write(data, audits)
             except Exception as e:              # as the thread's future would report it
-                self.written(batch, len(data), started, e)
-            else:
-                self.written(batch, len(data), started, None)
+                error = e
+            self.written(batch, len(data), started, error)
             return
         self.writing = True
         future = asyncio.get_running_loop().run_in_executor(self.executor, self.write, data,
@@ -1792,8 +1792,12 @@ class JournalWriter:
             for item in batch:
                 item[1].settle(None)
             self.store.maybe_compact(self)
+        self.go_on()
+
+    def go_on(self):
+        """After a batch or a segment roll: flush what came in meanwhile, or note idleness."""
         if self.queue and not self.scheduled and not self.writing:
-            self.flush()                        # they came in while the thread wrote
+            self.flush()
         else:
             self.idle()
 
@@ -2087,10 +2091,7 @@ class FileStore(MemoryStore):
         else:
             self.log(f"cannot start a new journal segment, the journal keeps growing: {error}")
             self.roll_at = writer.size + self.compact_bytes
-        if writer.queue and not writer.scheduled:
-            writer.flush()
-        else:
-            writer.idle()
+        writer.go_on()
 
     def fold(self):
         """Write everything in memory as the snapshot and its image; the journal goes."""
