@@ -17,7 +17,7 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     SSH         — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
     Auth        — the key list, logins, tiers, roles, tenants and the audit log
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
-    HTTP        — metrics, health and readiness on http.server, in a thread beside the loop
+    HTTP        — metrics, health and readiness: one reader with limits, one dispatch
     Client      — the asyncio Ph client core shared by every command-line tool
     Formats     — vCard, CSV, JSON and the machine exports (pure: text in, text out)
     CLI         — cmd_<name> handlers, argument parsing and main()
@@ -4231,13 +4231,129 @@ async def serve(store, config, host, port, log, metrics_at=None, keys=None, audi
     log("stopped")
 
 
-# SECTION: HTTP — metrics, health and readiness on http.server, in a thread beside the loop
+# SECTION: HTTP — metrics, health and readiness: one reader with limits, one dispatch
 
-HTTP_TIMEOUT = 5.0              # seconds a metrics client may take to send its request
-HTTP_MAX_CLIENTS = 32
+HTTP_DEADLINE = 5.0             # seconds from accept for a client's whole request, and for its answer
+HTTP_MAX_CLIENTS = 64           # connections at once; a new one displaces the oldest not being answered
+HTTP_MAX_HEAD = 16 * 1024       # bytes of request line and header fields
+HTTP_MAX_HEADERS = 64           # header fields in one request
+HTTP_MAX_BODY = 64 * 1024       # bytes of request body
+HTTP_WORKERS = 4                # threads that turn complete requests into answers
+HTTP_LINGER = 2.0               # seconds to read and drop what a client still sends after its answer
+HTTP_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+HTTP_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+HTTP_TARGET_RE = re.compile(r"/[!-~]*\Z")
+HTTP_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
+
+
+class HttpError(PharosError):
+    """A request the HTTP reader refuses: the status code to answer and why."""
+
+    def __init__(self, code, text):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+class HttpRequest:
+    """One complete HTTP request: method, path, query, version, headers (lower-case names), body."""
+
+    def __init__(self, method, target, version, headers, body):
+        self.method, self.target, self.version = method, target, version
+        self.path, _, self.query = target.partition("?")
+        self.headers, self.body = headers, body
+
+
+def read_http_request(buffer):
+    """The HttpRequest at the front of ``buffer``, or None while it is incomplete; HttpError if refused."""
+    end = HTTP_HEAD_END_RE.search(buffer, 0, HTTP_MAX_HEAD + 4)
+    if end is None:
+        if len(buffer) <= HTTP_MAX_HEAD:
+            return None
+        if b"\n" not in buffer[:HTTP_MAX_HEAD]:
+            raise HttpError(414, "request line too long")
+        raise HttpError(431, "request header fields too large")
+    method, target, version, headers = parse_http_head(bytes(buffer[:end.start()]))
+    length = http_body_length(headers)
+    if len(buffer) < end.end() + length:
+        return None
+    return HttpRequest(method, target, version, headers, bytes(buffer[end.end():end.end() + length]))
+
+
+def parse_http_head(head):
+    """(method, target, version, headers) from a request line and its header fields."""
+    lines = [raw[:-1] if raw.endswith(b"\r") else raw for raw in head.split(b"\n")]
+    if len(lines) - 1 > HTTP_MAX_HEADERS:
+        raise HttpError(431, "too many header fields")
+    method, target, version = parse_request_line(lines[0])
+    headers = {}
+    for raw in lines[1:]:
+        name, colon, value = raw.decode("latin-1").partition(":")
+        value = value.strip(" \t")
+        if not colon or not HTTP_TOKEN_RE.match(name) or not HTTP_VALUE_RE.match(value):
+            raise HttpError(400, "malformed header field")
+        name = name.lower()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return method, target, version, headers
+
+
+def parse_request_line(raw):
+    """(method, target, version) from ``METHOD /target HTTP/1.x``; HttpError if it is not one."""
+    try:
+        method, target, version = raw.decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "malformed request line") from None
+    if not HTTP_TOKEN_RE.match(method) or not HTTP_TARGET_RE.match(target):
+        raise HttpError(400, "malformed request line")
+    if not re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
+        raise HttpError(400, "malformed request line")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+    return method, target, version
+
+
+def http_body_length(headers):
+    """The body's length from Content-Length (0 without one); HttpError when it cannot be read."""
+    if "transfer-encoding" in headers:
+        raise HttpError(501, "transfer codings are not supported; send Content-Length")
+    text = headers.get("content-length", "0")
+    if not re.fullmatch(r"[0-9]{1,12}", text):
+        raise HttpError(400, "malformed Content-Length")
+    if int(text) > HTTP_MAX_BODY:
+        raise HttpError(413, f"request body over {HTTP_MAX_BODY} bytes")
+    return int(text)
+
+
+def format_http_response(code, content_type, body, now, headers=(), head_only=False):
+    """The bytes of one response that closes its connection (headers only when ``head_only``)."""
+    import email.utils
+    import http
+    lines = [f"HTTP/1.1 {code} {http.HTTPStatus(code).phrase}", f"Server: pharos/{__version__}",
+             f"Date: {email.utils.formatdate(now, usegmt=True)}", f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (b"" if head_only else body)
+
+
+def http_refusal(error, now):
+    """The response to a request the reader refused."""
+    return format_http_response(error.code, "text/plain", f"{error.text}\n".encode(), now)
+
+
+def http_dispatch(routes, request, now):
+    """The response to ``request`` from its route: 405 for a method but GET and HEAD, 404 off the table."""
+    if request.method not in ("GET", "HEAD"):
+        return format_http_response(405, "text/plain", b"method not allowed\n", now,
+                                    [("Allow", "GET, HEAD")])
+    route = routes.get(request.path)
+    if route is None:
+        code, content_type, body = 404, "text/plain", b"not found\n"
+    else:
+        code, content_type, body = route(request, now)
+    return format_http_response(code, content_type, body, now, head_only=request.method == "HEAD")
 
 
 def render_metrics(server, store, stats, now):
+
     """The whole /metrics page for ``server`` and ``store``."""
     metrics, out = server.metrics, []
     prom_family(out, "pharos_requests_total", "counter",
@@ -4302,98 +4418,243 @@ def readiness(server, store):
     return store.unwritable()
 
 
-def metrics_handler_class(server, store):
-    """A request handler bound to one Ph server and store (no module state)."""
-    import http.server
+def metrics_routes(server, store):
+    """The metrics listener's route table: path → route(request, now) → (code, type, body)."""
+    def metrics(request, now):
+        return 200, PROM_CONTENT_TYPE, render_metrics(server, store, process_stats(), now).encode()
 
-    class MetricsHandler(http.server.BaseHTTPRequestHandler):
-        """GET /metrics, /healthz and /readyz; 404 elsewhere, 405 for other methods."""
+    def healthz(request, now):
+        return 200, "application/json", b'{"status": "ok"}\n'
 
-        server_version = f"pharos/{__version__}"
-        timeout = HTTP_TIMEOUT
+    def readyz(request, now):
+        reason = readiness(server, store)
+        body = json.dumps({"status": "not ready", "reason": reason} if reason
+                          else {"status": "ready"}).encode() + b"\n"
+        return 503 if reason else 200, "application/json", body
 
-        def parse_request(self):
-            """Parse as usual, then answer 405 to any method but GET and HEAD."""
-            if not super().parse_request():
-                return False
-            if self.command not in ("GET", "HEAD"):
-                self.reply(405, "text/plain", b"method not allowed\n", [("Allow", "GET, HEAD")])
-                return False
-            return True
+    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
 
-        def do_GET(self):
-            """Answer /metrics, /healthz or /readyz (503 when not ready); 404 elsewhere."""
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body = render_metrics(server, store, process_stats(), time.time()).encode()
-                self.reply(200, PROM_CONTENT_TYPE, body)
-            elif path == "/healthz":
-                self.reply(200, "application/json", b'{"status": "ok"}\n')
-            elif path == "/readyz":
-                reason = readiness(server, store)
-                body = json.dumps({"status": "not ready", "reason": reason} if reason
-                                  else {"status": "ready"}).encode() + b"\n"
-                self.reply(503 if reason else 200, "application/json", body)
-            else:
-                self.reply(404, "text/plain", b"not found\n")
 
-        do_HEAD = do_GET
+class HttpConnection:
+    """One client of an HttpListener: its socket, deadline, state, what came in and what goes out."""
 
-        def reply(self, code, content_type, body, headers=()):
-            """Send a response with ``body`` (headers only for HEAD)."""
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers:
-                self.send_header(name, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def __init__(self, sock, now):
+        self.sock, self.deadline = sock, now + HTTP_DEADLINE
+        self.state = "reading"          # reading → answering → writing → draining
+        self.inbox, self.outbox = bytearray(), memoryview(b"")
 
-        def log_message(self, *args):
-            """Log nothing: no stderr line per scrape."""
+
+class HttpListener:
+    """An HTTP listener: one selector thread reads whole requests within HTTP_* limits and
+    writes the answers; worker threads turn each request into its answer with ``dispatch``.
+
+    No client can hold a worker: a worker sees only complete requests. No client can hold
+    the listener: each has HTTP_DEADLINE from accept to send its request (and again to read
+    the answer), and at HTTP_MAX_CLIENTS a new connection displaces the oldest one not
+    being answered, so a scrape or a probe always gets in.
+    """
+
+    def __init__(self, sock, dispatch, log):
+        import queue
+        self.sock, self.dispatch, self.log = sock, dispatch, log
+        self.server_address = sock.getsockname()
+        self.selector = selectors.DefaultSelector()
+        self.conns = {}                 # socket → HttpConnection, oldest first
+        self.requests, self.answers = queue.SimpleQueue(), queue.SimpleQueue()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.running, self.thread = True, None
+
+    def start(self):
+        """Start the reader thread and the workers; returns self."""
+        import threading
+        for sock in (self.sock, self.wake_r, self.wake_w):
+            sock.setblocking(False)
+        self.selector.register(self.sock, selectors.EVENT_READ, self.accept)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.woken)
+        for n in range(HTTP_WORKERS):
+            threading.Thread(target=self.work, name=f"pharos-http-{n}", daemon=True).start()
+        self.thread = threading.Thread(target=self.run, name="pharos-http", daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self):
+        """The reader loop: wait for sockets or the next deadline, then drop the expired."""
+        while self.running:
+            for key, _ in self.selector.select(self.next_timeout(time.monotonic())):
+                key.data(key.fileobj)
+            self.expire(time.monotonic())
+
+    def next_timeout(self, now):
+        """Seconds to the nearest deadline of a connection not being answered (None: none)."""
+        deadlines = [c.deadline for c in self.conns.values() if c.state != "answering"]
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def expire(self, now):
+        """Close every connection past its deadline, except those a worker is answering."""
+        for conn in [c for c in self.conns.values() if c.state != "answering"]:
+            if conn.deadline <= now:
+                self.close(conn)
+
+    def accept(self, listener):
+        """Take every waiting connection, displacing the oldest when at HTTP_MAX_CLIENTS."""
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return                  # out of descriptors or aborted: the next round retries
+            if len(self.conns) >= HTTP_MAX_CLIENTS and not self.displace():
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self.conns[sock] = HttpConnection(sock, time.monotonic())
+            self.selector.register(sock, selectors.EVENT_READ, self.readable)
+
+    def displace(self):
+        """Close the oldest connection not being answered; False when every one is."""
+        for conn in self.conns.values():
+            if conn.state != "answering":
+                self.close(conn)
+                return True
+        return False
+
+    def readable(self, sock):
+        """Read what came: add it to the request, or drop it after the answer."""
+        conn = self.conns.get(sock)
+        if conn is None:                # closed earlier in this round (displaced)
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+        elif conn.state == "reading":
+            conn.inbox += data
+            self.take_request(conn)
+
+    def take_request(self, conn):
+        """Hand a complete request to the workers, or answer a refused one at once."""
+        try:
+            request = read_http_request(conn.inbox)
+        except HttpError as e:
+            self.answer(conn, http_refusal(e, time.time()))
+            return
+        if request is not None:
+            conn.state = "answering"
+            self.selector.unregister(conn.sock)
+            self.requests.put((conn, request))
+
+    def work(self):
+        """A worker: answer requests until a None arrives."""
+        while (item := self.requests.get()) is not None:
+            conn, request = item
+            now = time.time()
+            try:
+                answer = self.dispatch(request, now)
+            except Exception as e:      # a bug behind one route must not end the worker
+                self.log(f"http: {request.method} {request.path}: {type(e).__name__}: {e}")
+                answer = http_refusal(HttpError(500, "internal error"), now)
+            self.answers.put((conn, answer))
+            self.wake()
+
+    def wake(self):
+        """Make the reader loop look up from select."""
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:
+            pass                        # full: it is awake already; closed: it has stopped
+
+    def woken(self, sock):
+        """Take the answers the workers made and start writing them."""
+        try:
+            sock.recv(4096)
+        except OSError:
             pass
+        while not self.answers.empty():
+            conn, answer = self.answers.get()
+            if self.conns.get(conn.sock) is conn:
+                self.answer(conn, answer)
 
-    return MetricsHandler
+    def answer(self, conn, answer):
+        """Start writing ``answer``; the client has HTTP_DEADLINE to take it."""
+        conn.state, conn.outbox = "writing", memoryview(answer)
+        conn.deadline = time.monotonic() + HTTP_DEADLINE
+        self.watch(conn.sock, selectors.EVENT_WRITE, self.writable)
+        self.writable(conn.sock)
+
+    def writable(self, sock):
+        """Write what the socket takes; once all is out, end our side and linger."""
+        conn = self.conns.get(sock)
+        if conn is None:                # closed earlier in this round (displaced)
+            return
+        try:
+            conn.outbox = conn.outbox[sock.send(conn.outbox):]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:                 # the client hung up or reset: nothing to say
+            self.close(conn)
+            return
+        if not conn.outbox:
+            self.linger(conn)
+
+    def linger(self, conn):
+        """Half-close, then read and drop until the client closes (closing now could reset
+        the connection and lose the answer)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(conn)
+            return
+        conn.state, conn.deadline = "draining", time.monotonic() + HTTP_LINGER
+        self.watch(conn.sock, selectors.EVENT_READ, self.readable)
+
+    def watch(self, sock, events, callback):
+        """Register ``sock`` for ``events`` or change what it is registered for."""
+        try:
+            self.selector.modify(sock, events, callback)
+        except KeyError:
+            self.selector.register(sock, events, callback)
+
+    def close(self, conn):
+        """Forget and close one connection."""
+        self.conns.pop(conn.sock, None)
+        if conn.state != "answering":
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def shutdown(self):
+        """Stop the reader thread and the workers."""
+        self.running = False
+        self.wake()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        for _ in range(HTTP_WORKERS):
+            self.requests.put(None)
+
+    def server_close(self):
+        """Close the listening socket and every connection."""
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        for sock in (self.sock, self.wake_r, self.wake_w):
+            sock.close()
+        self.selector.close()
 
 
 def start_metrics(server, store, host, port):
-    """Serve the metrics endpoints from a daemon thread; returns the http.server instance."""
-    import http.server
-    import threading
-
-    class MetricsHTTPServer(http.server.ThreadingHTTPServer):
-        """A threading HTTP server that refuses clients beyond HTTP_MAX_CLIENTS at once."""
-
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        slots = threading.BoundedSemaphore(HTTP_MAX_CLIENTS)
-
-        def process_request(self, request, client_address):
-            """Start a thread for the request, or drop it when every slot is taken."""
-            if not self.slots.acquire(blocking=False):
-                self.shutdown_request(request)
-                return
-            try:
-                super().process_request(request, client_address)
-            except Exception:
-                self.slots.release()
-                raise
-
-        def process_request_thread(self, request, client_address):
-            """Handle the request in its thread, then free its slot."""
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                self.slots.release()
-
+    """Serve the metrics endpoints from their own threads; returns the HttpListener."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        httpd = MetricsHTTPServer((host, port), metrics_handler_class(server, store))
+        sock = socket.create_server((host, port), family=family, backlog=128)
     except OSError as e:
         raise DataError(f"cannot listen on {format_address(host, port)} for metrics: "
                         f"{e.strerror}") from None
-    threading.Thread(target=httpd.serve_forever, name="pharos-metrics", daemon=True).start()
-    return httpd
+    routes = metrics_routes(server, store)
+    return HttpListener(sock, lambda request, now: http_dispatch(routes, request, now),
+                        server.log).start()
 
 
 # SECTION: Client — the asyncio Ph client core shared by every command-line tool
