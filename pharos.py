@@ -3222,6 +3222,7 @@ class ServerConfig:
         self.login_delay = LOGIN_FAIL_DELAY
         self.crlf = False
         self.admin = "root@localhost"
+        self.metrics_port = None        # the HTTP listener's port, which siteinfo advertises
         self.__dict__.update(settings)
 
 
@@ -3494,12 +3495,14 @@ class PhSession(PhAuthVerbs):
         return line(200, "Database ready.")
 
     def ph_siteinfo(self, args):
-        """siteinfo: -200 lines of site facts (admin, tier, login method), then 200:Ok."""
+        """siteinfo: -200 lines of site facts (admin, tier, login, HTTP port), then 200:Ok."""
         items = [("maildomain", ""), ("mailfield", "email"), ("administrator", self.config.admin),
                  ("passwords", self.config.admin), ("mailbox", "email"), ("charset", "UTF-8"),
                  ("server", f"pharos {__version__}"), ("tier", self.config.tier),
                  ("login", f"sshsig namespace {SSHSIG_NAMESPACE}"),
                  ("authenticate", str(AUTH_SSHSIG))]
+        if self.config.metrics_port is not None:
+            items.append(("metrics", str(self.config.metrics_port)))
         out = [more(200, f"{n}:{key}:{value}") for n, (key, value) in enumerate(items, 1)]
         return "".join(out) + line(200, "Ok.")
 
@@ -4211,6 +4214,8 @@ async def serve(store, config, host, port, log, metrics_at=None, keys=None, audi
     except OSError as e:
         raise DataError(f"cannot listen on {format_address(host, port)}: {e.strerror}") from None
     httpd = start_metrics(server, store, *metrics_at) if metrics_at else None
+    if httpd:
+        config.metrics_port = httpd.server_address[1]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -4233,13 +4238,13 @@ async def serve(store, config, host, port, log, metrics_at=None, keys=None, audi
 
 # SECTION: HTTP — metrics, health and readiness: one reader with limits, one dispatch
 
-HTTP_DEADLINE = 5.0             # seconds from accept for a client's whole request, and for its answer
-HTTP_MAX_CLIENTS = 64           # connections at once; a new one displaces the oldest not being answered
+HTTP_DEADLINE = 5.0             # seconds from accept to send a request; again to read its answer
+HTTP_MAX_CLIENTS = 64           # connections at once; a new one displaces the oldest idle one
 HTTP_MAX_HEAD = 16 * 1024       # bytes of request line and header fields
 HTTP_MAX_HEADERS = 64           # header fields in one request
 HTTP_MAX_BODY = 64 * 1024       # bytes of request body
 HTTP_WORKERS = 4                # threads that turn complete requests into answers
-HTTP_LINGER = 2.0               # seconds to read and drop what a client still sends after its answer
+HTTP_LINGER = 2.0               # seconds to read and drop what a client sends after its answer
 HTTP_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 HTTP_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 HTTP_TARGET_RE = re.compile(r"/[!-~]*\Z")
@@ -4264,7 +4269,7 @@ class HttpRequest:
 
 
 def read_http_request(buffer):
-    """The HttpRequest at the front of ``buffer``, or None while it is incomplete; HttpError if refused."""
+    """The HttpRequest at the front of ``buffer``; None while incomplete, HttpError if refused."""
     end = HTTP_HEAD_END_RE.search(buffer, 0, HTTP_MAX_HEAD + 4)
     if end is None:
         if len(buffer) <= HTTP_MAX_HEAD:
@@ -4276,7 +4281,8 @@ def read_http_request(buffer):
     length = http_body_length(headers)
     if len(buffer) < end.end() + length:
         return None
-    return HttpRequest(method, target, version, headers, bytes(buffer[end.end():end.end() + length]))
+    body = bytes(buffer[end.end():end.end() + length])
+    return HttpRequest(method, target, version, headers, body)
 
 
 def parse_http_head(head):
@@ -4340,7 +4346,7 @@ def http_refusal(error, now):
 
 
 def http_dispatch(routes, request, now):
-    """The response to ``request`` from its route: 405 for a method but GET and HEAD, 404 off the table."""
+    """The response to ``request`` from its route; 405 unless GET or HEAD, 404 off the table."""
     if request.method not in ("GET", "HEAD"):
         return format_http_response(405, "text/plain", b"method not allowed\n", now,
                                     [("Allow", "GET, HEAD")])
@@ -4436,7 +4442,7 @@ def metrics_routes(server, store):
 
 
 class HttpConnection:
-    """One client of an HttpListener: its socket, deadline, state, what came in and what goes out."""
+    """One client of an HttpListener: socket, deadline, state, bytes in and bytes out."""
 
     def __init__(self, sock, now):
         self.sock, self.deadline = sock, now + HTTP_DEADLINE
@@ -5793,7 +5799,8 @@ def plan_loaded(store, item, now):
 
 
 def cmd_doctor(args):
-    """Say what is installed, which optional features are on, and the data dir's state."""
+    """Say what is installed, then check the data dir, the server and its HTTP listener;
+    exit 3 when a check fails."""
     import importlib.util
     ok = sys.version_info >= (3, 10)
     print(f"python     {sys.version.split()[0]} ({'ok' if ok else 'too old: need 3.10+'})")
@@ -5801,41 +5808,76 @@ def cmd_doctor(args):
     for name in OPTIONAL_PACKAGES:
         found = importlib.util.find_spec(name) is not None
         print(f"{name:<10} {'installed' if found else f'not installed (pip install {name})'}")
-    print(f"data dir   {doctor_data_dir(args.data)}")
     host, port = server_address(args)
-    print(f"server     {format_address(host, port)}: {doctor_server(host, port)}")
-    mhost, mport = parse_hostport(args.metrics, METRICS_PORT, "--metrics")
-    print(f"metrics    {format_address(mhost, mport)}: {doctor_metrics(mhost, mport)}")
-    return EXIT_OK
+    answered, text, advertised = doctor_server(host, port)
+    checks = [("data dir", *doctor_data_dir(args.data)),
+              ("server", answered, f"{format_address(host, port)}: {text}"),
+              ("metrics", *doctor_http(args.metrics, host, answered, advertised))]
+    for name, _, text in checks:
+        print(f"{name:<10} {text}")
+    return EXIT_OK if all(passed for _, passed, _ in checks) else EXIT_FAIL
+
+
+def doctor_http(metrics, host, answered, advertised):
+    """(passed, text) for the server's HTTP listener: --metrics, else the port siteinfo
+    advertises, else METRICS_PORT on the server's host when the server did not answer."""
+    if metrics == "off":
+        return True, "not checked (--metrics off)"
+    if metrics:
+        mhost, mport = parse_hostport(metrics, METRICS_PORT, "--metrics")
+    elif answered and advertised is None:
+        return True, "none (the server advertises no HTTP listener: serve --metrics off)"
+    else:
+        mhost, mport = host, advertised or METRICS_PORT
+    passed, text = doctor_metrics(mhost, mport)
+    return passed, f"{format_address(mhost, mport)}: {text}"
 
 
 def doctor_metrics(host, port):
-    """Whether the metrics listener answers /healthz and /readyz."""
+    """(passed, text): whether the HTTP listener answers 200 to /healthz and /readyz."""
     import http.client
-    answers = []
+    answers, passed = [], True
     for path in ("/healthz", "/readyz"):
         conn = http.client.HTTPConnection(host, port, timeout=2.0)
         try:
             conn.request("GET", path)
             response = conn.getresponse()
-            answers.append(f"{path} {response.status}")
-        except OSError as e:
-            return f"not answering ({e.strerror or e})"
+            body = response.read(4096)
+        except (OSError, http.client.HTTPException) as e:
+            detail = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            return False, f"not answering ({detail})"
         finally:
             conn.close()
-    return ", ".join(answers)
+        passed = passed and response.status == 200
+        answers.append(f"{path} {response.status}" + doctor_reason(response.status, body))
+    return passed, ", ".join(answers)
+
+
+def doctor_reason(status, body):
+    """' (reason)' from a failed probe's JSON answer, else ''."""
+    if status == 200:
+        return ""
+    try:
+        reason = json.loads(body).get("reason")
+    except (ValueError, AttributeError):
+        reason = None
+    return f" ({printable(str(reason), 200)})" if reason else ""
 
 
 def doctor_data_dir(path):
-    """The data dir's state: exists, writable, locked by a server, size of its data."""
+    """(passed, text): the data dir's state: exists, writable, locked by a server, data size."""
     import fcntl
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        return f"{path} (does not exist yet; serve creates it)"
-    files = os.listdir(path)
-    size = sum(os.path.getsize(os.path.join(path, n)) for n in files
-               if n == SNAPSHOT or JOURNAL_RE.match(n))
-    state = "writable" if os.access(path, os.W_OK) else "NOT writable"
+        return True, f"{path} (does not exist yet; serve creates it)"
+    try:
+        files = os.listdir(path)
+        size = sum(os.path.getsize(os.path.join(path, n)) for n in files
+                   if n == SNAPSHOT or JOURNAL_RE.match(n))
+    except OSError as e:
+        return False, f"{path} (cannot read: {e.strerror})"
+    writable = os.access(path, os.W_OK)
+    state = "writable" if writable else "NOT writable"
     lock = os.path.join(path, LOCK)
     if os.path.exists(lock):
         with open(lock, "rb") as f:
@@ -5843,23 +5885,33 @@ def doctor_data_dir(path):
                 fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
                 state += ", in use by a running server"
-    return f"{path} ({state}, {size} bytes of snapshot and journal)"
+    return writable, f"{path} ({state}, {size} bytes of snapshot and journal)"
 
 
 def doctor_server(host, port):
-    """The server's answer to `status`, or why it could not be reached."""
+    """(answered, the server's answer to `status` or why not, the HTTP port siteinfo advertises)."""
     async def probe():
-        """Connect, ask `status`; the reply line or the error text."""
+        """Connect, ask `status` and `siteinfo`."""
         client = PhClient(host, port, timeout=2.0)
         try:
             await client.connect()
             code, text, _ = await client.command("status")
-            return f"{code}:{text}"
+            _, _, site = await client.command("siteinfo")
+            return code < 300, f"{code}:{text}", advertised_port(site)
         except PhError as e:
-            return e.text
+            return False, e.text, None
         finally:
             await client.close()
     return asyncio.run(probe())
+
+
+def advertised_port(site):
+    """The port of the `metrics` line of a siteinfo reply's data lines, else None."""
+    for _, _, text in site:
+        key, _, value = text.partition(":")
+        if key == "metrics" and value.isdigit() and 0 < int(value) < 65536:
+            return int(value)
+    return None
 
 
 PROGRAM_KIND = {"ph": PERSON, "mdb": MACHINE}
@@ -6496,7 +6548,9 @@ def build_parser():
     doctor_p = commands.add_parser("doctor", help="check the installation")
     doctor_p.add_argument("--data", default=data_default, metavar="DIR")
     doctor_p.add_argument("--server", metavar="HOST[:PORT]")
-    doctor_p.add_argument("--metrics", metavar="HOST[:PORT]", default=f"localhost:{METRICS_PORT}")
+    doctor_p.add_argument("--metrics", metavar="HOST[:PORT]|off",
+                          help="the HTTP listener to check (default: the one the server "
+                               f"advertises, else port {METRICS_PORT} on the server's host)")
 
     keys_p = commands.add_parser("keys", help="list, add or remove authorized SSH keys")
     keys_p.add_argument("words", nargs="*", metavar="list|add|remove ARG",

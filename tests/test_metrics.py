@@ -678,6 +678,6 @@ def test_doctor_reports_the_metrics_endpoints(tmp_path):
 def test_doctor_says_when_metrics_do_not_answer(tmp_path):
     port = free_port()
     result = doctor("--data", str(tmp_path / "data"), "--metrics", f"{HOST}:{port}")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr
     line = next(l for l in result.stdout.splitlines() if l.startswith("metrics"))
     assert "not answering" in line and "/healthz 200" not in line, line
