@@ -3694,21 +3694,22 @@ class PhSession(PhAuthVerbs):
         settled on a later turn, so that other connections are served between runs."""
         if search.run():
             return finish()
-        later, loop = Later(), asyncio.get_running_loop()
-
-        def resume():
-            if self.closed:
-                return                          # nobody is waiting for the reply
-            try:
-                if not search.run():
-                    loop.call_soon(resume)
-                    return
-                value = finish()
-            except Exception as e:
-                value = e
-            later.settle(value)
-        loop.call_soon(resume)
+        later = Later()
+        asyncio.get_running_loop().call_soon(self.resume, search, finish, later)
         return later
+
+    def resume(self, search, finish, later):
+        """One more run of a search answered later (see searched); none once closed."""
+        if self.closed:
+            return
+        try:
+            if not search.run():
+                asyncio.get_running_loop().call_soon(self.resume, search, finish, later)
+                return
+            value = finish()
+        except Exception as e:
+            value = e
+        later.settle(value)
 
     def ph_dump(self, args):
         """Extension: a query answered in pages of max_results entries, for exports.
