@@ -179,7 +179,7 @@ def test_a_dump_cursor_costs_a_few_bytes_an_entry():
     store = loaded_store(20000)
     session = session_on(store)
     held = held_bytes(lambda: ask(session, "dump type=person return alias"))
-    assert session.cursor is not None and len(session.server.dumps) == 1
+    assert session.cursor is not None
     assert held < 20000 * 8 + 64 * 1024, held
 
 
