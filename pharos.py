@@ -1025,8 +1025,7 @@ class Search:
         index, schema = self.directory.index, self.directory.schema
         if term is None:
             return [index["type"].posting(t) for t in self.types], True
-        names = [n for t in self.types for n in BARE_FIELDS[t]] if term.field is None \
-            else [term.field.name]
+        names = self.field_names(term)
         typed = all(schema.field(n).types <= self.types for n in names)
         return [index[n].posting(term.pattern) for n in names], typed
 
@@ -1049,12 +1048,15 @@ class Search:
         self.seen = set()
         return self.wildcard_ids(self.driver)
 
+    def field_names(self, term):
+        """The fields a term searches: its own, or the bare-word fields of the types."""
+        if term.field is not None:
+            return [term.field.name]
+        return [name for rtype in self.types for name in BARE_FIELDS[rtype]]
+
     def fields_of(self, term):
         """The FieldIndexes a term searches."""
-        index = self.directory.index
-        if term.field is not None:
-            return [index[term.field.name]]
-        return [index[n] for t in self.types for n in BARE_FIELDS[t]]
+        return [self.directory.index[name] for name in self.field_names(term)]
 
     def key_count(self, term):
         """About how many index keys a wildcard term's prefix leaves to look at."""
