@@ -39,6 +39,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import marshal
 import os
@@ -50,6 +51,7 @@ import socket
 import struct
 import sys
 import time
+import weakref
 import zlib
 
 __version__ = "0.1.0"
@@ -63,6 +65,8 @@ MAX_REPLY_LINE = 1023           # Lynx truncates longer reply lines
 MAX_VALUES = 64                 # values one multi-valued field may hold
 MAX_QUERY_TERMS = 16
 DEFAULT_MAX_RESULTS = 1000      # over this a query gets 502
+SEARCH_STEPS = 2048             # candidates (or wildcard keys) a search examines per loop turn
+DEFAULT_MAX_DUMPS = 64          # dumps open at once on one server (one per connection)
 DEFAULT_CHANGE_LIMIT = 2        # qi's `set limit` default for change/delete
 MAX_CHANGE_LIMIT = 1_000_000
 DEFAULT_IDLE_TIMEOUT = 300.0    # seconds a connection may sit without a full line
@@ -735,7 +739,9 @@ def posting_remove(postings, key, rid):
 
 
 def posting_has(posting, rid):
-    """Whether a posting (int, set or sorted array) holds ``rid``."""
+    """Whether a posting (None, int, set or sorted array) holds ``rid``."""
+    if posting is None:
+        return False
     if type(posting) is int:
         return posting == rid
     if type(posting) is set:
@@ -836,7 +842,8 @@ class FieldIndex:
             yield from keys[start:stop]
         else:
             yield from keys
-        yield from (k for k in self.fresh if k.startswith(prefix))
+        yield from [k for k in self.fresh if k.startswith(prefix)]   # a copy: a search may
+        # resume on a later turn, after writes changed ``fresh``
 
     def search(self, term):
         """Ids whose value (or a word of it) matches the term: a posting for an exact term,
@@ -955,21 +962,6 @@ class Directory:
                 for key in fidx.keys_of(item):
                     posting_remove(fidx.postings, key, rid)
 
-    def term_ids(self, term, types):
-        """Ids matching ``term`` from the index, as a posting (None: none) or a set (a bare
-        word: the bare fields of ``types``)."""
-        if term.field is not None:
-            return self.index[term.field.name].search(term)
-        found = set()
-        for rtype in types:
-            for name in BARE_FIELDS[rtype]:
-                posting = self.index[name].search(term)
-                if type(posting) is int:
-                    found.add(posting)
-                elif posting is not None:
-                    found.update(posting)
-        return found
-
     def term_matches(self, term, record):
         """Whether ``record`` itself matches ``term`` (checked on its values, not the index)."""
         if term.field is not None:
@@ -983,54 +975,136 @@ class Directory:
                     return True
         return False
 
-    def select(self, selection, tenant=None):
-        """Ids of the records matching every term (in ``tenant`` unless None), in human order."""
-        types = selection.types
-        terms = [t for t in selection.terms if t.field is None or t.field.name != "type"]
-        if not types or not selection.terms:
-            return []
-        if not terms:
-            ids = set().union(*(as_set(self.index["type"].posting(t)) for t in types))
-        elif len(terms) == 1 and terms[0].regex is None:           # the common lookup
-            ids = self.term_ids(terms[0], types)
-            ids = () if ids is None else (ids,) if type(ids) is int else ids
-        else:
-            ids = self._intersect(terms, types)
-        records = self.records
-        hits = [i for i in ids if records[i]["type"] in types]
-        if tenant is not None:
-            hits = [i for i in hits if records[i].get("tenant", "") == tenant]
-        if len(hits) > 1:
-            sort_key = self.sort_key
-            hits.sort(key=lambda i: sort_key(records[i]))
-        return hits
-
-    def _intersect(self, terms, types):
-        """Exact terms by posting size first; wildcards checked per record once few remain."""
-        exact = sorted((self.term_ids(t, types) for t in terms if t.regex is None),
-                       key=posting_size)
-        ids = None
-        for found in exact:
-            if found is None:
-                return ()
-            ids = as_set(found) if ids is None else intersect(ids, found)
-            if not ids:
-                return ()
-        for term in (t for t in terms if t.regex is not None):
-            if ids is not None and len(ids) <= 64:
-                ids = {i for i in ids if self.term_matches(term, self.records[i])}
-            else:
-                found = self.term_ids(term, types)
-                ids = found if ids is None else ids & found
-            if not ids:
-                return ()
-        return ids
+    def term_holds(self, term, rid, record):
+        """Whether record ``rid`` (``record``, as it is now) matches ``term``: by the postings
+        for an exact term, by its values for a wildcard."""
+        if term.regex is not None:
+            return self.term_matches(term, record)
+        names = (term.field.name,) if term.field is not None else BARE_FIELDS[record["type"]]
+        index = self.index
+        return any(posting_has(index[name].postings.get(term.pattern), rid) for name in names)
 
     @staticmethod
     def sort_key(record):
         """Human order: people before machines, then by key ignoring case."""
         rtype = record["type"]
         return (rtype != PERSON, record[KEY_FIELD[rtype]].lower())
+
+
+def posting_ids(postings):
+    """Each id of ``postings`` in turn, a posting copied when reached (a search may resume on
+    a later turn, after writes changed it)."""
+    for posting in postings:
+        if type(posting) is int:
+            yield posting
+        elif posting is not None:
+            yield from (posting[:] if type(posting) is array.array else tuple(posting))
+
+
+class Search:
+    """The matching of one selection, a bounded number of steps at a time (``run``).
+
+    Posting sizes decide first: a selection surely matching more than ``limit`` records is
+    refused with no step taken. Otherwise one source (the smallest exact posting, else the
+    keys of one wildcard) yields candidates, each checked against every term on the record
+    as it is when its turn comes (a record gone since is skipped), and the search stops at
+    ``limit`` + 1 hits; nothing is sorted until the end.
+    """
+
+    def __init__(self, directory, selection, tenant=None, limit=None):
+        self.directory, self.tenant, self.limit = directory, tenant, limit
+        self.types = selection.types
+        self.terms = [t for t in selection.terms if t.field is None or t.field.name != "type"]
+        self.hits, self.too_many, self.done = [], False, False
+        self.driver, self.seen, self.resumed = None, None, False
+        self.source = self.plan() if self.types and selection.terms else iter(())
+
+    def postings(self, term):
+        """(postings, typed) of an exact term (None: the type postings): where its hits
+        are, and whether every record posted there is of a type searched for."""
+        index, schema = self.directory.index, self.directory.schema
+        if term is None:
+            return [index["type"].posting(t) for t in self.types], True
+        names = self.field_names(term)
+        typed = all(schema.field(n).types <= self.types for n in names)
+        return [index[n].posting(term.pattern) for n in names], typed
+
+    def plan(self):
+        """The candidates' source; refuses at once (too_many) when the sizes say so."""
+        exact = [t for t in self.terms if t.regex is None]
+        if exact or not self.terms:
+            found = [(t, *self.postings(t)) for t in exact or (None,)]
+            self.driver, postings, typed = min(
+                found, key=lambda f: sum(map(posting_size, f[1])))
+            sizes = [posting_size(p) for p in postings]
+            sure = max(sizes) if typed and len(self.terms) <= 1 and self.tenant is None else 0
+            if self.limit is not None and sure > self.limit:
+                self.too_many, self.done = True, True
+                return iter(())
+            if len(postings) > 1:
+                self.seen = set()
+            return posting_ids(postings)
+        self.driver = min(self.terms, key=self.key_count)
+        self.seen = set()
+        return self.wildcard_ids(self.driver)
+
+    def field_names(self, term):
+        """The fields a term searches: its own, or the bare-word fields of the types."""
+        if term.field is not None:
+            return [term.field.name]
+        return [name for rtype in self.types for name in BARE_FIELDS[rtype]]
+
+    def fields_of(self, term):
+        """The FieldIndexes a term searches."""
+        return [self.directory.index[name] for name in self.field_names(term)]
+
+    def key_count(self, term):
+        """About how many index keys a wildcard term's prefix leaves to look at."""
+        return sum(sum(1 for _ in itertools.islice(fidx.candidates(term.prefix), 4096))
+                   for fidx in self.fields_of(term))
+
+    def wildcard_ids(self, term):
+        """Ids posted under the keys ``term`` matches; None for each key looked at (a step)."""
+        match = None if term.prefix_only else term.regex.match
+        for fidx in self.fields_of(term):
+            for key in fidx.candidates(term.prefix):
+                yield None
+                if match is None or match(key):
+                    yield from posting_ids((fidx.postings.get(key),))
+
+    def run(self, steps=SEARCH_STEPS):
+        """Examine up to ``steps`` candidates; True once the search is over."""
+        hits, limit, holds, n = self.hits, self.limit, self.holds, 0
+        for n, rid in enumerate(itertools.islice(self.source, steps), 1):
+            if rid is not None and holds(rid):
+                hits.append(rid)
+                if limit is not None and len(hits) > limit:
+                    self.too_many, self.done, self.source = True, True, iter(())
+                    return True
+        self.resumed = True
+        self.done = n < steps
+        return self.done
+
+    def holds(self, rid):
+        """Whether candidate ``rid`` is a hit: there, of a type searched, in the tenant,
+        matching every term (its source's too, once records may have changed)."""
+        record = self.directory.records.get(rid)
+        if record is None or record["type"] not in self.types:
+            return False
+        seen = self.seen
+        if seen is not None:
+            if rid in seen:
+                return False
+            seen.add(rid)
+        if self.tenant is not None and record.get("tenant", "") != self.tenant:
+            return False
+        term_holds, driver = self.directory.term_holds, None if self.resumed else self.driver
+        return all(term_holds(t, rid, record) for t in self.terms if t is not driver)
+
+    def ordered(self):
+        """The hits in human order (see Directory.sort_key)."""
+        records, sort_key = self.directory.records, Directory.sort_key
+        return sorted(self.hits, key=lambda rid: sort_key(records[rid]))
 
 
 # SECTION: Metrics — counters, histograms, /proc readings and the Prometheus text format
@@ -1260,7 +1334,15 @@ class MemoryStore:
 
     def select(self, selection, tenant=None):
         """Ids of the records matching ``selection`` (in ``tenant`` unless None), in order."""
-        return self.directory.select(selection, tenant)
+        search = Search(self.directory, selection, tenant)
+        while not search.run():
+            pass
+        return search.ordered()
+
+    def search(self, selection, tenant=None, limit=None):
+        """A Search of ``selection`` (in ``tenant`` unless None) for at most ``limit`` hits,
+        to be run a turn at a time."""
+        return Search(self.directory, selection, tenant, limit)
 
     def apply(self, ops):
         """Apply (id, record-or-None) ops to the directory; return the ops that undo them."""
@@ -3219,6 +3301,7 @@ class ServerConfig:
         self.max_results = DEFAULT_MAX_RESULTS
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
         self.max_connections = DEFAULT_MAX_CONNECTIONS
+        self.max_dumps = DEFAULT_MAX_DUMPS
         self.login_delay = LOGIN_FAIL_DELAY
         self.crlf = False
         self.admin = "root@localhost"
@@ -3413,6 +3496,21 @@ class PhAuthVerbs:
         return line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
 
 
+class DumpCursor:
+    """A dump in progress: the ids of its answer in order (4 bytes each), the next to send,
+    the return fields. The server counts the cursors alive (a weak set of them)."""
+
+    __slots__ = ("ids", "next", "returned", "__weakref__")
+
+    def __init__(self, returned):
+        self.ids, self.next, self.returned = array.array("I"), 0, returned
+
+    def fill(self, ids):
+        """Take the answer's ids; the cursor itself."""
+        self.ids = array.array("I", ids)
+        return self
+
+
 class PhSession(PhAuthVerbs):
     """The state of one Ph connection and one handler (ph_<verb>) per command."""
 
@@ -3439,7 +3537,8 @@ class PhSession(PhAuthVerbs):
             "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
             "keys": self.ph_keys, "dump": self.ph_dump,
         }
-        self.cursor = None                      # a dump in progress: [ids, next, returned]
+        self.cursor = None                      # the one dump in progress: a DumpCursor
+        self.closed = False
 
     def begin(self, text):
         """Start one request: (reply, close, verb) when the reply is ready at once (every
@@ -3583,12 +3682,39 @@ class PhSession(PhAuthVerbs):
                        more(515, "Initial metas may be used as qualifiers only.")]
         if errors:
             return "".join(errors) + line(500, "Did not understand query.")
-        ids = self.store.select(selection, self.tenant)
+        search = self.store.search(selection, self.tenant, self.config.max_results)
+        return self.searched(search, lambda: self.query_reply(search, returned))
+
+    def query_reply(self, search, returned):
+        """The reply to a query once its search is over."""
+        if search.too_many:
+            return line(502, "Too many entries to print.")
+        ids = search.ordered()
         if not ids:
             return line(501, "No matches to your query.")
-        if len(ids) > self.config.max_results:
-            return line(502, "Too many entries to print.")
         return self.format_entries(ids, len(ids), 1, returned)
+
+    def searched(self, search, finish):
+        """``finish()`` once ``search`` is over: at once when one run does it, else a Later
+        settled on a later turn, so that other connections are served between runs."""
+        if search.run():
+            return finish()
+        later = Later()
+        asyncio.get_running_loop().call_soon(self.resume, search, finish, later)
+        return later
+
+    def resume(self, search, finish, later):
+        """One more run of a search answered later (see searched); none once closed."""
+        if self.closed:
+            return
+        try:
+            if not search.run():
+                asyncio.get_running_loop().call_soon(self.resume, search, finish, later)
+                return
+            value = finish()
+        except Exception as e:
+            value = e
+        later.settle(value)
 
     def ph_dump(self, args):
         """Extension: a query answered in pages of max_results entries, for exports.
@@ -3596,19 +3722,40 @@ class PhSession(PhAuthVerbs):
         `dump selection [return ...]` answers the first page; each bare `dump` the next.
         Entries are numbered through the whole answer (the 102 line gives its size),
         so the page holding entry N (the last) is the end; after it `dump` gives 501.
+        A connection has one dump open (a new one replaces it), the server max_dumps.
         """
         if args:
             selection, returned, errors = self.parse_query(args)
             if errors:
                 return "".join(errors) + line(500, "Did not understand query.")
-            self.cursor = [self.store.select(selection, self.tenant), 0, returned]
-        if not self.cursor or self.cursor[1] >= len(self.cursor[0]):
+            self.cursor = None
+            dumps, cap = self.server.dumps, self.config.max_dumps
+            if len(dumps) >= cap:
+                return line(400, f"Too many dumps open (limit {cap}); try again later.")
+            cursor = self.cursor = DumpCursor(returned)
+            dumps.add(cursor)
+            search = self.store.search(selection, self.tenant)
+            return self.searched(search, lambda: self.dump_page(cursor.fill(search.ordered())))
+        return self.dump_page(self.cursor)
+
+    def dump_page(self, cursor):
+        """The next page of ``cursor`` (501 past its end); records gone since are skipped,
+        changed ones shown as they are now, none outside the session's tenant."""
+        if cursor is None or cursor is not self.cursor or cursor.next >= len(cursor.ids):
             self.cursor = None
             return line(501, "No matches to your query.")
-        ids, start, returned = self.cursor
-        page = ids[start:start + self.config.max_results]
-        self.cursor[1] = start + len(page)
-        return self.format_entries(page, len(ids), start + 1, returned)
+        start, tenant = cursor.next, self.tenant
+        page = cursor.ids[start:start + self.config.max_results]
+        cursor.next = start + len(page)
+        if tenant is not None:
+            get = self.store.get
+            # id 0 is no record: an entry not to show is skipped, its number kept
+            page = [rid if (get(rid) or {}).get("tenant", "") == tenant else 0 for rid in page]
+        return self.format_entries(page, len(cursor.ids), start + 1, cursor.returned)
+
+    def close(self):
+        """The connection is gone: release its dump and stop its search."""
+        self.closed, self.cursor = True, None
 
     def return_fields(self, tokens, has_return, errors):
         """(fields or 'default'/'all', label width, explicit) for a query's return clause."""
@@ -3868,6 +4015,8 @@ class PhConnection(asyncio.BufferedProtocol):
         """Forget the connection; the server is idle once the last one is gone."""
         connections = self.server.connections
         connections.discard(self)
+        if self.session is not None:
+            self.session.close()
         if not connections:
             self.server.idle.set()
 
@@ -4018,6 +4167,7 @@ class PhServer:
         self.keys, self.auditlog = keys, audit
         self.guard = LoginGuard(config.login_delay)
         self.connections = set()
+        self.dumps = weakref.WeakSet()          # the DumpCursors alive (see max_dumps)
         self.listener = None
         self.sweeper = None
         self.closing = False
