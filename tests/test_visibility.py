@@ -6,16 +6,23 @@ loopback device. A server that shows a record before its writer's 200 has left s
 a reader's reply holding it before that 200; threads waking late cannot hide or fake it.
 """
 
+import asyncio
 import re
+import resource
+import signal
 import socket
 import struct
 import sys
 import threading
-import time
+from pathlib import Path
 
 import pytest
 
 from conftest import need
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pharos  # noqa: E402
+from pharos import FileStore, Schema, parse_selection, tokenize  # noqa: E402
 
 SO_TIMESTAMPNS = 35                     # Linux; Python's socket module does not name it
 TIMESPEC = struct.Struct("@ll")
@@ -159,3 +166,109 @@ def test_concurrent_adds_of_one_key_let_exactly_one_through(server, rtype, field
     with server.client() as client:
         found = client.cmd(f"query {field}=same-key-{rtype} return {field}")
     assert found[-1] == "200:Ok." and sum(f"{field}: same-key-" in x for x in found) == 1, found
+
+
+# -- the file store: pending writes are planned on, not shown ------------------------------
+
+NOW = 1_800_000_000.0
+
+
+def file_store(tmp_path):
+    return FileStore(Schema(), tmp_path / "data").open()
+
+
+def plan_add(store, rtype, **fields):
+    return store.plan_add(rtype, {k: [v] for k, v in fields.items()}, NOW)
+
+
+def planned_ids(store, text):
+    selection, errors = parse_selection(store.schema, tokenize(text))
+    assert not errors
+    return store.select_planned(selection)
+
+
+def shown(store, text):
+    selection, errors = parse_selection(store.schema, tokenize(text))
+    assert not errors
+    return [store.get(rid) for rid in store.select(selection)]
+
+
+def run(store, scenario):
+    async def body():
+        try:
+            await scenario()
+        finally:
+            await store.close()
+    asyncio.run(body())
+
+
+def test_pending_writes_are_planned_on_but_shown_only_once_durable(tmp_path):
+    store = file_store(tmp_path)
+
+    async def scenario():
+        first = store.commit(plan_add(store, "machine", hostname="web1"))
+        with pytest.raises(pharos.RecordError, match="in use"):
+            plan_add(store, "machine", hostname="WEB1")
+        [rid] = planned_ids(store, "hostname=web1")
+        ops, errors = store.plan_change([rid], {"os": ["linux"]}, NOW)
+        second = store.commit(ops)
+        ops, errors = store.plan_change([rid], {"location": ["rack 4"]}, NOW)
+        third = store.commit(ops)
+        assert shown(store, "hostname=web1") == [] and store.get(rid) is None
+        await first, await second, await third
+        [record] = shown(store, "hostname=web1")
+        assert (record["os"], record["location"]) == ("linux", "rack 4")
+        assert store.pending.records == {} and store.pending.keys == {}
+    run(store, scenario)
+
+
+def test_a_pending_rename_frees_the_old_key_and_takes_the_new_one(tmp_path):
+    store = file_store(tmp_path)
+
+    async def scenario():
+        await store.commit(plan_add(store, "machine", hostname="old"))
+        [rid] = planned_ids(store, "hostname=old")
+        ops, errors = store.plan_change([rid], {"hostname": ["new"]}, NOW)
+        renamed = store.commit(ops)
+        assert planned_ids(store, "hostname=old") == [] and planned_ids(store, "hostname=new")
+        with pytest.raises(pharos.RecordError, match="in use"):
+            plan_add(store, "machine", hostname="new")
+        again = store.commit(plan_add(store, "machine", hostname="old"))
+        gone = store.commit([(rid, None)])
+        assert [r["hostname"] for r in shown(store, "hostname=old")] == ["old"]
+        await renamed, await again, await gone
+        assert [r["hostname"] for r in shown(store, "hostname=old")] == ["old"]
+        assert shown(store, "hostname=new") == []
+        assert store.pending.records == {} and store.pending.keys == {}
+    run(store, scenario)
+
+
+@pytest.fixture
+def journal_size_limit():
+    """Set the process's file size limit (RLIMIT_FSIZE) so writes past it fail (EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, old)
+
+
+def test_a_failed_journal_write_leaves_the_directory_as_it_was(tmp_path, journal_size_limit):
+    store = file_store(tmp_path)
+
+    async def scenario():
+        await store.commit(plan_add(store, "machine", hostname="kept"))
+        [rid] = planned_ids(store, "hostname=kept")
+        before = store.get(rid)
+        journal_size_limit(store.writer.size)
+        ops, errors = store.plan_change([rid], {"hostname": ["moved"]}, NOW)
+        changed = store.commit(ops)
+        added = store.commit(plan_add(store, "machine", hostname="lost"))
+        for later in (changed, added):
+            with pytest.raises(pharos.StoreError, match="Store failed"):
+                await later
+        assert store.get(rid) is before and shown(store, "hostname=moved") == []
+        assert shown(store, "hostname=lost") == [] and planned_ids(store, "hostname=lost") == []
+        assert store.pending.records == {} and store.pending.keys == {}
+        plan_add(store, "machine", hostname="moved")        # its key was never taken
+    run(store, scenario)
