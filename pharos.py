@@ -1875,8 +1875,8 @@ class JournalWriter:
         """A batch is on disk (or failed): settle its writes, then go on with the queue."""
         self.writing = False
         if error is not None:
-            self.fail(batch + self.queue, error)
-            self.queue = []
+            failed, self.queue = batch + self.queue, []     # a reply may queue a new write
+            self.fail(failed, error)
         else:
             self.store.wrote(len(batch), nbytes, time.perf_counter() - started)
             for item in batch:              # each shown as its writer is answered, in order

@@ -193,6 +193,10 @@ def shown(store, text):
     return [store.get(rid) for rid in store.select(selection)]
 
 
+async def wait(later):
+    return await later
+
+
 def run(store, scenario):
     async def body():
         try:
@@ -264,9 +268,14 @@ def test_a_failed_journal_write_leaves_the_directory_as_it_was(tmp_path, journal
         ops, errors = store.plan_change([rid], {"hostname": ["moved"]}, NOW)
         changed = store.commit(ops)
         added = store.commit(plan_add(store, "machine", hostname="lost"))
+        follow = []         # as a client's next request would, once told of the failure
+        added.then(lambda _: follow.append(store.commit(plan_add(store, "machine",
+                                                                 hostname="after"))))
         for later in (changed, added):
             with pytest.raises(pharos.StoreError, match="Store failed"):
                 await later
+        with pytest.raises(pharos.StoreError, match="Store failed"):
+            await asyncio.wait_for(asyncio.ensure_future(wait(follow[0])), 10)
         assert store.get(rid) is before and shown(store, "hostname=moved") == []
         assert shown(store, "hostname=lost") == [] and planned_ids(store, "hostname=lost") == []
         assert store.pending.records == {} and store.pending.keys == {}
