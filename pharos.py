@@ -1297,6 +1297,85 @@ class Later:
         return self.value
 
 
+class PendingWrites:
+    """What the writes not yet durable will make of the directory: the records they touch,
+    the unique keys they take or free, the next id.
+
+    Writes are planned against it, so a second add of a key waits for no fsync to be
+    refused and two changes to one record compose; readers see only the directory,
+    which takes each write once it is durable.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.records = {}       # id -> (seq of the newest pending write to it, record or None)
+        self.keys = {}          # (tenant, type, key lower-cased) -> (seq, id or None)
+        self.next_id = 0
+
+    def record(self, rid):
+        """Record ``rid`` as the pending writes leave it, or None."""
+        held = self.records.get(rid)
+        return self.directory.records.get(rid) if held is None else held[1]
+
+    def key_owner(self, rtype, key, tenant=""):
+        """The id that will own ``key`` once the pending writes are durable, or None."""
+        held = self.keys.get((tenant, rtype, key.lower()))
+        return self.directory.key_owner(rtype, key, tenant) if held is None else held[1]
+
+    def new_id(self):
+        """The id the next add takes."""
+        return max(self.directory.next_id, self.next_id)
+
+    def hold(self, seq, ops):
+        """Note write ``seq``'s ops (in journal order, after every write held before)."""
+        for rid, record in ops:
+            old = self.record(rid)
+            if old is not None:
+                self.keys[key_scope(old)] = (seq, None)
+            if record is not None:
+                self.keys[key_scope(record)] = (seq, rid)
+            self.records[rid] = (seq, record)
+            self.next_id = max(self.next_id, rid + 1)
+
+    def release(self, seq, ops, undo):
+        """Write ``seq`` is in the directory: forget what no later pending write holds."""
+        records, keys = self.records, self.keys
+        for rid, record in ops + undo:
+            if records.get(rid, (None,))[0] == seq:
+                del records[rid]
+            if record is not None and keys.get(key_scope(record), (None,))[0] == seq:
+                del keys[key_scope(record)]
+
+    def drop(self):
+        """Every pending write failed: the directory is what they leave."""
+        self.records, self.keys, self.next_id = {}, {}, 0
+
+    def select(self, selection, tenant=None):
+        """Ids matching ``selection`` as the pending writes leave the records, in order."""
+        ids, held = self.directory.select(selection, tenant), self.records
+        if not held:
+            return ids
+        hits = [rid for rid in ids if rid not in held]
+        hits += [rid for rid, (_, record) in held.items()
+                 if record is not None and self.matches(selection, record, tenant)]
+        hits.sort(key=lambda rid: Directory.sort_key(self.record(rid)))
+        return hits
+
+    def matches(self, selection, record, tenant):
+        """Whether ``record`` is one ``Directory.select`` would find for ``selection``."""
+        if record["type"] not in selection.types or not selection.terms or (
+                tenant is not None and record.get("tenant", "") != tenant):
+            return False
+        return all(self.directory.term_matches(term, record) for term in selection.terms
+                   if term.field is None or term.field.name != "type")
+
+
+def key_scope(record):
+    """The (tenant, type, key lower-cased) a record's unique key takes."""
+    rtype = record["type"]
+    return record.get("tenant", ""), rtype, record[KEY_FIELD[rtype]].lower()
+
+
 SHARED_VALUE_FIELDS = ("type", "source", "status", "created", "modified", "tenant", "title",
                        "department", "os", "role", "location", "vendor", "model")
 
@@ -1309,6 +1388,7 @@ class MemoryStore:
     def __init__(self, schema):
         self.schema = schema
         self.directory = Directory(schema)
+        self.pending = PendingWrites(self.directory)    # stays empty: a commit is visible at once
         self.readonly = None                    # reason text when writes are refused
         self.audit_log = None
         self.common_values = {}                 # one string for each value many records share
@@ -1344,6 +1424,15 @@ class MemoryStore:
         to be run a turn at a time."""
         return Search(self.directory, selection, tenant, limit)
 
+    def select_planned(self, selection, tenant=None):
+        """``select`` as the writes not yet durable leave the records: what a change or
+        delete acts on."""
+        return self.pending.select(selection, tenant)
+
+    def planned(self, rid):
+        """Record ``rid`` as the writes not yet durable leave it, or None."""
+        return self.pending.record(rid)
+
     def apply(self, ops):
         """Apply (id, record-or-None) ops to the directory; return the ops that undo them."""
         directory, undo = self.directory, []
@@ -1376,21 +1465,21 @@ class MemoryStore:
         key = record[KEY_FIELD[rtype]]
         if tenant:
             record["tenant"] = tenant
-        if self.directory.key_owner(rtype, key, tenant) is not None:
+        if self.pending.key_owner(rtype, key, tenant) is not None:
             what = "Alias" if rtype == PERSON else "Hostname"
             raise RecordError(f"{what} {key} in use or is too common a name.", code=509)
         stamp = utc_now(now)
         record.update(created=stamp, modified=stamp, source=source)
         if rtype == MACHINE:
             record["status"] = "unknown"
-        return [(self.directory.next_id, record)]
+        return [(self.pending.new_id(), record)]
 
     def plan_change(self, rids, make, now):
         """Ops changing each record by {field: [values]}; returns (ops, per-record error lines)."""
         ops, errors, claimed = [], [], set()
         for rid in rids:
             try:
-                new = self.changed_record(self.directory.records[rid], make, now, claimed)
+                new = self.changed_record(self.pending.record(rid), make, now, claimed)
             except RecordError as e:
                 errors.append(more(e.code, str(e)))
                 continue
@@ -1417,7 +1506,7 @@ class MemoryStore:
             raise RecordError(f"{keyname} may not be removed: it is the record's key")
         if key.lower() != old[keyname].lower():
             slot = (old.get("tenant", ""), rtype, key.lower())
-            if self.directory.key_owner(rtype, key, slot[0]) is not None or slot in claimed:
+            if self.pending.key_owner(rtype, key, slot[0]) is not None or slot in claimed:
                 what = "Alias" if rtype == PERSON else "Hostname"
                 raise RecordError(f"{what} {key} conflicts with other entries.", code=509)
             claimed.add(slot)
@@ -1821,7 +1910,7 @@ class JournalWriter:
         self.fd = fd
         self.size = size                        # where the data ends
         self.allocated = os.fstat(fd).st_size   # the file's length, zeros after the data
-        self.queue = []                         # (bytes, Later, undo ops, audit, batch)
+        self.queue = []                         # (bytes, Later, (seq, ops), audit, batch)
         self.scheduled = False                  # a flush is due at the loop's next turn
         self.writing = False                    # a batch is in the thread, or a segment opening
         self.drained = None                     # a Later for drain(), settled once idle
@@ -1829,10 +1918,11 @@ class JournalWriter:
         from concurrent.futures import ThreadPoolExecutor
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pharos-journal")
 
-    def submit(self, data, undo, audit=None, batch=None):
-        """Queue ``data`` for the next batch; a Later settled once it is durable."""
+    def submit(self, data, write, audit=None, batch=None):
+        """Queue ``data`` for the next batch; a Later settled once it is durable and
+        ``write`` ((seq, ops)) is in the directory."""
         later = Later()
-        self.queue.append((data, later, undo, audit, batch))
+        self.queue.append((data, later, write, audit, batch))
         if not self.scheduled and not self.writing:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -1867,11 +1957,12 @@ class JournalWriter:
         """A batch is on disk (or failed): settle its writes, then go on with the queue."""
         self.writing = False
         if error is not None:
-            self.fail(batch + self.queue, error)
-            self.queue = []
+            failed, self.queue = batch + self.queue, []     # a reply may queue a new write
+            self.fail(failed, error)
         else:
             self.store.wrote(len(batch), nbytes, time.perf_counter() - started)
-            for item in batch:
+            for item in batch:              # each shown as its writer is answered, in order
+                self.store.made_durable(*item[2])
                 item[1].settle(None)
             self.store.maybe_compact(self)
         self.go_on()
@@ -1941,15 +2032,11 @@ class JournalWriter:
         self.allocated = target
 
     def fail(self, items, error):
-        """Refuse every write not yet durable, undoing them newest first."""
+        """Refuse every write not yet durable; the directory never saw them."""
         reason = StoreError(f"Store failed: {getattr(error, 'strerror', None) or error}.")
-        for _, later, undo, _, _ in reversed(items):
-            self.store.apply(undo)
-            later.settle(reason)
-
-    def pending_undo(self):
-        """The undo ops of the writes queued but not yet written, oldest first."""
-        return [undo for _, _, undo, _, _ in self.queue]
+        self.store.pending.drop()
+        for item in items:
+            item[1].settle(reason)
 
     async def drain(self):
         """Wait until every queued write has been written."""
@@ -2090,19 +2177,28 @@ class FileStore(MemoryStore):
         return fd
 
     def commit(self, ops, audit=None):
-        """Apply ``ops``: a Later of None once their journal entry is durable, or of the
-        StoreError that refused or undid them."""
+        """Journal ``ops``: a Later of None once their entry is durable and they are in the
+        directory, or of the StoreError that refused them (the directory never saw them).
+
+        Until then they are pending: later writes are planned on top of them, readers do
+        not see them, so nobody acts on a write a crash could still take back.
+        """
         if self.readonly:
             return Later.now(StoreError(self.readonly))
-        undo = self.apply(ops)
         self.seq += 1
+        self.pending.hold(self.seq, ops)
         line_text = None
         if audit is not None and self.audit_log is not None:
             audit["seq"] = self.seq
             line_text = AUDIT_JSON(audit)
         batch = self.writer.queue[0][4] if self.writer.queue else self.seq
-        return self.writer.submit(encode_journal(self.seq, ops, line_text, batch), undo,
-                                  line_text and (line_text + "\n").encode(), batch)
+        return self.writer.submit(encode_journal(self.seq, ops, line_text, batch),
+                                  (self.seq, ops), line_text and (line_text + "\n").encode(),
+                                  batch)
+
+    def made_durable(self, seq, ops):
+        """Write ``seq`` is on disk: show it to readers, stop holding it as pending."""
+        self.pending.release(seq, ops, self.apply(ops))
 
     def attach_audit(self, log):
         """Also complete ``log`` from the journal: a crash may have lost its newest lines."""
@@ -2137,19 +2233,13 @@ class FileStore(MemoryStore):
     def maybe_compact(self, writer):
         """Between batches: once the segment is big, roll it and snapshot in a thread.
 
-        The records as of the last durable write are copied now; new batches wait while
+        The directory's records (the durable writes) are copied now; new batches wait while
         the journal thread opens the next segment.
         """
         if writer.size < self.roll_at or self.compacting is not None:
             return
         durable_seq = self.seq - len(writer.queue)
-        records = dict(self.directory.records)
-        for undo in reversed(writer.pending_undo()):
-            for rid, old in undo:
-                if old is None:
-                    records.pop(rid, None)
-                else:
-                    records[rid] = old
+        records = dict(self.directory.records)      # holds exactly the durable writes
         loop = asyncio.get_running_loop()
         name = journal_name(durable_seq + 1)
         writer.writing = True
@@ -3860,7 +3950,7 @@ class PhSession(PhAuthVerbs):
             errors.append(more(515, "no non-null key field in query."))
         if errors:
             return None, "".join(errors) + line(599, failure)
-        ids = self.store.select(selection, self.tenant)
+        ids = self.store.select_planned(selection, self.tenant)
         limit = int(self.options["limit"])
         if len(ids) > limit:
             return None, line(518, f"Too many entries ({len(ids)}) selected; limit is {limit}.")
@@ -3901,7 +3991,7 @@ class PhSession(PhAuthVerbs):
         """With `set addonly`, records that already have a value being set are refused."""
         keep, errors = [], []
         for rid in ids:
-            record = self.store.get(rid)
+            record = self.store.planned(rid)
             if any(record.get(name) for name, values in make.items() if any(values)):
                 errors.append(more(521, "Field has a value."))
             else:
