@@ -1101,6 +1101,13 @@ class Search:
         term_holds, driver = self.directory.term_holds, None if self.resumed else self.driver
         return all(term_holds(t, rid, record) for t in self.terms if t is not driver)
 
+    def complete(self):
+        """Run to the end in one go (offline work, and writes planned on the pending state);
+        the hits in order."""
+        while not self.run():
+            pass
+        return self.ordered()
+
     def ordered(self):
         """The hits in human order (see Directory.sort_key)."""
         records, sort_key = self.directory.records, Directory.sort_key
@@ -1352,7 +1359,7 @@ class PendingWrites:
 
     def select(self, selection, tenant=None):
         """Ids matching ``selection`` as the pending writes leave the records, in order."""
-        ids, held = self.directory.select(selection, tenant), self.records
+        ids, held = Search(self.directory, selection, tenant).complete(), self.records
         if not held:
             return ids
         hits = [rid for rid in ids if rid not in held]
@@ -1414,10 +1421,7 @@ class MemoryStore:
 
     def select(self, selection, tenant=None):
         """Ids of the records matching ``selection`` (in ``tenant`` unless None), in order."""
-        search = Search(self.directory, selection, tenant)
-        while not search.run():
-            pass
-        return search.ordered()
+        return Search(self.directory, selection, tenant).complete()
 
     def search(self, selection, tenant=None, limit=None):
         """A Search of ``selection`` (in ``tenant`` unless None) for at most ``limit`` hits,
