@@ -5435,13 +5435,14 @@ def parse_target(text):
         if "/" in text:
             net = ipaddress.ip_network(text, strict=False)
             return ("range", net[0], net[-1])
-        if "-" in text and not HOSTNAME_RE.match(text):
+        if "-" in text:
             return range_target(text)
         address = ipaddress.ip_address(text)
         return ("range", address, address)
     except ValueError:
         pass
-    if HOSTNAME_RE.match(text) and not text.replace(".", "").isdigit():
+    # A name whose last label is all digits is an address or range gone wrong.
+    if HOSTNAME_RE.match(text) and not text.rsplit(".", 1)[-1].replace("-", "").isdigit():
         return ("name", text)
     raise UsageError(f"scan: bad target {text!r}: {TARGET_HELP}")
 
