@@ -20,6 +20,7 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     HTTP        — metrics, health and readiness: one reader with limits, one dispatch
     Client      — the asyncio Ph client core shared by every command-line tool
     Formats     — vCard, CSV, JSON and the machine exports (pure: text in, text out)
+    Discovery   — scan targets, port lists, the probe engine, banners, neighbours
     CLI         — cmd_<name> handlers, argument parsing and main()
 """
 
@@ -5889,6 +5890,667 @@ class AnsibleExporter(Exporter):
         return "\n}},\n" + json.dumps(inventory, ensure_ascii=False, indent=1)[1:] + "\n"
 
 
+# SECTION: Discovery — scan targets, port lists, the probe engine, banners, neighbours
+
+# The 100 TCP ports nmap's nmap-services ranks most often open, most common first.
+TOP100_PORTS = (
+    80, 23, 443, 21, 22, 25, 3389, 110, 445, 139, 143, 53, 135, 3306, 8080, 1723, 111, 995,
+    993, 5900, 1025, 587, 8888, 199, 1720, 465, 548, 113, 81, 6001, 10000, 514, 5060, 179,
+    1026, 2000, 8443, 8000, 32768, 554, 26, 1433, 49152, 2001, 515, 8008, 49154, 1027, 5666,
+    646, 5000, 5631, 631, 49153, 8081, 2049, 88, 79, 5800, 106, 2121, 1110, 49155, 6000, 513,
+    990, 5357, 427, 49156, 543, 544, 5101, 144, 7, 389, 8009, 3128, 444, 9999, 5009, 7070,
+    5190, 3000, 5432, 3986, 1900, 13, 1029, 9, 6646, 5051, 49157, 1028, 873, 1755, 2717, 4899,
+    9100, 119, 37)
+PORT_NAMES = {
+    7: "echo", 21: "ftp", 22: "ssh", 23: "telnet", 25: "smtp", 53: "domain", 79: "finger",
+    80: "http", 81: "http", 88: "kerberos", 110: "pop3", 111: "rpcbind", 119: "nntp",
+    135: "msrpc", 139: "netbios-ssn", 143: "imap", 179: "bgp", 389: "ldap", 443: "https",
+    445: "microsoft-ds", 465: "smtps", 514: "shell", 515: "printer", 548: "afp", 554: "rtsp",
+    587: "submission", 631: "ipp", 636: "ldaps", 873: "rsync", 990: "ftps", 993: "imaps",
+    995: "pop3s", 1433: "ms-sql-s", 1723: "pptp", 1883: "mqtt", 2049: "nfs", 2378: "ph",
+    3000: "http", 3128: "squid-http", 3306: "mysql", 3389: "ms-wbt-server", 5000: "http",
+    5060: "sip", 5432: "postgresql", 5900: "vnc", 6000: "x11", 6379: "redis", 8000: "http",
+    8008: "http", 8080: "http-proxy", 8081: "http", 8443: "https", 8888: "http",
+    9090: "http", 9100: "jetdirect", 9443: "https", 27017: "mongodb"}
+HTTP_PORTS = frozenset((80, 81, 3000, 5000, 8000, 8008, 8080, 8081, 8888, 9090))
+TLS_PORTS = frozenset((443, 465, 636, 990, 993, 995, 8443, 9443))
+HTTPS_PORTS = frozenset((443, 8443, 9443))
+STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
+OUI_FILES = ("/usr/share/ieee-data/oui.txt", "/usr/share/nmap/nmap-mac-prefixes",
+             "/usr/share/arp-scan/ieee-oui.txt")
+SCAN_TIMEOUT = 1.0              # seconds a probe, or a banner read, may take
+SCAN_CONCURRENCY = 4096         # probes in flight by default, lowered to the fd limit
+SCAN_MAX_ADDRESSES = 65536      # a /16; more needs --force
+SCAN_FORCE_MAX_ADDRESSES = 1 << 24
+SCAN_BATCH = 1024               # probes started between two looks at the clock
+BANNER_BYTES = 16384            # bytes read from one service at most
+BANNER_TEXT = 80                # characters of banner text kept
+BANNER_WORKERS = 32
+RDNS_WORKERS = 16
+SERVICE_MAX = 40                # the schema's longest services value
+RESOURCE_ERRORS = frozenset((errno.EADDRNOTAVAIL, errno.EAGAIN, errno.ENOBUFS, errno.EMFILE,
+                             errno.ENFILE, errno.ENOMEM))
+TARGET_HELP = "say a CIDR (192.168.1.0/24), a range (10.0.0.10-50), an address or a host name"
+TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
+OUI_LINE_RE = re.compile(r"\s*([0-9A-Fa-f]{2}(?:[-:]?[0-9A-Fa-f]{2}){2}[0-9A-Fa-f]{0,6})\s+"
+                         r"(?:\((?:hex|base 16)\)\s+)?(\S.*)")
+MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
+
+
+# -- targets and ports -----------------------------------------------------------
+
+def parse_target(text):
+    """One TARGET as ("range", first, last) addresses, or ("name", host name)."""
+    text = text.strip()
+    try:
+        if "/" in text:
+            net = ipaddress.ip_network(text, strict=False)
+            return ("range", net[0], net[-1])
+        if "-" in text:
+            return range_target(text)
+        address = ipaddress.ip_address(text)
+        return ("range", address, address)
+    except ValueError:
+        pass
+    # A name whose last label is all digits is an address or range gone wrong.
+    if HOSTNAME_RE.match(text) and not text.rsplit(".", 1)[-1].replace("-", "").isdigit():
+        return ("name", text)
+    raise UsageError(f"scan: bad target {text!r}: {TARGET_HELP}")
+
+
+def range_target(text):
+    """A range 10.0.0.10-50 (last octet) or 10.0.0.10-10.0.1.5; ValueError if not one."""
+    left, right = text.split("-", 1)
+    first = ipaddress.ip_address(left)
+    if first.version == 4 and right.isdigit() and int(right) < 256:
+        last = ipaddress.ip_address(int(first) & ~0xff | int(right))
+    else:
+        last = ipaddress.ip_address(right)
+    if last.version != first.version or last < first:
+        raise ValueError(text)
+    return ("range", first, last)
+
+
+def target_size(target):
+    """How many addresses a parsed target holds (a name counts as one)."""
+    return int(target[2]) - int(target[1]) + 1 if target[0] == "range" else 1
+
+
+def parse_targets(texts, force=False):
+    """Every TARGET parsed; UsageError naming the bad one or saying the total is too large."""
+    targets = [parse_target(t) for t in texts]
+    total = sum(target_size(t) for t in targets)
+    limit = SCAN_FORCE_MAX_ADDRESSES if force else SCAN_MAX_ADDRESSES
+    if total > limit:
+        more = "" if force else " (--force allows up to a /8)"
+        raise UsageError(f"scan: the targets hold {total:,} addresses, more than {limit:,}{more}")
+    return targets
+
+
+def parse_ports(text):
+    """--ports: a sorted list from items like 22,80,8000-8100, top100 or all."""
+    ports = set()
+    for item in text.split(","):
+        item = item.strip().lower()
+        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", item)
+        if item in ("top100", "all"):
+            ports.update(TOP100_PORTS if item == "top100" else range(1, 65536))
+        elif match and 0 < int(match.group(1)) <= int(match.group(2) or match.group(1)) < 65536:
+            ports.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+        else:
+            raise UsageError(f"scan: bad --ports item {item!r}: say ports and ranges from 1 to "
+                             f"65535 like 22,80,8000-8100, or top100, or all")
+    return sorted(ports)
+
+
+def local_networks(interfaces, force=False):
+    """The IPv4 networks to scan without a target, from (interface, "addr/mask") pairs.
+
+    Loopback and link-local addresses are left out; a network larger than a /16 is cut
+    to the /16 around the address unless ``force``.  Returns (networks, notes).
+    """
+    networks, notes = [], []
+    for name, text in interfaces:
+        iface = ipaddress.ip_interface(text)
+        if iface.version != 4 or iface.is_loopback or iface.is_link_local:
+            continue
+        net = iface.network
+        if net.num_addresses > SCAN_MAX_ADDRESSES and not force:
+            cut = ipaddress.ip_interface(f"{iface.ip}/16").network
+            notes.append(f"{name}: {net} is larger than a /16; scanning {cut} "
+                         f"(--force scans all of it)")
+            net = cut
+        if all(net != n for _, n in networks):
+            networks.append((name, net))
+    return networks, notes
+
+
+def interface_addresses():
+    """(interface, "address/netmask") for each IPv4 interface, read with ioctl (Linux)."""
+    import fcntl
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                address = fcntl.ioctl(sock.fileno(), 0x8915, request)[20:24]   # SIOCGIFADDR
+                netmask = fcntl.ioctl(sock.fileno(), 0x891b, request)[20:24]   # SIOCGIFNETMASK
+            except OSError:
+                continue
+            out.append((name, f"{socket.inet_ntoa(address)}/{socket.inet_ntoa(netmask)}"))
+    return out
+
+
+def resolve_targets(targets):
+    """[(address, name or None)] in target order, each address once; names resolved."""
+    seen, out = set(), []
+    for target in targets:
+        if target[0] == "name":
+            pairs = [(a, target[1]) for a in resolve_name(target[1])]
+        else:
+            pairs = ((ipaddress.ip_address(n), None)
+                     for n in range(int(target[1]), int(target[2]) + 1))
+        for address, name in pairs:
+            if address not in seen:
+                seen.add(address)
+                out.append((address, name))
+    return out
+
+
+def resolve_name(name):
+    """The addresses of a host name; UsageError when it has none."""
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise UsageError(f"scan: bad target {name!r}: no such host") from None
+    return list(dict.fromkeys(ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos))
+
+
+# -- the probe engine ------------------------------------------------------------
+
+class ProbeEngine:
+    """TCP connect probes on one selectors loop: a bounded number in flight, each with a
+    deadline; refused, unreachable and timed-out ports are dropped without a retry."""
+
+    def __init__(self, concurrency, timeout, advance=None):
+        import collections
+        self.concurrency, self.timeout = concurrency, timeout
+        self.advance = advance or (lambda count: None)
+        self.selector = selectors.DefaultSelector()
+        # Every probe has the same timeout, so deadlines come due in the order they start.
+        self.deadlines = collections.deque()
+        self.open, self.waiting, self.done = [], 0, 0
+        self.held, self.exhausted = None, False
+
+    def run(self, probes):
+        """Probe each (family, address, port) of ``probes``; return the open (address, port)."""
+        probes = iter(probes)
+        try:
+            while not (self.exhausted and self.held is None and not self.waiting):
+                before = self.done
+                self.fill(probes)
+                if self.waiting:
+                    self.wait()
+                self.advance(self.done - before)
+        finally:
+            for _, sock in self.deadlines:
+                sock.close()
+            self.selector.close()
+        return self.open
+
+    def fill(self, probes):
+        """Start probes until the in-flight limit, a resource shortage or a batch's end."""
+        for _ in range(SCAN_BATCH):
+            if self.waiting >= self.concurrency:
+                return
+            probe = self.held or next(probes, None)
+            if probe is None:
+                self.exhausted = True
+                return
+            self.held = None if self.start(*probe) else probe
+            if self.held:
+                return
+
+    def start(self, family, address, port):
+        """Connect one socket; False when the kernel is short of a resource for now."""
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            if e.errno in RESOURCE_ERRORS and self.waiting:
+                return False
+            raise
+        error = sock.connect_ex((address, port))
+        if error == errno.EINPROGRESS:
+            # On loopback and near hosts the kernel often has the answer already.
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not error and not connected(sock):
+                self.wait_for(sock, address, port)
+                return True
+        if error in RESOURCE_ERRORS and self.waiting:
+            sock.close()
+            return False
+        self.finish(sock, address, port, error)
+        return True
+
+    def wait_for(self, sock, address, port):
+        """Watch a connecting socket until it is writable or its deadline passes."""
+        self.selector.register(sock, selectors.EVENT_WRITE, (address, port))
+        self.deadlines.append((time.monotonic() + self.timeout, sock))
+        self.waiting += 1
+
+    def finish(self, sock, address, port, error):
+        """Count one probe done; keep it when it connected."""
+        if not error:
+            self.open.append((address, port))
+            # Reset rather than FIN: no TIME_WAIT left behind for each open port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        self.done += 1
+
+    def wait(self):
+        """Finish the sockets that became writable, then drop those past their deadline."""
+        timeout = max(0.0, self.deadlines[0][0] - time.monotonic()) if self.deadlines else None
+        for key, _ in self.selector.select(timeout):
+            self.selector.unregister(key.fileobj)
+            self.waiting -= 1
+            error = key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.finish(key.fileobj, *key.data, error)
+        now = time.monotonic()
+        while self.deadlines and (self.deadlines[0][0] <= now
+                                  or self.deadlines[0][1].fileno() == -1):
+            _, sock = self.deadlines.popleft()
+            if sock.fileno() != -1:
+                self.selector.unregister(sock)
+                self.waiting -= 1
+                sock.close()
+                self.done += 1
+
+
+def connected(sock):
+    """Whether a non-blocking connect has completed."""
+    try:
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
+
+
+def probe_list(addresses, ports):
+    """(family, address, port) for every address and port, one host's ports together."""
+    for address in addresses:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        text = str(address)
+        for port in ports:
+            yield family, text, port
+
+
+# -- a small DER reader for certificates -------------------------------------------
+
+class DerError(PharosError):
+    """A certificate that is not well-formed DER."""
+
+
+def der_item(data, pos, end):
+    """(tag, content start, content end) of the DER item at ``pos``."""
+    if pos + 2 > end:
+        raise DerError("truncated DER item")
+    tag, length, pos = data[pos], data[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7f
+        if not 0 < count <= 4 or pos + count > end:
+            raise DerError("bad DER length")
+        length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+    if pos + length > end:
+        raise DerError("DER item runs past its container")
+    return tag, pos, pos + length
+
+
+def der_children(data, start, end):
+    """The items inside a constructed DER item's content, as (tag, start, end)."""
+    out = []
+    while start < end:
+        item = der_item(data, start, end)
+        out.append(item)
+        start = item[2]
+    return out
+
+
+OID_CN = bytes((0x55, 0x04, 0x03))          # 2.5.4.3 commonName
+OID_SAN = bytes((0x55, 0x1d, 0x11))         # 2.5.29.17 subjectAltName
+
+
+def cert_names(der):
+    """(subject CN or "", [DNS names]) of an X.509 certificate in DER."""
+    der = bytes(der)
+    _, start, end = der_item(der, 0, len(der))
+    tbs = der_children(der, *der_item(der, start, end)[1:])
+    # serial, signature, issuer, validity, subject, key; [0] version and [1]-[3] aside
+    plain = [t for t in tbs if t[0] & 0xc0 != 0x80]
+    if len(plain) < 6:
+        raise DerError("certificate has too few parts")
+    cn = subject_cn(der, plain[4])
+    extensions = [t for t in tbs if t[0] == 0xa3]
+    return cn, (san_names(der, extensions[0]) if extensions else [])
+
+
+def subject_cn(der, name):
+    """The first commonName of an X.501 Name."""
+    for _, set_start, set_end in der_children(der, name[1], name[2]):
+        for _, start, end in der_children(der, set_start, set_end):
+            oid, value = der_children(der, start, end)[:2]
+            if der[oid[1]:oid[2]] == OID_CN:
+                return der[value[1]:value[2]].decode("utf-8", "replace")
+    return ""
+
+
+def san_names(der, extensions):
+    """The dNSName entries of the subjectAltName extension."""
+    outer = der_item(der, extensions[1], extensions[2])
+    for _, start, end in der_children(der, outer[1], outer[2]):
+        parts = der_children(der, start, end)
+        if der[parts[0][1]:parts[0][2]] == OID_SAN:
+            names = der_item(der, parts[-1][1], parts[-1][2])
+            return [der[s:e].decode("ascii", "replace")
+                    for tag, s, e in der_children(der, names[1], names[2]) if tag == 0x82]
+    return []
+
+
+# -- banners ---------------------------------------------------------------------
+
+def clean_text(data, cap=BANNER_TEXT):
+    """Untrusted bytes as one short printable line: control characters out, length capped."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(text.split())[:cap].strip()
+
+
+def first_line(data):
+    """The first non-empty line of a banner, cleaned."""
+    for line in data.splitlines():
+        if clean_text(line):
+            return clean_text(line)
+    return ""
+
+
+def ssh_software(line):
+    """The software of an SSH version line: OpenSSH_9.2p1 from SSH-2.0-OpenSSH_9.2p1 Debian."""
+    parts = clean_text(line).split(" ", 1)[0].split("-", 2)
+    return parts[2] if len(parts) == 3 else ""
+
+
+def http_details(data):
+    """(Server header, page title) of an HTTP response's first bytes."""
+    import html
+    head = data.split(b"\r\n\r\n", 1)[0]
+    server = ""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"server":
+            server = clean_text(value, 40)
+    match = TITLE_RE.search(data)
+    title = clean_text(html.unescape(match.group(1).decode("utf-8", "replace"))) if match else ""
+    return server, title
+
+
+def service_value(port, name, details):
+    """A services value: port/name and as many details as fit the schema's length."""
+    value = f"{port}/{name}"
+    for detail in filter(None, details):
+        room = SERVICE_MAX - len(value) - 1
+        if room < 4:
+            break
+        if detail.startswith('"') and len(detail) > room:
+            detail = detail[:room - 1].rstrip() + '"'
+        value = f"{value} {detail[:room]}".rstrip()
+    return value
+
+
+def read_until(sock, deadline, stop=None, cap=BANNER_BYTES):
+    """Bytes from ``sock`` until EOF, ``cap`` bytes, the deadline, or ``stop`` is seen."""
+    data = b""
+    while len(data) < cap:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(cap - len(data))
+        except (socket.timeout, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+        if stop and stop(data):
+            break
+    return data
+
+
+def http_request(host):
+    """The GET a banner read sends to an HTTP port."""
+    return (f"GET / HTTP/1.0\r\nHost: {host}\r\nUser-Agent: pharos-scan/{__version__}\r\n"
+            f"Accept: text/html\r\nConnection: close\r\n\r\n").encode()
+
+
+def http_stop(data):
+    """Whether enough of an HTTP response came for the Server header and title."""
+    return b"</title" in data.lower()
+
+
+def speak_banner(sock, port, deadline):
+    """What a service that speaks first says: (name, details)."""
+    data = read_until(sock, deadline, lambda d: b"\n" in d, cap=1024)
+    if data.startswith(b"SSH-"):
+        return "ssh", [ssh_software(first_line(data))]
+    return PORT_NAMES.get(port, "tcp"), [first_line(data)]
+
+
+def http_banner(sock, address, port, deadline, name="http"):
+    """Send a GET; (name, [server, "title"]) from the answer."""
+    sock.sendall(http_request(format_address(address, port)))
+    server, title = http_details(read_until(sock, deadline, http_stop))
+    return name, [server, f'"{title}"' if title else ""]
+
+
+def tls_banner(sock, address, port, deadline):
+    """A TLS handshake (no verification): the certificate's names, then HTTP or a greeting."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    with context.wrap_socket(sock) as tls:
+        cn, sans = cert_names(tls.getpeercert(binary_form=True) or b"")
+        names = list(dict.fromkeys(clean_text(n, 64) for n in [cn] + sans if n))
+        if port in HTTPS_PORTS:
+            name, details = http_banner(tls, address, port, deadline, "https")
+        else:
+            name, details = speak_banner(tls, port, deadline)
+    return name, (details if any(details) and port in HTTPS_PORTS else names or details)
+
+
+def read_banner(address, port, timeout):
+    """The services value of one open port, from what the service says (never raises)."""
+    deadline = time.monotonic() + timeout
+    name, details = PORT_NAMES.get(port, "tcp"), []
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            if port in TLS_PORTS:
+                name, details = tls_banner(sock, address, port, deadline)
+            elif port in HTTP_PORTS:
+                name, details = http_banner(sock, address, port, deadline)
+            else:
+                name, details = speak_banner(sock, port, deadline)
+    except (OSError, ValueError, DerError):
+        pass
+    return service_value(port, name, details)
+
+
+def read_banners(found, timeout):
+    """{(address, port): services value} for every open port, read in a few threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, min(BANNER_WORKERS, len(found)))) as pool:
+        values = pool.map(lambda ap: read_banner(ap[0], ap[1], timeout), found)
+        return dict(zip(found, values))
+
+
+# -- neighbours, vendors and names -------------------------------------------------
+
+def parse_proc_arp(text):
+    """(ip, mac, device) of the complete entries of /proc/net/arp."""
+    out = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and int(parts[2], 16) & 0x2 and MAC_RE.match(parts[3].lower()):
+            if parts[3] != "00:00:00:00:00:00":
+                out.append((parts[0], parts[3].lower(), parts[5]))
+    return out
+
+
+def parse_ip_neigh(text):
+    """(ip, mac, device) of the lines of `ip -6 neigh` that carry a link-layer address."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if "lladdr" in parts and "dev" in parts and parts.index("lladdr") + 1 < len(parts):
+            mac = parts[parts.index("lladdr") + 1].lower()
+            if MAC_RE.match(mac) and parts[-1] not in ("FAILED", "INCOMPLETE"):
+                out.append((parts[0].split("%")[0], mac, parts[parts.index("dev") + 1]))
+    return out
+
+
+def read_neighbours():
+    """The kernel's neighbour table: /proc/net/arp, and `ip -6 neigh` when ip exists."""
+    import shutil
+    import subprocess
+    out = []
+    with contextlib.suppress(OSError):
+        with open("/proc/net/arp", encoding="ascii", errors="replace") as f:
+            out += parse_proc_arp(f.read(1 << 20))
+    if shutil.which("ip"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(["ip", "-6", "neigh", "show"], capture_output=True,
+                                  timeout=2, text=True, errors="replace")
+            out += parse_ip_neigh(done.stdout[:1 << 20])
+    return out
+
+
+def is_random_mac(mac):
+    """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
+    return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
+
+
+def oui_vendors(macs, lines):
+    """{mac: vendor} for the MACs whose prefix an OUI list (lines of text) names."""
+    wanted = {m.replace(":", "").upper(): m for m in macs}
+    found = {}
+    for line in lines:
+        match = OUI_LINE_RE.match(line)
+        if not match:
+            continue
+        prefix = re.sub("[-:]", "", match.group(1)).upper()
+        for digits, mac in wanted.items():
+            if digits.startswith(prefix) and len(prefix) > len(found.get(mac, ("",))[0]):
+                found[mac] = (prefix, clean_text(match.group(2), 64))
+    return {mac: vendor for mac, (_, vendor) in found.items()}
+
+
+def read_oui_vendors(macs):
+    """{mac: vendor} from the first OUI list installed on the system (empty when none)."""
+    for path in OUI_FILES:
+        if macs and os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return oui_vendors(macs, f)
+    return {}
+
+
+def address_hostname(address):
+    """A host name made from an address: ip-10-0-0-7, ip-fd00--1."""
+    return "ip-" + str(address).replace(".", "-").replace(":", "-")
+
+
+def resolve_names(addresses, timeout):
+    """{address: name} by reverse DNS, in a few daemon threads, all within ``timeout``."""
+    import queue
+    import threading
+    todo, names = queue.Queue(), {}
+    for address in addresses:
+        todo.put(address)
+
+    def work():
+        while True:
+            try:
+                address = todo.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(OSError, UnicodeError):
+                name = socket.gethostbyaddr(str(address))[0].rstrip(".")
+                if HOSTNAME_RE.match(name):
+                    names[address] = name
+    threads = [threading.Thread(target=work, daemon=True)
+               for _ in range(min(RDNS_WORKERS, len(addresses)))]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return dict(names)
+
+
+# -- one scan, start to end --------------------------------------------------------
+
+def scan_hosts(pairs, opened, banners, neighbours):
+    """One finding per machine: its addresses, name, MAC and services."""
+    by_mac = {}
+    for ip, mac, _ in neighbours:
+        by_mac.setdefault(mac, []).append(ip)
+    macs = {ip: mac for ip, mac, _ in neighbours}
+    ports = {}
+    for address, port in opened:
+        ports.setdefault(address, []).append(port)
+    found = []
+    for address, name in pairs:
+        text = str(address)
+        mac = macs.get(text)
+        if text not in ports and not mac:
+            continue
+        others = [ip for ip in by_mac.get(mac, []) if ip != text]
+        found.append({"address": text, "ip": [text] + others, "name": name, "mac": mac,
+                      "services": [banners[(text, p)] for p in sorted(ports.get(text, []))]})
+    return found
+
+
+def scan_records(found):
+    """Machine records, in the shape `mdb --json` prints, from scan findings."""
+    records = []
+    for host in found:
+        record = {"type": MACHINE, "hostname": host["name"] or address_hostname(host["address"]),
+                  "ip": host["ip"]}
+        if host["mac"]:
+            record["mac"] = [host["mac"]]
+        if host.get("vendor"):
+            record["vendor"] = host["vendor"]
+        if host["services"]:
+            record["services"] = host["services"]
+        if host["mac"] and is_random_mac(host["mac"]):
+            record["tags"] = ["random-mac"]
+        records.append(record)
+    return records
+
+
+def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=True):
+    """Probe, read banners, then the neighbour table, vendors and names: the findings."""
+    opened = ProbeEngine(concurrency, timeout, advance).run(
+        probe_list([address for address, _ in pairs], ports))
+    banners = read_banners(opened, timeout) if opened else {}
+    found = scan_hosts(pairs, opened, banners, read_neighbours() if arp else [])
+    vendors = read_oui_vendors({host["mac"] for host in found if host["mac"]})
+    unnamed = [host["address"] for host in found if not host["name"]]
+    names = resolve_names(unnamed, timeout) if rdns and unnamed else {}
+    for host in found:
+        host["vendor"] = vendors.get(host["mac"])
+        host["name"] = host["name"] or names.get(host["address"])
+    return found
+
+
 # SECTION: CLI — cmd_<name> handlers, argument parsing and main()
 
 class ArgParser(argparse.ArgumentParser):
@@ -6809,12 +7471,40 @@ def build_parser():
     keys_p.add_argument("--key", metavar="FILE")
     keys_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
 
-    for name in ("scan", "pulse", "console"):
+    add_scan_parser(commands)
+    for name in ("pulse", "console"):
         planned = commands.add_parser(name, help="(not in this version yet)")
         planned.add_argument("--version", action="version", version=f"pharos {__version__}")
     for name, rtype in PROGRAM_KIND.items():
         add_lookup_parser(commands, name, rtype)
     return parser
+
+
+def add_scan_parser(commands):
+    """The parser of scan."""
+    p = commands.add_parser("scan", help="discover machines: TCP probes, banners, MACs")
+    p.add_argument("targets", nargs="*", metavar="TARGET",
+                   help="a CIDR (192.168.1.0/24), a range (10.0.0.10-50), an address or a "
+                        "host name (default: the local IPv4 subnets)")
+    p.add_argument("--version", action="version", version=f"pharos {__version__}")
+    p.add_argument("--ports", default="top100", metavar="LIST",
+                   help="ports and ranges (22,80,8000-8100), top100 (the default) or all")
+    p.add_argument("--concurrency", type=positive_int, metavar="N",
+                   help=f"probes in flight (default {SCAN_CONCURRENCY}, or what the open-files "
+                        "limit allows)")
+    p.add_argument("--timeout", type=positive_float, default=SCAN_TIMEOUT, metavar="SECONDS",
+                   help=f"for each probe and banner read (default {SCAN_TIMEOUT:g})")
+    p.add_argument("-n", dest="no_dns", action="store_true", help="no reverse DNS")
+    p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS")
+    p.add_argument("--no-arp", action="store_true", help="do not read the neighbour table")
+    p.add_argument("--force", action="store_true",
+                   help="allow more than a /16 (up to a /8)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what was found; write nothing to the server")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON document")
+    out.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
+    p.add_argument("--server", metavar="HOST[:PORT]", help="the server to provision into")
 
 
 def add_lookup_parser(commands, name, rtype):
@@ -6974,13 +7664,74 @@ def print_key_table(rows):
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
 
 
+SCAN_COLUMNS = ("hostname", "ip", "mac", "vendor", "services")
+
+
+def cmd_scan(args):
+    """scan: find machines by TCP probes, banners and the neighbour table; print them."""
+    ports = parse_ports(args.ports)
+    targets = parse_targets(args.targets, args.force) if args.targets else None
+    if not args.dry_run:
+        print("pharos: scan: writing to the server is not in this version yet; "
+              "--dry-run prints what a scan finds", file=sys.stderr)
+        return EXIT_FAIL
+    pairs = resolve_targets(targets or local_targets(args.force))
+    scan_mdns_note(args.no_mdns)
+    bar = ProgressBar("probes")
+    bar.total = len(pairs) * len(ports)
+    found = run_scan(pairs, ports, scan_concurrency(args.concurrency), args.timeout,
+                     bar.advance, arp=not args.no_arp, rdns=not args.no_dns)
+    bar.finish()
+    records, mode = scan_records(found), output_mode(args)
+    if mode != "human":
+        print_lines(format_records(records, None, mode, False))
+    elif records:
+        columns = [c for c in SCAN_COLUMNS if c == "hostname" or any(r.get(c) for r in records)]
+        print_lines(format_table(records, columns, colour_on(sys.stdout)))
+    else:
+        print("scan: no machines found", file=sys.stderr)
+    return EXIT_OK if records else EXIT_NOMATCH
+
+
+def local_targets(force):
+    """The targets of a scan without TARGET: the local IPv4 subnets, said on stderr."""
+    networks, notes = local_networks(interface_addresses(), force)
+    for note in notes:
+        log_to_stderr(f"scan: {note}")
+    if not networks:
+        raise UsageError("scan: this machine has no IPv4 subnet to scan; name a TARGET")
+    log_to_stderr("scan: scanning the local subnets " + ", ".join(
+        f"{net} ({name})" for name, net in networks))
+    return parse_targets([str(net) for _, net in networks], force)
+
+
+def scan_mdns_note(off):
+    """One line on stderr about mDNS, unless --no-mdns."""
+    if off:
+        return
+    try:
+        optional_import("zeroconf")
+        log_to_stderr("scan: mDNS browsing is not in this version yet")
+    except UsageError:
+        log_to_stderr("scan: mDNS skipped (pip install zeroconf adds it)")
+
+
+def scan_concurrency(wanted):
+    """Probes in flight: --concurrency or the default, never past the open-files limit."""
+    allowed = raise_fd_limit(wanted or SCAN_CONCURRENCY, lambda message: None)
+    if wanted and allowed < wanted:
+        log_to_stderr(f"scan: --concurrency {wanted} is more than the open-files limit "
+                      f"allows; using {allowed}")
+    return allowed
+
+
 def cmd_planned(args):
-    """scan, pulse and console: named by the design, not built into this version yet."""
+    """pulse and console: named by the design, not built into this version yet."""
     raise UsageError(f"{args.command} is not in pharos {__version__} yet")
 
 
 HANDLERS = {"serve": cmd_serve, "load": cmd_load, "doctor": cmd_doctor, "keys": cmd_keys,
-            "scan": cmd_planned, "pulse": cmd_planned, "console": cmd_planned,
+            "scan": cmd_scan, "pulse": cmd_planned, "console": cmd_planned,
             "ph": cmd_lookup, "mdb": cmd_lookup}
 PROGRAM_NAMES = {"ph": "ph", "mdb": "mdb", "pharos-scan": "scan", "pharos-pulse": "pulse",
                  "pharos-console": "console"}
