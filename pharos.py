@@ -3221,7 +3221,10 @@ class KeyFile:
     def write_lines(self, lines):
         """Replace the file's lines atomically and load the result."""
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        mode = os.stat(self.path).st_mode & 0o777 if os.path.exists(self.path) else 0o600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)             # who may read the roles: the owner, unless set wider
+        with open(fd, "w", encoding="utf-8") as f:
             f.write("".join(x.rstrip("\n") + "\n" for x in lines))
             f.flush()
             os.fsync(f.fileno())
@@ -3271,7 +3274,8 @@ def bootstrap_keys(path, log):
     source, keys = starting_users_keys()
     if not keys:
         log(f"no key list yet and no SSH keys found: make one with `ssh-keygen -t ed25519`, then "
-            f"`pharos keys add --data {os.path.dirname(path)} {user} ~/.ssh/id_ed25519.pub`; "
+            f"`pharos keys add --data {os.path.dirname(path)} --role admin {user} "
+            f"~/.ssh/id_ed25519.pub`; "
             f"until then anyone may read and nobody may write")
         return
     KeyFile(path, log).write_lines([f'{user} role="admin",tenant="*" {k}' for k in keys])
@@ -4917,6 +4921,7 @@ FIELD_TYPES_RE = re.compile(r"\((people and machines|people|machines)(, multi-va
 NEEDS_LOGIN = 506               # qi's "you must be logged in" reply code
 REQUEST_ROOM = MAX_LINE - 256   # bytes of field=value pairs one add or change carries
 PIPELINE_DEPTH = 200            # requests a client sends before reading their replies
+PH_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)   # a value the user quoted for Ph already
 
 
 def quote_value(value):
@@ -4927,18 +4932,44 @@ def quote_value(value):
     return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
 
 
+def arg_value(value):
+    """A command-line value as a Ph token: one the user quoted for Ph goes as it is."""
+    return value if PH_QUOTED_RE.fullmatch(value) else quote_value(value)
+
+
 def request_from_args(words):
     """A request tail from command-line words: field=value pairs quoted as needed."""
     out = []
     for word in words:
         field, eq, value = word.partition("=")
         if eq and FIELD_NAME_RE.match(field):
-            out.append(f"{field}={quote_value(value)}")
+            out.append(f"{field}={arg_value(value)}")
         elif word.lower() in SEPARATORS:
             out.append(word.lower())
         else:
-            out.append(quote_value(word))
+            out.append(arg_value(word))
     return " ".join(out)
+
+
+def wire_bytes(requests):
+    """Requests as the UTF-8 lines Ph carries; UsageError naming a word that is not UTF-8
+    (a command line holds any bytes; Python keeps the undecodable ones as surrogates)."""
+    try:
+        return "".join(r + "\n" for r in requests).encode()
+    except UnicodeEncodeError:
+        words = [w for r in requests for w in r.split()]
+        bad = next((w for w in words if not utf8_text(w)), " ".join(words))
+        shown = bad.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise UsageError(f"{shown} is not UTF-8 text") from None
+
+
+def utf8_text(text):
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_reply(lines):
@@ -4996,10 +5027,70 @@ def reply_count(body):
     return None
 
 
-def reply_error(code, text, body):
-    """The PhError for an error reply, its detail lines (-5xx) folded into the text."""
-    details = "; ".join(t for c, _, t in body if c >= 300)
-    return PhError(code, f"{text} ({details})" if details else text)
+class PhRefusal(PhError):
+    """An error reply worded for people, with the exit status the command line gives it."""
+
+    def __init__(self, code, text, status):
+        super().__init__(code, text)
+        self.status = status
+
+
+# What an error reply means at the command line: Ph code -> (exit status, wording; None
+# keeps the server's text, or its detail lines when it sent some). Input the server refused
+# exits 2, like a usage error; auth, server and network trouble exits 3. qi reuses 500 and
+# 599 for logins, so a reply to `login` or `answer` is always an auth failure (exit 3).
+REPLY_MEANINGS = {
+    400: (EXIT_FAIL, "the server failed: {text}"),
+    501: (EXIT_NOMATCH, "no match"),    # a write whose selection went away meanwhile
+    500: (EXIT_USAGE, None),            # query not understood; change: none changed
+    502: (EXIT_USAGE, "more records match than the server prints at once; narrow the query "
+                      "(export lists them all)"),
+    504: (EXIT_USAGE, None), 505: (EXIT_USAGE, None), 507: (EXIT_USAGE, None),
+    509: (EXIT_USAGE, None), 512: (EXIT_USAGE, None), 513: (EXIT_USAGE, None),
+    515: (EXIT_USAGE, None), 518: (EXIT_USAGE, None), 521: (EXIT_USAGE, None),
+    599: (EXIT_USAGE, None),            # add/change/delete/fields not understood
+    506: (EXIT_FAIL, "the server wants a login for this: pass --as USER and --key FILE, "
+                     "or add your key to ssh-agent"),
+    510: (EXIT_FAIL, None), 511: (EXIT_FAIL, None), 517: (EXIT_FAIL, None),
+    598: (EXIT_FAIL, "the server does not know this command (is it a Pharos server?)"),
+}
+AUTH_CONTEXTS = frozenset(("login", "answer"))
+# qi's detail lines (-5xx) in words for people: (code, pattern, wording; None drops a line
+# that only repeats another).
+DETAIL_WORDING = [(code, re.compile(pattern), wording) for code, pattern, wording in (
+    (507, r"(.*):unknown field\.", 'unknown field "{0}"'),
+    (509, r"(\w+) (.*) (?:in use or is too common a name|conflicts with other entries)\.",
+     "{0} {1} is already taken"),
+    (504, r"(.*):you may not use this field for lookup\.", 'field "{0}" cannot be searched'),
+    (505, r"(.*):you may not change this field\.", "{0} is set by the server"),
+    (515, r"no non-null key field in query\.", "say a word or field=value to look for"),
+    (515, r"Initial metas may be used as qualifiers only\.", None),
+    (599, r"=:No field or value specified\.", '"=" needs a field name before it'),
+    (599, r"(\d+):argument is not field=value pair\.", "word {0} is not field=value"),
+    (599, r"Argument \d+ \(begins (.*)\): must be field=value pair\.", '"{0}" is not field=value'),
+    (599, r"Argument (\d+): must be field name\.", "word {0} after return is not a field name"),
+    (521, r"Field has a value\.", "the field has a value already (addonly is on)"),
+)]
+
+
+def detail_words(code, text):
+    """One detail line of an error reply in words for people ('' to drop it)."""
+    for known, pattern, wording in DETAIL_WORDING:
+        match = pattern.fullmatch(text) if known == code else None
+        if match:
+            return wording.format(*match.groups()) if wording else ""
+    return text
+
+
+def reply_error(code, text, body, context=""):
+    """The PhRefusal for an error reply to a ``context`` request (its verb), worded for
+    people from REPLY_MEANINGS and DETAIL_WORDING; the wire text stays qi's."""
+    status, wording = REPLY_MEANINGS.get(code, (EXIT_FAIL, None))
+    if context in AUTH_CONTEXTS:
+        status = EXIT_FAIL
+    details = [w for w in (detail_words(c, t) for c, _, t in body if c >= 300) if w]
+    message = wording.format(text=text) if wording else "; ".join(details) or text
+    return PhRefusal(code, message[:1].lower() + message[1:].rstrip("."), status)
 
 
 def schema_from_fields(body):
@@ -5021,6 +5112,19 @@ def schema_from_fields(body):
     return Schema(custom)
 
 
+def authorize_hint(user):
+    """What to do about a key the server does not know, in one clause."""
+    return (f"to authorize yours, run on the server: pharos keys add --data DATA_DIR {user} "
+            f"KEY.pub (add --role admin for the first key)")
+
+
+def login_needed(tier, verb):
+    """Whether a server of ``tier`` wants a login before ``verb`` (as its authorize() rules)."""
+    if tier not in ("lab", "enterprise") or verb in FREE_VERBS:
+        return False
+    return tier == "enterprise" or verb in WRITE_VERBS or verb == "keys"
+
+
 BUILTIN_MULTI = frozenset(row[1] for row in BUILTIN_FIELDS if row[6].get("multi"))
 
 
@@ -5037,8 +5141,19 @@ class PhClient:
         self.user, self.key_path = user, key_path
         self.reader = self.writer = None
         self.logged_in = False
+        self.login_wanted = False       # once logged in, every (re)connection logs in again
+        self.tier = None                # the server's tier from siteinfo, once asked
         self.schema = None
         self.multi = BUILTIN_MULTI
+
+    def sibling(self):
+        """Another connection to the same server as the same user, sharing what this one
+        learnt (schema, tier) and logging in before its first request when this one did."""
+        other = PhClient(self.host, self.port, self.timeout, self.client_id, self.user,
+                         self.key_path)
+        other.login_wanted, other.tier = self.login_wanted, self.tier
+        other.schema, other.multi = self.schema, self.multi
+        return other
 
     async def connect(self):
         """Open the connection (PhError 421 if unreachable) and send `id` when set; self."""
@@ -5051,6 +5166,8 @@ class PhClient:
                                f"{reason}") from None
         if self.client_id:
             await self.exchange(f"id {self.client_id}")
+        if self.login_wanted:
+            await self.login()
         return self
 
     async def read_reply(self):
@@ -5071,7 +5188,7 @@ class PhClient:
 
     async def exchange(self, request):
         """Send one request on the open connection; return (code, text, body)."""
-        self.writer.write(request.encode() + b"\n")
+        self.writer.write(wire_bytes([request]))
         return await self.read_reply()
 
     async def pipeline(self, requests):
@@ -5082,7 +5199,7 @@ class PhClient:
             try:
                 if self.writer is None:
                     await self.connect()
-                self.writer.write("".join(r + "\n" for r in requests[len(replies):]).encode())
+                self.writer.write(wire_bytes(requests[len(replies):]))
                 while len(replies) < len(requests):
                     replies.append(await self.read_reply())
                 return replies
@@ -5099,11 +5216,27 @@ class PhClient:
         return (await self.pipeline([request]))[0]
 
     async def read_command(self, request):
-        """Like command, logging in first when the server wants a login for reads too."""
+        """Like command, logging in first when the server's tier wants a login for it (for
+        reads too in enterprise), or when a server that does not say so refuses it."""
+        await self.login_first(request.split(None, 1)[0])
         reply = await self.command(request)
         if reply[0] == NEEDS_LOGIN and await self.ensure_login():
             reply = await self.command(request)
         return reply
+
+    async def server_tier(self):
+        """The tier siteinfo names (dev, lab, enterprise), asked for once; '' if it names none."""
+        if self.tier is None:
+            code, _, body = await self.command("siteinfo")
+            items = dict(t.partition(":")[::2] for c, _, t in body if code < 300 and c == 200)
+            self.tier = items.get("tier", "")
+        return self.tier
+
+    async def login_first(self, verb):
+        """Log in before a ``verb`` request when the server's tier says it needs a login
+        (rather than send it once to be refused)."""
+        if not self.logged_in and self.user and login_needed(await self.server_tier(), verb):
+            await self.ensure_login()
 
     async def load_schema(self):
         """The server's fields (custom ones included) as a Schema, asked for once."""
@@ -5145,8 +5278,11 @@ class PhClient:
         return text
 
     async def write_many(self, requests):
-        """Replies to writes sent at once; those refused for want of a login are sent
-        again once ensure_login() has logged in."""
+        """Replies to writes sent at once, logged in first when the tier asks for it; those a
+        server that does not name its tier refuses for want of a login are sent again once
+        ensure_login() has logged in."""
+        if requests:
+            await self.login_first(requests[0].split(None, 1)[0])
         replies = await self.pipeline(requests)
         again = [n for n, reply in enumerate(replies) if reply[0] == NEEDS_LOGIN]
         if again and await self.ensure_login():
@@ -5155,13 +5291,25 @@ class PhClient:
         return replies
 
     async def ensure_login(self):
-        """Log in with an SSH key when the server asks for it; True once logged in.
+        """Log in with an SSH key when the server asks for it; True once logged in (now)."""
+        if self.logged_in or not self.user:
+            return False
+        self.login_wanted = True
+        if self.writer is not None:
+            try:
+                await self.login()
+                return True
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                await self.close()
+        await self.pipeline([])         # (re)connects, and connect() logs in
+        return True
+
+    async def login(self):
+        """Log in on the open connection with an SSH key (PhError if none is accepted).
 
         Keys are tried in client_signers' order (ssh-agent, ssh-keygen, asyncssh); a key
         the server refuses costs a delay there, so the agent's keys come first.
         """
-        if self.logged_in or not self.user:
-            return False
         loop = asyncio.get_running_loop()
         signers = await loop.run_in_executor(None, client_signers, self.key_path)
         if not signers:
@@ -5169,20 +5317,20 @@ class PhClient:
                                        "add one to ssh-agent (ssh-add) or pass --key FILE")
         problem = "no key was accepted"
         for description, sign in signers:
-            code, challenge, body = await self.command(f"login {self.user}")
+            code, challenge, body = await self.exchange(f"login {self.user}")
             if code != 301:
-                raise reply_error(code, challenge, body)
+                raise reply_error(code, challenge, body, "login")
             try:
                 blob = await loop.run_in_executor(None, sign, challenge.encode())
             except SSHFormatError as e:
                 problem = str(e)
                 continue
-            code, text, _ = await self.command("answer " + base64.b64encode(blob).decode())
+            code, text, _ = await self.exchange("answer " + base64.b64encode(blob).decode())
             if code == 200:
                 self.logged_in = True
-                return True
+                return
             problem = f"{description} is not authorized for {self.user}"
-        raise PhError(500, f"login as {self.user} failed: {problem}")
+        raise PhError(500, f"login as {self.user} failed: {problem}; {authorize_hint(self.user)}")
 
     async def close(self):
         """Close the connection, if open; the next command reconnects, logged out."""
@@ -6570,6 +6718,10 @@ def server_address(args):
     """The server to talk to: --server, PHAROS_SERVER, the client config file, localhost."""
     text = (args.server or os.environ.get("PHAROS_SERVER")
             or read_client_config(client_config_path()).get("server") or f"localhost:{PH_PORT}")
+    if not utf8_text(text):
+        raise UsageError("--server: not UTF-8 text")
+    if text.count(":") > 1 and not text.startswith("["):
+        text = f"[{text}]"              # a bare IPv6 address, on the default port
     return parse_hostport(text, PH_PORT, "--server")
 
 
@@ -6830,6 +6982,7 @@ STATUS_COLOURS = {"online": "green", "offline": "red", "unknown": "yellow"}
 COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
 IMPORT_WORKERS = 32             # connections an import writes on (their fsyncs are shared)
 MAX_REASONS = 20                # rejected records an import names, one line each
+MAX_CLIENT_CONFIG = 64 * 1024   # bytes of client.ini read
 CARD_HIDES = frozenset(("type", "alias", "name", "hostname", "status", "source", "created",
                         "modified", "last_seen"))
 
@@ -6841,11 +6994,32 @@ def client_config_path():
 
 
 def read_client_config(path):
-    """The [client] settings of an INI file ({} when there is no file)."""
-    if not os.path.exists(path):
+    """The [client] settings of an INI file ({} when there is no file); UsageError naming
+    the line that is not a [section], a comment or NAME = VALUE."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_CLIENT_CONFIG + 1)
+    except FileNotFoundError:
         return {}
-    parser = read_ini(path)
-    return dict(parser["client"]) if parser.has_section("client") else {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) > MAX_CLIENT_CONFIG:
+        raise UsageError(f"{path}: larger than {MAX_CLIENT_CONFIG} bytes")
+    settings, section = {}, None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1].strip().lower()
+            continue
+        name, eq, value = stripped.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"{path} line {lineno}: expected NAME = VALUE, [SECTION] or a # "
+                             f"comment, not {printable(stripped, 40)!r}")
+        if section == "client":
+            settings[name.strip().lower()] = value.strip()
+    return settings
 
 
 def colour_on(stream):
@@ -7027,7 +7201,7 @@ async def cmd_query(client, args, rtype, words):
         records = [r async for _, page in client.dump(f"type={rtype} return all") for r in page]
         print_lines(format_records(records, field_list(args.fields, schema), output_mode(args),
                                    colour_on(sys.stdout)))
-        return EXIT_OK if records else EXIT_NOMATCH
+        return found_or_say(args, records)
     tail, wanted = request_from_args(words), field_list(args.fields, schema)
     tokens = tokenize(tail)
     cut = next((i for i, t in enumerate(tokens) if t.sep and t.value.lower() == "return"), None)
@@ -7040,10 +7214,17 @@ async def cmd_query(client, args, rtype, words):
     elif cut is None:
         tail += " return all"
     records = await client.query(tail)
-    if not records and sys.stderr.isatty():
-        print(f"{args.command}: no match", file=sys.stderr)
     print_lines(format_records(records, wanted, output_mode(args), colour_on(sys.stdout)))
-    return EXIT_OK if records else EXIT_NOMATCH
+    return found_or_say(args, records)
+
+
+def found_or_say(args, records):
+    """EXIT_OK when there are records, else "no match" on stderr and EXIT_NOMATCH: one
+    behaviour for every verb, on a terminal or not."""
+    if records:
+        return EXIT_OK
+    print(f"{args.command}: no match", file=sys.stderr)
+    return EXIT_NOMATCH
 
 
 async def cmd_show(client, args, rtype, words):
@@ -7055,7 +7236,7 @@ async def cmd_show(client, args, rtype, words):
                                  f"return all")
     print_lines(format_records(records, field_list(args.fields, client.schema),
                                output_mode(args), colour_on(sys.stdout), full=True))
-    return EXIT_OK if records else EXIT_NOMATCH
+    return found_or_say(args, records)
 
 
 def print_lines(lines):
@@ -7119,7 +7300,7 @@ async def confirm_selection(client, args, verb, words):
             return 0
     code, text, body = await client.command(f"set limit={min(total, MAX_CHANGE_LIMIT)}")
     if code >= 300:
-        raise reply_error(code, text, body)
+        raise reply_error(code, text, body, "set")
     return total
 
 
@@ -7212,8 +7393,12 @@ async def cmd_export(client, args, rtype, words):
         return EXIT_OK
     exporter = make_exporter(fmt, schema, rtype, args)
     request = f"type={rtype} {request_from_args(words)}".strip() + " return all"
-    if fmt == "vcard" and args.output and os.path.isdir(args.output):
+    if fmt == "vcard" and args.output and (os.path.isdir(args.output)
+                                           or args.output.endswith(os.sep)):
         return await export_vdir(client, exporter, request, args.output)
+    if args.output and args.output.endswith(os.sep):
+        raise UsageError(f"{args.command} export: -o {args.output}: a directory takes one "
+                         f"file per record, which only --format vcard writes")
     progress = ProgressBar("records")
     with OutputFile(args.output) as out:
         out.write(exporter.head())
@@ -7227,7 +7412,12 @@ async def cmd_export(client, args, rtype, words):
 
 
 async def export_vdir(client, exporter, request, directory):
-    """vCards one per file (<alias>.vcf) in ``directory``: a vdir, as khard and vdirsyncer read."""
+    """vCards one per file (<alias>.vcf) in ``directory`` (made if missing): a vdir, as khard
+    and vdirsyncer read."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make directory {directory}: {e.strerror}") from None
     progress = ProgressBar("cards")
     async for total, records in client.dump(request):
         progress.total = total
@@ -7347,10 +7537,8 @@ async def write_import(first, rtype, items, tally, progress):
     """Pass two: each record looked up by key and added, changed or left alone, over
     IMPORT_WORKERS connections with pipelined requests."""
     batches = batched(items, PIPELINE_DEPTH // 2)
-    clients = [first] + [PhClient(first.host, first.port, first.timeout, first.client_id)
-                         for _ in range(IMPORT_WORKERS - 1)]
-    for client in clients[1:]:
-        client.schema, client.multi = first.schema, first.multi
+    await first.login_first("add")      # once here, so a missing key is one clear error
+    clients = [first] + [first.sibling() for _ in range(IMPORT_WORKERS - 1)]
 
     async def worker(client):
         """Import batches from the shared iterator on ``client`` until none are left."""
@@ -7464,8 +7652,10 @@ def build_parser():
                              "remove FINGERPRINT|USER; list (the default)")
     keys_p.add_argument("--role", choices=ROLES, default="writer", help="add: the key's role")
     keys_p.add_argument("--tenant", help="add: the key's tenant (enterprise tier; * for all)")
-    keys_p.add_argument("--data", default=data_default, metavar="DIR",
-                        help="edit DIR/authorized_keys when it exists and no --server is given")
+    keys_p.add_argument("--data", metavar="DIR",
+                        help="edit DIR/authorized_keys (made if missing), never a server's; "
+                             "without --data or --server: ./pharos-data or $PHAROS_DATA when "
+                             "it has one")
     keys_p.add_argument("--server", metavar="HOST[:PORT]", help="manage a server's keys remotely")
     keys_p.add_argument("--as", dest="login_as", metavar="USER")
     keys_p.add_argument("--key", metavar="FILE")
@@ -7585,12 +7775,26 @@ def cmd_keys(args):
     if action in ("add", "remove") and not args.what:
         raise UsageError(f"keys {action}: say " + ("USER KEY (a .pub file, - or the key text)"
                                                    if action == "add" else "FINGERPRINT|USER"))
+    if args.data is not None and args.server:
+        raise UsageError("keys: --data edits a local key list and --server a server's; say one")
     line_text = key_line_from_args(args) if action == "add" else None
-    local = os.path.join(args.data, KEYS_FILE)
-    if not args.server and not os.environ.get("PHAROS_SERVER") and os.path.exists(local):
+    local = local_keys_path(args)
+    if local:
         return keys_local(KeyFile(local, log_to_stderr, fast=False), action, line_text, args)
     host, port = server_address(args)
     return asyncio.run(keys_remote(args, host, port, action, line_text))
+
+
+def local_keys_path(args):
+    """DATA/authorized_keys when `keys` edits the local file, else None (the network):
+    always with --data (made if missing), else when no server is named and the default
+    data dir has one."""
+    if args.data is not None:
+        return os.path.join(args.data, KEYS_FILE)
+    if args.server or os.environ.get("PHAROS_SERVER"):
+        return None
+    path = os.path.join(os.environ.get("PHAROS_DATA", "./pharos-data"), KEYS_FILE)
+    return path if os.path.exists(path) else None
 
 
 def key_line_from_args(args):
@@ -7600,9 +7804,8 @@ def key_line_from_args(args):
     user, key = args.what
     if key == "-":
         key = sys.stdin.readline()
-    elif os.path.exists(key):
-        with open(key, encoding="utf-8") as f:
-            key = f.readline()
+    elif os.path.exists(key) or " " not in key.strip():     # key text is "TYPE BASE64 ..."
+        key = read_key_file(key)
     options = [f'role="{args.role}"'] + ([f'tenant="{args.tenant}"'] if args.tenant else [])
     text = f"{user} {','.join(options)} {key.strip()}"
     try:
@@ -7612,15 +7815,33 @@ def key_line_from_args(args):
     return text
 
 
+def read_key_file(path):
+    """The first line of a public key file; UsageError saying why it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline(MAX_KEYS_FILE)
+    except OSError as e:
+        raise UsageError(f"keys add: {path}: {e.strerror.lower()}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"keys add: {path} is not a public key file (not UTF-8 text)") from None
+
+
 def keys_local(keyfile, action, line_text, args):
     """Edit the key list file beside the data dir (a running server reloads it)."""
     ring = keyfile.reload()
     if action == "list":
+        if not ring.entries:
+            print(f"keys: no keys in {keyfile.path}", file=sys.stderr)
+            return EXIT_NOMATCH
         print_key_table([(e.principals, e.role, e.tenant, f"{e.key.keytype} {e.key.fingerprint}",
                           e.comment) for e in ring.entries])
-        return EXIT_OK if ring.entries else EXIT_NOMATCH
+        return EXIT_OK
     if action == "add":
-        keyfile.write_lines(keyfile.lines() + [line_text])
+        try:
+            os.makedirs(os.path.dirname(keyfile.path) or ".", exist_ok=True)
+            keyfile.write_lines(keyfile.lines() + [line_text])
+        except OSError as e:
+            raise UsageError(f"keys add: cannot write {keyfile.path}: {e.strerror}") from None
         print(f"added to {keyfile.path}")
         return EXIT_OK
     gone = {e.lineno for e in ring.entries if args.what[0] in (e.key.fingerprint, e.principals)}
@@ -7646,7 +7867,7 @@ async def keys_remote(args, host, port, action, line_text):
         print(f"keys: {text}", file=sys.stderr)
         return EXIT_NOMATCH
     if code >= 300:
-        raise reply_error(code, text, body)
+        raise reply_error(code, text, body, "keys")
     if action != "list":
         print(text)
         return EXIT_OK
@@ -7771,8 +7992,11 @@ def main(argv=None):
     except DataError as e:
         log_to_stderr(str(e))
         return EXIT_FAIL
+    except PhRefusal as e:
+        print(f"{args.command}: {e.text}", file=sys.stderr)
+        return e.status
     except PhError as e:
-        print(f"{args.command}: {e.code}: {e.text}", file=sys.stderr)
+        print(f"{args.command}: {e.text}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

@@ -113,7 +113,7 @@ def test_ph_and_mdb_against_a_live_server(mem_server):
     assert run("mdb", *where, "john").returncode == 1          # mdb looks at machines only
     assert run("ph", *where, "nobody").returncode == 1
     refused = run("ph", *where, "add", "alias=x", "email=bad")
-    assert refused.returncode == 3 and "email 'bad'" in refused.stderr
+    assert refused.returncode == 2 and "email 'bad'" in refused.stderr     # input refused
     assert run("mdb", *where, "change", "hostname=nas", "make", "role=backup").returncode == 0
     assert json.loads(run("mdb", *where, "show", "nas", "--json").stdout)[0]["role"] == "backup"
 

@@ -150,7 +150,7 @@ def test_keys_cli_over_the_wire_as_admin(tmp_path, keys):
     (data / "authorized_keys").write_text(f'alice role="admin" {pub[0]} {pub[1]}\n')
     server = ServerProcess(data, "--tier", "lab", "--login-delay", "0.01").start()
     remote = ["--server", f"127.0.0.1:{server.port}", "--as", "alice", "--key",
-              str(keys["alice"]), "--data", str(tmp_path / "elsewhere")]
+              str(keys["alice"])]
     try:
         mallory = str(keys["mallory"].with_suffix(".pub"))
         added = pharos("keys", "add", "mallory", mallory, *remote)
