@@ -8,6 +8,7 @@ executable. Usage: python3 build_zipapp.py [--output PATH]
 """
 
 import argparse
+import hashlib
 import io
 import os
 import sys
@@ -23,7 +24,9 @@ MEMBER_MODE = 0o100644
 ARCHIVE_MODE = 0o755
 
 # No f-strings or newer syntax here: an old Python must compile this far
-# to print the message rather than a SyntaxError.
+# to print the message rather than a SyntaxError.  The compiled module is cached
+# (keyed by the source's SHA-256, baked in at build time, and the interpreter's
+# cache tag), so a start after the first skips compiling thousands of lines.
 MAIN_PY = b'''\
 import sys
 
@@ -32,9 +35,71 @@ if sys.version_info < (3, 10):
                      % sys.version_info[:2])
     sys.exit(2)
 
-import pharos
+import marshal
+import os
 
-sys.exit(pharos.main())
+SOURCE_SHA256 = "@DIGEST@"
+
+
+def cache_path():
+    """Where this build's compiled module is kept for this interpreter."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = "pharos-%s-%s.bin" % (SOURCE_SHA256[:32], sys.implementation.cache_tag)
+    return os.path.join(base, "pharos", name)
+
+
+def read_cache(path):
+    """The cached code object, or None when the cache is missing or not this build's."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    head = SOURCE_SHA256.encode() + b"\\n"
+    if not data.startswith(head):
+        return None
+    try:
+        return marshal.loads(data[len(head):])
+    except (EOFError, ValueError, TypeError):
+        return None
+
+
+def write_cache(path, code):
+    """Keep ``code`` for the next start: written whole or not at all; errors ignored."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(SOURCE_SHA256.encode() + b"\\n" + marshal.dumps(code))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def pharos_code():
+    """pharos.py compiled: from the cache when it holds this build, else compiled now."""
+    path = cache_path()
+    code = read_cache(path)
+    if code is None:
+        source_path = os.path.join(os.path.dirname(__file__), "pharos.py")
+        code = compile(__loader__.get_data(source_path), source_path, "exec")
+        write_cache(path, code)
+    return code
+
+
+def load_pharos():
+    """The pharos module, run from its (cached) code and registered under its name."""
+    module = type(sys)("pharos")
+    module.__file__ = os.path.join(os.path.dirname(__file__), "pharos.py")
+    sys.modules["pharos"] = module
+    exec(pharos_code(), module.__dict__)
+    return module
+
+
+sys.exit(load_pharos().main())
 '''
 
 
@@ -68,7 +133,9 @@ def write_executable(path, data):
 
 def build(source, output):
     """Build the zipapp at `output` from `source`; return its size in bytes."""
-    data = archive_bytes([("__main__.py", MAIN_PY), ("pharos.py", source.read_bytes())])
+    text = source.read_bytes()
+    main_py = MAIN_PY.replace(b"@DIGEST@", hashlib.sha256(text).hexdigest().encode())
+    data = archive_bytes([("__main__.py", main_py), ("pharos.py", text)])
     write_executable(output, data)
     return len(data)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import asyncio
 import base64
 import bisect
 import contextlib
@@ -86,6 +85,27 @@ TIERS = ("dev", "lab", "enterprise")
 EXIT_OK, EXIT_NOMATCH, EXIT_USAGE, EXIT_FAIL = 0, 1, 2, 3
 
 OPTIONAL_PACKAGES = {"asyncssh": "ssh", "ldap3": "ldap", "zeroconf": "mdns"}
+
+
+class LazyModule:
+    """A standard module imported on first use: serving needs asyncio, ``ph --version``
+    does not, and every command pays for what the module imports at its top.
+
+    The first attribute read imports the module and puts it in this module's globals
+    in place of the stand-in, so later reads cost nothing extra.
+    """
+
+    def __init__(self, name):
+        self.lazy_name = name
+
+    def __getattr__(self, attr):
+        import importlib
+        module = importlib.import_module(self.lazy_name)
+        globals()[self.lazy_name] = module
+        return getattr(module, attr)
+
+
+asyncio = LazyModule("asyncio")
 
 
 def optional_import(name):
@@ -4071,8 +4091,8 @@ class PhSession(PhAuthVerbs):
         return line(200, "Bye!")
 
 
-class PhConnection(asyncio.BufferedProtocol):
-    """One Ph connection: runs each complete request line in turn and writes its reply.
+class PhConnectionCore:
+    """One Ph connection (the class made by ph_connection_class() is the one used): runs each complete request line in turn and writes its reply.
 
     A reply that is ready at once (every read) is written from the read callback itself.
     One that comes later (a write, after its fsync) is written when its Later settles,
@@ -4257,6 +4277,13 @@ class PhConnection(asyncio.BufferedProtocol):
 TOO_LONG = object()
 
 
+@functools.cache
+def ph_connection_class():
+    """PhConnection: PhConnectionCore on asyncio's BufferedProtocol, which the loop needs
+    to hand it its read buffer; made on first use, so only serving imports asyncio."""
+    return type("PhConnection", (PhConnectionCore, asyncio.BufferedProtocol), {"__slots__": ()})
+
+
 class PhServer:
     """The Ph listener: connection cap, idle timeout, the request loop, graceful stop."""
 
@@ -4299,8 +4326,8 @@ class PhServer:
 
     async def start(self, host, port):
         """Listen on ``host``:``port``, start the idle sweeper; the (host, port) bound."""
-        loop = asyncio.get_running_loop()
-        self.listener = await loop.create_server(lambda: PhConnection(self, loop), host, port,
+        loop, connection = asyncio.get_running_loop(), ph_connection_class()
+        self.listener = await loop.create_server(lambda: connection(self, loop), host, port,
                                                  backlog=1024, reuse_address=True)
         self.sweeper = asyncio.ensure_future(self.sweep())
         return self.listener.sockets[0].getsockname()[:2]
@@ -7977,6 +8004,9 @@ def main(argv=None):
         program = re.sub(r"\.(py|pyz)$", "", program)
         if program in PROGRAM_NAMES:
             argv = [PROGRAM_NAMES[program]] + argv
+    if argv[-1:] == ["--version"] and len(argv) <= 2:
+        print(f"pharos {__version__}")          # before the parser: this is all it needs
+        return EXIT_OK
     if argv[:1] in (["--list"], ["--host"]):
         argv = ["mdb", "export", "--format", "ansible"] + list(argv)
     try:

@@ -134,3 +134,44 @@ def test_serves_status_and_exits_0_on_sigterm(pyz):
         assert "Traceback" not in stderr
     finally:
         srv.kill()
+
+
+def cache_file(pyz, cache_home):
+    """The compile cache file a zipapp keeps under ``cache_home`` for this interpreter."""
+    import hashlib
+    with zipfile.ZipFile(pyz) as zf:
+        digest = hashlib.sha256(zf.read("pharos.py")).hexdigest()
+    tag = sys.implementation.cache_tag
+    return cache_home / "pharos" / f"pharos-{digest[:32]}-{tag}.bin", digest
+
+
+def test_compiled_module_is_cached_and_a_damaged_cache_is_replaced(pyz, version, tmp_path):
+    path, digest = cache_file(pyz, tmp_path)
+    assert run(pyz, "--version", XDG_CACHE_HOME=str(tmp_path)).stdout.strip() == f"pharos {version}"
+    data = path.read_bytes()
+    assert data.startswith(digest.encode() + b"\n")
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    path.write_bytes(data[:len(data) // 2])
+    assert run(pyz, "--version", XDG_CACHE_HOME=str(tmp_path)).returncode == 0
+    assert path.read_bytes() == data
+    # The cache is what runs: code cached under this build's digest is executed.
+    import marshal
+    planted = compile("def main():\n    print('from the cache')\n    return 0\n", "x", "exec")
+    path.write_bytes(digest.encode() + b"\n" + marshal.dumps(planted))
+    assert run(pyz, "--version", XDG_CACHE_HOME=str(tmp_path)).stdout == "from the cache\n"
+
+
+def test_an_unusable_cache_directory_does_not_stop_the_zipapp(pyz, version, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = run(pyz, "--version", XDG_CACHE_HOME=str(blocker))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"pharos {version}" and result.stderr == ""
+
+
+def test_version_and_lookups_import_no_asyncio_at_start():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import pharos; "
+            "print(sorted(m for m in ('asyncio', 'ssl', 'http.server', 'csv') if m in sys.modules))")
+    result = run(sys.executable, "-c", code, str(ROOT))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
