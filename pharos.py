@@ -150,6 +150,16 @@ class PhError(PharosError):
         self.code, self.text = code, text
 
 
+class ServiceError(PharosError):
+    """A request the directory refuses: the Ph ``code`` and ``text`` of the final reply line,
+    and ``details``, the (code, text) lines that go before it. Ph sends them as they are;
+    HTTP and MCP turn the code into a status and the text into words."""
+
+    def __init__(self, code, text, details=()):
+        super().__init__(text)
+        self.code, self.text, self.details = code, text, list(details)
+
+
 class RecordError(PharosError):
     """A record or value the schema refuses; ``code`` is the Ph code to report."""
 
@@ -396,6 +406,40 @@ class Schema:
             key = KEY_FIELD[rtype]
             raise RecordError(f"a {rtype} needs {'an' if key[0] in 'aeiou' else 'a'} {key}")
         return record
+
+
+def new_record(schema, rtype, fields, now, *, source="manual", tenant="", loaded=False):
+    """A new record of ``rtype`` from {field: [values]}, with what the server sets filled in
+    (created, modified, source; status for machines): the one rule every way in shares
+    (add, load, and later scan and pulse). ``loaded`` keeps server-set fields it is given
+    (an offline load of an export); otherwise they are refused. RecordError if refused."""
+    record = schema.build(rtype, fields, allow_server=loaded)
+    if tenant:
+        record["tenant"] = tenant
+    stamp = utc_now(now)
+    record.setdefault("created", stamp)
+    record.setdefault("modified", record["created"])
+    record.setdefault("source", source)
+    if rtype == MACHINE:
+        record.setdefault("status", "unknown")
+    return record
+
+
+def infer_type(schema, fields, hint=None):
+    """The type a new record is: from type=, the fields it uses, else ``hint`` (the client's
+    id); RecordError when that leaves no type, or two."""
+    candidates = set(RECORD_TYPES)
+    for value in fields.get("type", ()):
+        candidates &= {check_type(value.strip())}
+    for name in fields:
+        candidates &= schema.types_for(name)
+    if len(candidates) == 2 and hint:
+        candidates = {hint}
+    if len(candidates) == 1:
+        return candidates.pop()
+    if not candidates:
+        raise RecordError("these fields do not fit one record type (person or machine)")
+    raise RecordError("say type=person or type=machine")
 
 
 def read_ini(path):
@@ -1449,6 +1493,18 @@ class MemoryStore:
         to be run a turn at a time."""
         return Search(self.directory, selection, tenant, limit)
 
+    def key_owner(self, rtype, key, tenant=""):
+        """The id of the durable record of ``rtype`` called ``key`` in ``tenant``, or None."""
+        return self.directory.key_owner(rtype, key, tenant)
+
+    def records(self):
+        """Every durable record, in no order (for counts; queries go through search)."""
+        return self.directory.records.values()
+
+    def count(self, rtype):
+        """How many durable records of ``rtype`` there are."""
+        return self.directory.count(rtype)
+
     def select_planned(self, selection, tenant=None):
         """``select`` as the writes not yet durable leave the records: what a change or
         delete acts on."""
@@ -1486,27 +1542,22 @@ class MemoryStore:
 
     def plan_add(self, rtype, fields, now, source="manual", tenant=""):
         """The ops that add one record built from {field: [values]}; RecordError if refused."""
-        record = self.schema.build(rtype, fields)
+        record = new_record(self.schema, rtype, fields, now, source=source, tenant=tenant)
         key = record[KEY_FIELD[rtype]]
-        if tenant:
-            record["tenant"] = tenant
         if self.pending.key_owner(rtype, key, tenant) is not None:
             what = "Alias" if rtype == PERSON else "Hostname"
             raise RecordError(f"{what} {key} in use or is too common a name.", code=509)
-        stamp = utc_now(now)
-        record.update(created=stamp, modified=stamp, source=source)
-        if rtype == MACHINE:
-            record["status"] = "unknown"
         return [(self.pending.new_id(), record)]
 
     def plan_change(self, rids, make, now):
-        """Ops changing each record by {field: [values]}; returns (ops, per-record error lines)."""
+        """Ops changing each record by {field: [values]}; returns (ops, the RecordError of
+        each record refused)."""
         ops, errors, claimed = [], [], set()
         for rid in rids:
             try:
                 new = self.changed_record(self.pending.record(rid), make, now, claimed)
             except RecordError as e:
-                errors.append(more(e.code, str(e)))
+                errors.append(e)
                 continue
             if new is not None:
                 ops.append((rid, new))
@@ -3303,20 +3354,23 @@ def bootstrap_keys(path, log):
 
 
 def authorize(tier, verb, user):
-    """None when ``verb`` is allowed for ``user`` (an Identity or None) in ``tier``, else why."""
+    """The decision on ``verb`` for ``user`` (an Identity or None) in ``tier``: None when it is
+    allowed, else the ServiceError saying why (each front end words it: Ph as its reply
+    line, HTTP as 401 or 403)."""
     if tier == "dev" or verb in FREE_VERBS:
         return None
-    writing = verb in WRITE_VERBS or verb == "keys"
+    writing = verb in WRITE_VERBS or verb in ("keys", "merge")
     if user is None and (writing or tier == "enterprise"):
         if verb == "delete":
-            return line(506, "Must be logged in to delete.")
-        return line(506, "You must be logged in to use this command.")
+            return ServiceError(506, "Must be logged in to delete.")
+        return ServiceError(506, "You must be logged in to use this command.")
     if verb == "keys" and user.role != "admin":
-        return line(510, "Only a key with the admin role may manage keys.")
+        return ServiceError(510, "Only a key with the admin role may manage keys.")
     if writing and user.role == "reader":
         if verb == "add":
-            return line(511, "You may not add NameServer entries (your key's role is reader).")
-        return line(510, f"You may not {verb} entries (your key's role is reader).")
+            return ServiceError(511, "You may not add NameServer entries "
+                                     "(your key's role is reader).")
+        return ServiceError(510, f"You may not {verb} entries (your key's role is reader).")
     return None
 
 
@@ -3408,6 +3462,171 @@ class AuditLog:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+# SECTION: Service — DirectoryService: the directory's rules, for every front end
+
+class Caller:
+    """Who asks, for decisions and the audit log: an Identity (or None), the peer's address,
+    and the request as it came (a Ph line, an MCP tool call)."""
+
+    __slots__ = ("user", "peer", "request")
+
+    def __init__(self, user=None, peer=None, request=""):
+        self.user, self.peer, self.request = user, peer, request
+
+
+class DirectoryService:
+    """The directory's rules between the front ends and a Store: type inference, change
+    limits, addonly, tenancy, authorization decisions and the audit log.
+
+    The Ph server, the HTTP app and MCP each parse their own wire format, then call one of
+    these methods with a Caller and ``now``. Reads answer plain results; writes answer a
+    Later of None once durable; a refusal is a ServiceError (a Ph code and text), which
+    each front end words in its own way. Everything here runs on the event loop's thread.
+    """
+
+    def __init__(self, store, config, auditlog=None, log=None):
+        self.store, self.schema, self.config = store, store.schema, config
+        self.auditlog, self.log = auditlog, log or (lambda message: None)
+
+    # -- decisions -------------------------------------------------------------
+
+    def decide(self, verb, caller):
+        """None when ``caller`` may ``verb`` in this tier, else the ServiceError why not."""
+        return authorize(self.config.tier, verb, caller.user)
+
+    def tenant(self, caller):
+        """The tenant ``caller`` reads and writes (None: every record)."""
+        return session_tenant(self.config.tier, caller.user)
+
+    def check_writable(self):
+        """Refuse with 517 while the store takes no writes."""
+        if self.store.readonly:
+            raise ServiceError(517, "changes not allowed to read-only database.")
+
+    # -- reads -----------------------------------------------------------------
+
+    def search(self, caller, selection, limit=None):
+        """A Search of ``selection`` in ``caller``'s tenant, to run a turn at a time."""
+        return self.store.search(selection, self.tenant(caller), limit)
+
+    def find(self, caller, selection):
+        """Every record ``selection`` matches for ``caller``, in order (at most max_results;
+        ServiceError 502 past that), searched in one go."""
+        search = self.search(caller, selection, self.config.max_results)
+        while not search.run():
+            pass
+        if search.too_many:
+            raise ServiceError(502, "Too many entries to print.")
+        return [self.store.get(rid) for rid in search.ordered()]
+
+    def visible(self, caller, rid):
+        """Record ``rid`` if ``caller`` may see it now, else None."""
+        record, tenant = self.store.get(rid), self.tenant(caller)
+        if record is None or (tenant is not None and record.get("tenant", "") != tenant):
+            return None
+        return record
+
+    def by_key(self, caller, rtype, key):
+        """The person (alias) or machine (hostname) called ``key`` in ``caller``'s tenant."""
+        tenant = self.tenant(caller) or ""
+        for kind in ([rtype] if rtype else RECORD_TYPES):
+            rid = self.store.key_owner(kind, key, tenant)
+            if rid is not None:
+                return self.visible(caller, rid)
+        return None
+
+    def stats(self, caller, recent=10):
+        """Counts by type and machine status, and the latest changes, in ``caller``'s tenant."""
+        import heapq
+        tenant = self.tenant(caller)
+        records = [r for r in self.store.records()
+                   if tenant is None or r.get("tenant", "") == tenant]
+        counts = {PERSON: 0, MACHINE: 0}
+        by_status = {}
+        for record in records:
+            counts[record["type"]] += 1
+            if record["type"] == MACHINE:
+                status = record.get("status", "unknown")
+                by_status[status] = by_status.get(status, 0) + 1
+        latest = heapq.nlargest(recent, records, key=lambda r: r.get("modified", ""))
+        return {"people": counts[PERSON], "machines": counts[MACHINE], "by_status": by_status,
+                "recent": [{"type": r["type"], KEY_FIELD[r["type"]]: r[KEY_FIELD[r["type"]]],
+                            "modified": r.get("modified")} for r in latest]}
+
+    # -- writes ----------------------------------------------------------------
+
+    def plan_add(self, caller, fields, now, hint=None, source="manual"):
+        """The ops adding one record from {field: [values]}; RecordError when refused."""
+        self.check_writable()
+        rtype = infer_type(self.schema, fields, hint)
+        return self.store.plan_add(rtype, fields, now, source=source,
+                                   tenant=self.tenant(caller) or "")
+
+    def select_for_write(self, caller, selection, limit):
+        """Ids a change or delete acts on (as the pending writes leave them); ServiceError
+        518 when there are more than ``limit``."""
+        ids = self.store.select_planned(selection, self.tenant(caller))
+        if len(ids) > limit:
+            raise ServiceError(518, f"Too many entries ({len(ids)}) selected; limit is {limit}.")
+        return ids
+
+    def plan_change(self, ids, make, now, addonly=False):
+        """(ops, refusals) changing records ``ids`` by {field: [values]}; each refusal a
+        (code, text) for a record left as it is (with ``addonly``: a field it has set)."""
+        self.check_writable()
+        refusals = []
+        if addonly:
+            ids, refusals = self.addonly_filter(ids, make)
+        ops, refused = self.store.plan_change(ids, make, now)
+        return ops, refusals + [(e.code, str(e)) for e in refused]
+
+    def addonly_filter(self, ids, make):
+        """(ids to change, refusals): records that have a value being set are left alone."""
+        keep, refusals = [], []
+        for rid in ids:
+            record = self.store.planned(rid)
+            if any(record.get(name) for name, values in make.items() if any(values)):
+                refusals.append((521, "Field has a value."))
+            else:
+                keep.append(rid)
+        return keep, refusals
+
+    def plan_delete(self, ids):
+        """The ops deleting records ``ids``."""
+        self.check_writable()
+        return [(rid, None) for rid in ids]
+
+    def commit(self, caller, ops, outcome, now):
+        """Make ``ops`` durable with ``outcome`` (the answer's last line) in the audit log:
+        a Later of None once they are, or of the ServiceError (400) why they are not."""
+        audit = self.audit_entry(caller, outcome, now)
+
+        def settled(error):
+            if error is None:
+                return None
+            if not isinstance(error, StoreError):
+                raise error
+            return ServiceError(400, str(error))
+        return self.store.commit(ops, audit).map(settled)
+
+    # -- audit -----------------------------------------------------------------
+
+    def audit_entry(self, caller, outcome, now):
+        """The audit entry of ``caller``'s write, or None without an audit log."""
+        if self.auditlog is None:
+            return None
+        return self.auditlog.entry(now, caller.user, caller.peer, caller.request, outcome)
+
+    def audit_refusal(self, caller, outcome, now):
+        """Append a refused or failed write (nothing was committed: no fsync needed)."""
+        if self.auditlog is None:
+            return
+        try:
+            self.auditlog.record(now, caller.user, caller.peer, caller.request, outcome)
+        except OSError as e:
+            self.log(f"cannot write the audit log: {e.strerror}")
 
 
 # SECTION: Server — PhSession (one ph_<verb> per command), connection loop, serve
@@ -3635,6 +3854,7 @@ class PhSession(PhAuthVerbs):
 
     def __init__(self, server, peer):
         self.server = server
+        self.service = server.service
         self.store = server.store
         self.schema = server.store.schema
         self.config = server.config
@@ -3645,6 +3865,7 @@ class PhSession(PhAuthVerbs):
         self.pending_login = None               # (alias, challenge, monotonic time)
         self.user = None
         self.raw_args = self.request = ""
+        self.now = 0.0                          # the wall clock when the request came in
         self.audited = False
         self.verbs = {
             "query": self.ph_query, "ph": self.ph_query, "fields": self.ph_fields,
@@ -3659,10 +3880,11 @@ class PhSession(PhAuthVerbs):
         self.cursor = None                      # the one dump in progress: a DumpCursor
         self.closed = False
 
-    def begin(self, text):
-        """Start one request: (reply, close, verb) when the reply is ready at once (every
-        read is), else a Later of it (a write waits for its fsync, a refused login for its
-        delay)."""
+    def begin(self, text, now=None):
+        """Start one request that came in at ``now``: (reply, close, verb) when the reply is
+        ready at once (every read is), else a Later of it (a write waits for its fsync, a
+        refused login for its delay)."""
+        self.now = time.time() if now is None else now
         tokens = tokenize(text)
         if not tokens or tokens[0].field is not None or tokens[0].quoted:
             return line(598, f"{printable(text.split()[0] if text.split() else text)}:"
@@ -3677,12 +3899,13 @@ class PhSession(PhAuthVerbs):
         if self.pending_login and verb not in LOGIN_VERBS:
             self.pending_login = None
             prefix += more(523, "Expecting answer, clear, or email; login discarded.")
-        refusal = authorize(self.config.tier, verb, self.user)
-        if refusal:
-            if verb in AUDITED_VERBS:
-                self.server.audit(self, text, refusal)
-            return prefix + refusal, False, verb
         self.raw_args, self.request, self.audited = text[len(verb):].strip(), text, False
+        refusal = self.service.decide(verb, self.caller())
+        if refusal:
+            reply = line(refusal.code, refusal.text)
+            if verb in AUDITED_VERBS:
+                self.service.audit_refusal(self.caller(), reply, self.now)
+            return prefix + reply, False, verb
         reply = handler(tokens[1:])
         if type(reply) is not str:
             return reply.map(lambda reply: self.done(prefix, reply, verb, text))
@@ -3691,7 +3914,7 @@ class PhSession(PhAuthVerbs):
     def done(self, prefix, reply, verb, text):
         """(reply, close, verb) of a finished request; a write not yet audited is, now."""
         if verb in AUDITED_VERBS and not self.audited:
-            self.server.audit(self, text, reply)
+            self.service.audit_refusal(self.caller(), reply, self.now)
         return prefix + reply, verb in ("quit", "exit", "stop"), verb
 
     async def execute(self, text):
@@ -3703,6 +3926,10 @@ class PhSession(PhAuthVerbs):
     def tenant(self):
         """The tenant this session sees and writes (None: every record)."""
         return session_tenant(self.config.tier, self.user)
+
+    def caller(self):
+        """This session's user, peer and current request, as the service takes them."""
+        return Caller(self.user, self.peer[0] if self.peer else None, self.request)
 
     # -- reads ---------------------------------------------------------------
 
@@ -3801,7 +4028,7 @@ class PhSession(PhAuthVerbs):
                        more(515, "Initial metas may be used as qualifiers only.")]
         if errors:
             return "".join(errors) + line(500, "Did not understand query.")
-        search = self.store.search(selection, self.tenant, self.config.max_results)
+        search = self.service.search(self.caller(), selection, self.config.max_results)
         return self.searched(search, lambda: self.query_reply(search, returned))
 
     def query_reply(self, search, returned):
@@ -3853,7 +4080,7 @@ class PhSession(PhAuthVerbs):
                 return line(400, f"Too many dumps open (limit {cap}); try again later.")
             cursor = self.cursor = DumpCursor(returned)
             dumps.add(cursor)
-            search = self.store.search(selection, self.tenant)
+            search = self.service.search(self.caller(), selection)
             return self.searched(search, lambda: self.dump_page(cursor.fill(search.ordered())))
         return self.dump_page(self.cursor)
 
@@ -3920,56 +4147,38 @@ class PhSession(PhAuthVerbs):
                 values.setdefault(field.name, []).append(token.value)
         return values, errors
 
-    def record_type(self, fields):
-        """The type an add is for: from type=, the fields used, or the client's id."""
-        candidates = set(RECORD_TYPES)
-        for value in fields.get("type", ()):
-            candidates &= {check_type(value.strip())}
-        for name in fields:
-            candidates &= self.schema.types_for(name)
-        if len(candidates) == 2 and self.type_hint:
-            candidates = {self.type_hint}
-        if len(candidates) == 1:
-            return candidates.pop()
-        if not candidates:
-            raise RecordError("these fields do not fit one record type (person or machine)")
-        raise RecordError("say type=person or type=machine")
-
-    def write_refused(self):
-        """The 517 reply when the store is read-only, else None."""
-        if self.store.readonly:
-            return line(517, "changes not allowed to read-only database.")
-        return None
+    def refused(self, error, failure):
+        """The Ph reply for a ServiceError or RecordError: its detail lines, then the final
+        line (a RecordError's own code, before ``failure`` as qi words it)."""
+        if isinstance(error, RecordError):
+            return more(error.code, str(error)) + line(599, failure)
+        return "".join(more(c, t) for c, t in error.details) + line(error.code, error.text)
 
     def commit(self, ops, success):
         """Commit ``ops`` with the audit line of ``success``: a Later of the reply to send."""
-        audit = self.server.audit_entry(self, success)
-
         def reply(error):
             if error is not None:
-                if not isinstance(error, StoreError):
-                    raise error
-                return line(400, str(error))
-            self.audited = audit is not None
+                return line(error.code, error.text)
+            self.audited = self.service.auditlog is not None
             return success
-        return self.store.commit(ops, audit).map(reply)
+        return self.service.commit(self.caller(), ops, success, self.now).map(reply)
 
     def ph_add(self, args):
         """add field=value ...: 200:Ok. once the new record is durable (599 if refused)."""
-        refused = self.write_refused()
-        if refused:
-            return refused
+        failure = "Add command not understood."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
         if not args:
-            return line(599, "Add command not understood.")
+            return line(599, failure)
         fields, errors = self.parse_pairs(args)
-        if not errors:
-            try:
-                ops = self.store.plan_add(self.record_type(fields), fields, time.time(),
-                                          tenant=self.tenant or "")
-            except RecordError as e:
-                errors.append(more(e.code, str(e)))
         if errors:
-            return "".join(errors) + line(599, "Add command not understood.")
+            return "".join(errors) + line(599, failure)
+        try:
+            ops = self.service.plan_add(self.caller(), fields, self.now, self.type_hint)
+        except (RecordError, ServiceError) as e:
+            return self.refused(e, failure)
         return self.commit(ops, line(200, "Ok."))
 
     def limited_selection(self, tokens, failure):
@@ -3979,18 +4188,19 @@ class PhSession(PhAuthVerbs):
             errors.append(more(515, "no non-null key field in query."))
         if errors:
             return None, "".join(errors) + line(599, failure)
-        ids = self.store.select_planned(selection, self.tenant)
-        limit = int(self.options["limit"])
-        if len(ids) > limit:
-            return None, line(518, f"Too many entries ({len(ids)}) selected; limit is {limit}.")
-        return ids, None
+        try:
+            return self.service.select_for_write(self.caller(), selection,
+                                                 int(self.options["limit"])), None
+        except ServiceError as e:
+            return None, self.refused(e, failure)
 
     def ph_change(self, args):
         """change selection make field=value ...: 200:N entries changed. (500 if some fail)."""
-        refused = self.write_refused()
-        if refused:
-            return refused
         failure = "Did not understand change command."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
         cut = next((i for i, t in enumerate(args) if t.sep), None)
         if cut is None or cut == len(args) - 1:
             return line(599, failure)
@@ -4002,37 +4212,25 @@ class PhSession(PhAuthVerbs):
             return reply
         if not ids:
             return line(501, "No matches to specification.")
-        found, errors = len(ids), []
-        if self.options["addonly"] == "on":
-            ids, errors = self.addonly_filter(ids, make)
-        ops, refused = self.store.plan_change(ids, make, time.time())
-        errors += refused
-        ok = len(ids) - len(refused)
+        found = len(ids)
+        ops, refusals = self.service.plan_change(ids, make, self.now,
+                                                 addonly=self.options["addonly"] == "on")
+        errors = "".join(more(code, text) for code, text in refusals)
+        ok = found - len(refusals)
         if not errors:
             return self.commit(ops, line(200, f"{plural(ok, 'entry', 'entries')} changed."))
         if ok == 0:
-            return "".join(errors) + line(500, f"{plural(found, 'entry', 'entries')} found, "
-                                               f"none changed.")
-        return self.commit(ops, "".join(errors) + line(
+            return errors + line(500, f"{plural(found, 'entry', 'entries')} found, none changed.")
+        return self.commit(ops, errors + line(
             500, f"Only {plural(ok, 'entry', 'entries')} changed ({found} found)."))
-
-    def addonly_filter(self, ids, make):
-        """With `set addonly`, records that already have a value being set are refused."""
-        keep, errors = [], []
-        for rid in ids:
-            record = self.store.planned(rid)
-            if any(record.get(name) for name, values in make.items() if any(values)):
-                errors.append(more(521, "Field has a value."))
-            else:
-                keep.append(rid)
-        return keep, errors
 
     def ph_delete(self, args):
         """delete selection: 200:N entries deleted. (501 no match, 518 over the limit)."""
-        refused = self.write_refused()
-        if refused:
-            return refused
         failure = "Delete command not understood."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
         if not args or any(t.sep for t in args):
             return line(599, failure)
         ids, reply = self.limited_selection(args, failure)
@@ -4040,7 +4238,7 @@ class PhSession(PhAuthVerbs):
             return reply
         if not ids:
             return line(501, "No entries matched specifications.")
-        ops = [(rid, None) for rid in ids]
+        ops = self.service.plan_delete(ids)
         return self.commit(ops, line(200, f"{len(ids)} entries deleted."))
 
     # -- options -------------------------------------------------------------
@@ -4193,7 +4391,7 @@ class PhConnectionCore:
                 continue
             started = time.perf_counter()
             try:
-                outcome = self.session.begin(text)
+                outcome = self.session.begin(text, time.time())
             except Exception as e:
                 outcome = self.failed(e)
             if type(outcome) is not tuple:
@@ -4291,6 +4489,7 @@ class PhServer:
         self.store, self.config, self.log = store, config, log
         self.metrics = metrics or Metrics()
         self.keys, self.auditlog = keys, audit
+        self.service = DirectoryService(store, config, audit, log)
         self.guard = LoginGuard(config.login_delay)
         self.connections = set()
         self.dumps = weakref.WeakSet()          # the DumpCursors alive (see max_dumps)
@@ -4307,22 +4506,6 @@ class PhServer:
         ring = self.keys.current()
         return ring.verify(alias, challenge.encode(), answer, peer[0] if peer else None,
                            time.time())
-
-    def audit_entry(self, session, reply):
-        """The audit entry of ``session``'s current write, or None without an audit log."""
-        if self.auditlog is None:
-            return None
-        peer = session.peer[0] if session.peer else None
-        return self.auditlog.entry(time.time(), session.user, peer, session.request, reply)
-
-    def audit(self, session, request, reply):
-        """Append a refused or failed write to the audit log (lab and enterprise tiers)."""
-        if self.auditlog is not None:
-            try:
-                self.auditlog.record(time.time(), session.user,
-                                     session.peer[0] if session.peer else None, request, reply)
-            except OSError as e:
-                self.log(f"cannot write the audit log: {e.strerror}")
 
     async def start(self, host, port):
         """Listen on ``host``:``port``, start the idle sweeper; the (host, port) bound."""
@@ -6870,16 +7053,10 @@ def plan_loaded(store, item, now):
         if not all(type(v) is str for v in values):
             raise ValueError(f"{name} must be a string or a list of strings")
         fields[field.name] = values
-    record = store.schema.build(rtype, fields, allow_server=True)
+    record = new_record(store.schema, rtype, fields, now, loaded=True)
     key = record[KEY_FIELD[rtype]]
     if store.directory.key_owner(rtype, key) is not None:
         raise RecordError(f"{KEY_FIELD[rtype]} {key} appears twice")
-    stamp = utc_now(now)
-    record.setdefault("created", stamp)
-    record.setdefault("modified", record["created"])
-    record.setdefault("source", "manual")
-    if rtype == MACHINE:
-        record.setdefault("status", "unknown")
     return [(store.directory.next_id, record)]
 
 
