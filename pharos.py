@@ -3537,9 +3537,10 @@ class DirectoryService:
                 return self.visible(caller, rid)
         return None
 
-    def stats(self, caller, recent=10):
+    async def stats(self, caller, now, recent=10):
         """Counts by type and machine status, and the latest changes, in ``caller``'s tenant."""
         import heapq
+        self.allowed("query", caller, now)
         tenant = self.tenant(caller)
         records = [r for r in self.store.records()
                    if tenant is None or r.get("tenant", "") == tenant]
@@ -3610,6 +3611,94 @@ class DirectoryService:
                 raise error
             return ServiceError(400, str(error))
         return self.store.commit(ops, audit).map(settled)
+
+    # -- whole requests, for MCP and the console (Ph goes a verb at a time) ------
+
+    def parse(self, text, rtype=None):
+        """The Selection of a Ph query ``text`` (``rtype`` narrows it); ServiceError 500
+        with qi's detail lines when it cannot be read."""
+        selection, errors = parse_selection(self.schema, tokenize(text))
+        if not errors and not selection.has_key():
+            errors.append(more(515, "no non-null key field in query."))
+        if errors:
+            details = [(int(e[1:4]), e[5:].rstrip("\n")) for e in errors]
+            raise ServiceError(500, "Did not understand query.", details)
+        if rtype:
+            selection.types = selection.types & {rtype}
+        return selection
+
+    def allowed(self, verb, caller, now):
+        """Refuse (and audit a refused write) unless ``caller`` may ``verb``."""
+        refusal = self.decide(verb, caller)
+        if refusal is not None:
+            if verb in WRITE_VERBS:
+                self.audit_refusal(caller, line(refusal.code, refusal.text), now)
+            raise refusal
+
+    async def query(self, caller, text, rtype, now):
+        """The records a Ph query ``text`` matches for ``caller``, in order; ServiceError 502
+        past max_results. The search yields to the loop between its bounded runs."""
+        self.allowed("query", caller, now)
+        search = self.search(caller, self.parse(text, rtype), self.config.max_results)
+        while not search.run():
+            await asyncio.sleep(0)
+        if search.too_many:
+            raise ServiceError(502, "Too many entries to print.")
+        return [self.store.get(rid) for rid in search.ordered()]
+
+    async def get(self, caller, rtype, key, now):
+        """The person or machine called ``key`` that ``caller`` may see, or None."""
+        self.allowed("query", caller, now)
+        return self.by_key(caller, rtype, key)
+
+    async def write(self, caller, ops, outcome, now):
+        """Commit ``ops``; raise the ServiceError when they could not be made durable."""
+        error = await self.commit(caller, ops, outcome, now)
+        if error is not None:
+            raise error
+
+    async def add(self, caller, rtype, fields, now, dry_run=False):
+        """Add one record of ``rtype``; the record as stored (or as it would be)."""
+        self.allowed("add", caller, now)
+        fields = dict(fields, type=[rtype])
+        ops = self.plan_add(caller, fields, now)
+        if not dry_run:
+            await self.write(caller, ops, line(200, "Ok."), now)
+        return ops[0][1]
+
+    async def change(self, caller, text, rtype, make, now, limit=1, dry_run=False):
+        """Change what ``text`` selects (at most ``limit`` records, all or none):
+        {matched, changed, records as they end up}."""
+        self.allowed("change", caller, now)
+        self.check_writable()
+        ids = self.select_for_write(caller, self.parse(text, rtype), limit)
+        if not ids:
+            raise ServiceError(501, "No matches to specification.")
+        ops, refusals = self.plan_change(ids, make, now)
+        if refusals:
+            raise ServiceError(500, f"{plural(len(ids), 'entry', 'entries')} found, none changed.",
+                               refusals)
+        if ops and not dry_run:
+            await self.write(caller, ops, line(200, f"{plural(len(ops), 'entry', 'entries')} "
+                                                   f"changed."), now)
+        changed = dict(ops)
+        return {"matched": len(ids), "changed": len(ops),
+                "records": [changed.get(rid) or self.store.planned(rid) for rid in ids]}
+
+    async def delete(self, caller, text, rtype, now, expected, dry_run=False):
+        """Delete what ``text`` selects, only when that is exactly ``expected`` records:
+        {matched, deleted, keys}."""
+        self.allowed("delete", caller, now)
+        self.check_writable()
+        ids = self.select_for_write(caller, self.parse(text, rtype), max(expected, 1))
+        if len(ids) != expected:
+            raise ServiceError(518, f"{plural(len(ids), 'entry', 'entries')} selected, "
+                                    f"not {expected}; nothing deleted.")
+        keys = [self.store.planned(rid)[KEY_FIELD[self.store.planned(rid)["type"]]] for rid in ids]
+        if not dry_run:
+            await self.write(caller, self.plan_delete(ids), line(200, f"{len(ids)} entries deleted."),
+                             now)
+        return {"matched": len(ids), "deleted": 0 if dry_run else len(ids), "keys": keys}
 
     # -- audit -----------------------------------------------------------------
 
