@@ -3197,10 +3197,10 @@ def login_prefix(address):
 class LoginGuard:
     """When to send each failed login's answer: slowed per network prefix and in total.
 
-    A prefix's answers wait longer with each failure it made in the last 15 minutes (up
-    to LOGIN_MAX_DELAY) and leave at most one per base delay; the whole server's leave at
-    most LOGIN_FAIL_RATE per base delay, and none waits past LOGIN_MAX_WAIT, so an
-    attacker with many addresses slows only failed answers, never a correct login.
+    A prefix's answer waits longer with each failure it made in the last 15 minutes, and
+    a burst from one prefix queues behind itself (both up to LOGIN_MAX_DELAY); the whole
+    server's failed answers leave at most LOGIN_FAIL_RATE per base delay, none waiting
+    past LOGIN_MAX_WAIT. A correct login is never delayed, from any address.
     """
 
     def __init__(self, base_delay=LOGIN_FAIL_DELAY):
