@@ -3489,7 +3489,8 @@ class PhAuthVerbs:
     def keys_remove(self, which):
         """keys remove <fingerprint|user>: drop the matching keys, never the last admin."""
         ring = self.server.keys.reload()        # line numbers and lines from one reading
-        mine = {e.lineno for e in self.visible_keys(ring) if which in (e.key.fingerprint, e.principals)}
+        mine = {e.lineno for e in self.visible_keys(ring)
+                if which in (e.key.fingerprint, e.principals)}
         if not mine:
             return line(501, "No matching keys.")
         if not any(e.role == "admin" for e in ring.entries if e.lineno not in mine):

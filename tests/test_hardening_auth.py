@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, ServerProcess, wait_for
-from test_auth import (allowed, by_file, challenge_of, entries, keys, login, make_server,  # noqa: F401
-                       ok_login, serving)
+from conftest import ROOT, wait_for
+from test_auth import (allowed, by_file, entries, keys, login, make_server, ok_login,  # noqa: F401
+                       serving)
 
 sys.path.insert(0, str(ROOT))
 import pharos  # noqa: E402
