@@ -2999,8 +2999,12 @@ TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
 FREE_VERBS = frozenset(("status", "siteinfo", "fields", "id", "login", "answer", "clear",
                         "email", "logout", "xlogin", "klogin", "help", "quit", "exit", "stop"))
 WRITE_VERBS = frozenset(("add", "change", "delete"))
-LOGIN_FAILURE_MEMORY = 900.0    # seconds a source address's failed logins are remembered
-LOGIN_MAX_DELAY = 10.0
+LOGIN_FAILURE_MEMORY = 900.0    # seconds a network prefix's failed logins are remembered
+LOGIN_MAX_DELAY = 10.0          # the longest one prefix's failed answer waits on its own count
+LOGIN_MAX_WAIT = 60.0           # the longest any failed answer waits, however busy the server
+LOGIN_FAIL_RATE = 5             # failed answers the whole server sends per base login delay
+LOGIN_PREFIX_V4, LOGIN_PREFIX_V6 = 24, 64
+LOGIN_MAX_PREFIXES = 10000
 
 
 class AuthorizedKey:
@@ -3091,6 +3095,9 @@ def parse_key_line(line, lineno=0):
     text = line.strip()
     if not text or text.startswith("#"):
         return None
+    if not text.replace("\t", " ").isprintable():
+        bad = next(c for c in text if c != "\t" and not c.isprintable())
+        raise SSHFormatError(f"control or separator character U+{ord(bad):04X} in the line")
     principals = None
     head_end = options_end(text)
     head = text[:head_end]
@@ -3120,6 +3127,13 @@ def parse_key_line(line, lineno=0):
     return AuthorizedKey(principals, key, options, comment, lineno, line.strip())
 
 
+def key_file_lines(text):
+    """The lines of a key list: split at \\n only, the one line ending OpenSSH knows, so a
+    line is read back exactly as it was checked and written."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def looks_like_options(head):
     """Whether the first field of a key line is an options list rather than user names."""
     known = KEY_OPTIONS | SESSION_ONLY_OPTIONS
@@ -3135,6 +3149,8 @@ def check_key_options(options):
             raise SSHFormatError(f"option {name!r} is not supported, so the key is not used")
         if value is None:
             raise SSHFormatError(f"option {name} needs a value")
+        if sum(other == name for other, _ in options) > 1:
+            raise SSHFormatError(f"option {name} is given more than once")
         if name == "role" and value not in ROLES:
             raise SSHFormatError(f"role must be one of {', '.join(ROLES)}, not {value!r}")
         if name == "tenant" and not TENANT_RE.match(value):
@@ -3201,7 +3217,8 @@ class KeyRing:
 
     def __init__(self, text="", source=KEYS_FILE):
         self.by_blob, self.warnings, self.entries = {}, [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        self.lines = key_file_lines(text)
+        for lineno, line in enumerate(self.lines, 1):
             try:
                 entry = parse_key_line(line, lineno)
             except SSHFormatError as e:
@@ -3272,7 +3289,7 @@ class KeyFile:
         """Read the file into a new KeyRing (on a read error keep the old one); return it."""
         self.stamp = self.stat()
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, encoding="utf-8", newline="") as f:
                 text = f.read(MAX_KEYS_FILE + 1)
             if len(text) > MAX_KEYS_FILE:
                 raise OSError(errno.EFBIG, f"larger than {MAX_KEYS_FILE} bytes")
@@ -3291,6 +3308,8 @@ class KeyFile:
 
     def write_lines(self, lines):
         """Replace the file's lines atomically and load the result."""
+        if any("\n" in x.rstrip("\n") for x in lines):
+            raise ValueError("a key list line holds a line break")
         tmp = self.path + ".tmp"
         mode = os.stat(self.path).st_mode & 0o777 if os.path.exists(self.path) else 0o600
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -3306,8 +3325,8 @@ class KeyFile:
     def lines(self):
         """The file's lines as text ([] when there is no file)."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return f.read().splitlines()
+            with open(self.path, encoding="utf-8", newline="") as f:
+                return key_file_lines(f.read())
         except FileNotFoundError:
             return []
 
@@ -3319,6 +3338,7 @@ def starting_users_keys():
         try:
             found = [f"{PublicKey(blob).openssh()} {comment}".strip()
                      for blob, comment in agent.identities() if usable_key(blob)]
+            found = [x for x in found if key_line_ok(x)]
         finally:
             agent.close()
         if found:
@@ -3336,6 +3356,14 @@ def starting_users_keys():
         except (OSError, UnicodeDecodeError, SSHFormatError):
             continue
     return "~/.ssh", found
+
+
+def key_line_ok(text):
+    """Whether ``text`` is a key line that would be used whole."""
+    try:
+        return parse_key_line(text) is not None
+    except SSHFormatError:
+        return False
 
 
 def bootstrap_keys(path, log):
@@ -3374,6 +3402,34 @@ def authorize(tier, verb, user):
     return None
 
 
+def grant_refusal(role, tenant, entry):
+    """None when an admin of ``role`` in ``tenant`` (None: every tenant) may add ``entry``,
+    else why not: never a role above its own, and a tenant admin only its own tenant."""
+    if ROLES.index(entry.role) > ROLES.index(role):
+        return f"You may not grant role {entry.role} (yours is {role})."
+    if tenant is not None and entry.tenant != tenant:
+        return f"You may only add keys of tenant {tenant or 'none'}."
+    return None
+
+
+def format_key_options(options):
+    """An OpenSSH options field from {name: value or None} (a quote in a value escaped)."""
+    return ",".join(name if value is None else '%s="%s"' % (name, value.replace('"', '\\"'))
+                    for name, value in options.items())
+
+
+def key_line_with_tenant(entry, tenant):
+    """``entry`` with tenant="``tenant``" added to its line; SSHFormatError unless the new
+    line reads back as that one key with that one change."""
+    options = dict(entry.options, tenant=tenant)
+    text = f"{entry.principals} {format_key_options(options)} {entry.key.openssh()} {entry.comment}"
+    again = parse_key_line(text.rstrip())
+    same = (again.principals, again.key.blob, again.options, again.comment)
+    if same != (entry.principals, entry.key.blob, options, entry.comment):
+        raise SSHFormatError("the line does not take a tenant option cleanly")
+    return again
+
+
 def session_tenant(tier, user):
     """The tenant a session reads and writes: None means every record."""
     if tier != "enterprise" or user is None or user.tenant == "*":
@@ -3381,33 +3437,53 @@ def session_tenant(tier, user):
     return user.tenant
 
 
+def login_prefix(address):
+    """The network failed logins are counted by: the /24 (IPv4) or /64 (IPv6) of ``address``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except (TypeError, ValueError):
+        return str(address)[:64]                # no address, or a Unix socket's path
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    bits = LOGIN_PREFIX_V4 if ip.version == 4 else LOGIN_PREFIX_V6
+    return str(ipaddress.ip_network((ip, bits), strict=False))
+
+
 class LoginGuard:
-    """Failed logins per source address, and how long to wait before answering the next."""
+    """When to send each failed login's answer: slowed per network prefix and in total.
+
+    A prefix's answer waits longer with each failure it made in the last 15 minutes, and
+    a burst from one prefix queues behind itself (both up to LOGIN_MAX_DELAY); the whole
+    server's failed answers leave at most LOGIN_FAIL_RATE per base delay, none waiting
+    past LOGIN_MAX_WAIT. A correct login is never delayed, from any address.
+    """
 
     def __init__(self, base_delay=LOGIN_FAIL_DELAY):
         self.base_delay = base_delay
-        self.failures = {}                      # address -> (count, last monotonic time)
-
-    def delay(self, address, now):
-        """Seconds to wait before answering a failed login from ``address``."""
-        count, last = self.failures.get(address, (0, 0.0))
-        if now - last > LOGIN_FAILURE_MEMORY:
-            count = 0
-        return min(LOGIN_MAX_DELAY, self.base_delay * (count + 1))
+        self.prefixes = {}                      # prefix -> (failures, last failure, next slot)
+        self.next_slot = 0.0                    # the earliest the next failed answer may go
 
     def failed(self, address, now):
-        """Count a failed login from ``address`` (stale entries pruned past 10,000)."""
-        count, last = self.failures.get(address, (0, 0.0))
+        """Count a failed login from ``address`` at ``now``; seconds to wait before answering."""
+        prefix = login_prefix(address)
+        count, last, slot = self.prefixes.get(prefix, (0, 0.0, 0.0))
         if now - last > LOGIN_FAILURE_MEMORY:
             count = 0
-        self.failures[address] = (count + 1, now)
-        if len(self.failures) > 10000:
-            cutoff = now - LOGIN_FAILURE_MEMORY
-            self.failures = {a: v for a, v in self.failures.items() if v[1] > cutoff}
+        own = min(LOGIN_MAX_DELAY, self.base_delay * (count + 1))
+        release = min(max(now + own, slot), now + LOGIN_MAX_DELAY)
+        release = min(max(release, self.next_slot), now + LOGIN_MAX_WAIT)
+        self.prefixes[prefix] = (count + 1, now, release + self.base_delay)
+        self.next_slot = release + self.base_delay / LOGIN_FAIL_RATE
+        if len(self.prefixes) > LOGIN_MAX_PREFIXES:
+            self.prune(now)
+        return release - now
 
-    def succeeded(self, address):
-        """Forget the failures of ``address`` after a good login."""
-        self.failures.pop(address, None)
+    def prune(self, now):
+        """Forget prefixes quiet for 15 minutes; past the cap still, the longest quiet."""
+        cutoff = now - LOGIN_FAILURE_MEMORY
+        live = sorted((v[1], k) for k, v in self.prefixes.items() if v[1] > cutoff)
+        keep = {k for _, k in live[-(LOGIN_MAX_PREFIXES // 2):]}
+        self.prefixes = {k: v for k, v in self.prefixes.items() if k in keep}
 
 
 class AuditLog:
@@ -3784,9 +3860,17 @@ class PhAuthVerbs:
         if len(words) > 1:
             return line(599, "login:extra arguments.")
         challenge = "".join(secrets.choice(CHALLENGE_ALPHABET) for _ in range(42))
+        self.set_identity(None)
         self.pending_login = (words[0][:64], challenge, time.monotonic())
-        self.user = None
         return line(301, challenge)
+
+    def set_identity(self, user):
+        """Become ``user`` (None: nobody). Every change of identity goes through here and
+        drops what the connection held for the identity before: a login under way and a
+        dump cursor, whose records were chosen with the old identity's tenant."""
+        self.user = user
+        self.pending_login = None
+        self.cursor = None
 
     def login_problem(self, verb, args):
         """The 599 reply when no login is pending or no argument is given, else None."""
@@ -3812,15 +3896,13 @@ class PhAuthVerbs:
         if verified is None:
             self.server.metrics.logins["failed"] += 1
             self.server.log(f"login as {printable(alias)} from {address} refused: {reason}")
-            delay = self.server.guard.delay(address, now)
-            self.server.guard.failed(address, now)
+            delay = self.server.guard.failed(address, now)
             refused = Later()
             asyncio.get_running_loop().call_later(delay, refused.settle,
                                                   line(500, "Login failed."))
             return refused
         self.server.metrics.logins["ok"] += 1
-        self.server.guard.succeeded(address)
-        self.user = verified
+        self.set_identity(verified)
         return line(200, f"{alias}:Hi how are you?")
 
     def ph_clear(self, args):
@@ -3854,7 +3936,7 @@ class PhAuthVerbs:
             return line(599, "argument given on logout command.")
         if self.user is None:
             return line(500, "Not logged in.")
-        self.user = None
+        self.set_identity(None)
         return line(200, "Ok.")
 
     # -- key management (extension) -----------------------------------------
@@ -3874,15 +3956,14 @@ class PhAuthVerbs:
             return self.keys_remove(rest)
         return line(599, "keys:say keys list, keys add <line> or keys remove <fingerprint|user>.")
 
-    def visible_keys(self):
-        """Key-list entries this session may manage: all, or its own tenant's."""
+    def visible_keys(self, ring):
+        """The entries of ``ring`` this session may manage: all, or its own tenant's."""
         tenant = self.tenant
-        return [e for e in self.server.keys.current().entries
-                if tenant is None or e.tenant == tenant]
+        return [e for e in ring.entries if tenant is None or e.tenant == tenant]
 
     def keys_list(self):
         """keys list: 102, -200 lines per visible key, 200:Ok. (501 when there are none)."""
-        entries = self.visible_keys()
+        entries = self.visible_keys(self.server.keys.current())
         if not entries:
             return line(501, "No keys.")
         out = [count_line(len(entries))]
@@ -3901,24 +3982,31 @@ class PhAuthVerbs:
             return line(512, f"Illegal key line: {e}.")
         if entry is None:
             return line(599, "keys:add needs an allowed_signers line.")
-        if self.tenant is not None and entry.tenant != self.tenant:
-            return line(510, f"You may only add keys of tenant {self.tenant} "
-                             f"(add tenant=\"{self.tenant}\").")
-        for other in self.server.keys.current().entries:
+        try:
+            if self.tenant and "tenant" not in entry.options:
+                entry = key_line_with_tenant(entry, self.tenant)
+        except SSHFormatError as e:
+            return line(512, f"Illegal key line: {e}.")
+        refusal = grant_refusal(self.user.role, self.tenant, entry)
+        if refusal:
+            return line(510, refusal)
+        ring = self.server.keys.reload()        # the lines written are the lines checked
+        for other in ring.entries:
             if other.key.blob == entry.key.blob and other.principals == entry.principals:
                 return line(509, f"That key is already listed for {entry.principals}.")
-        self.server.keys.write_lines(self.server.keys.lines() + [entry.text])
+        self.server.keys.write_lines(ring.lines + [entry.text])
         return line(200, "Ok.")
 
     def keys_remove(self, which):
         """keys remove <fingerprint|user>: drop the matching keys, never the last admin."""
-        mine = {e.lineno for e in self.visible_keys() if which in (e.key.fingerprint, e.principals)}
+        ring = self.server.keys.reload()        # line numbers and lines from one reading
+        mine = {e.lineno for e in self.visible_keys(ring)
+                if which in (e.key.fingerprint, e.principals)}
         if not mine:
             return line(501, "No matching keys.")
-        ring = self.server.keys.current()
         if not any(e.role == "admin" for e in ring.entries if e.lineno not in mine):
             return line(510, "That would remove the last admin key.")
-        kept = [text for n, text in enumerate(self.server.keys.lines(), 1) if n not in mine]
+        kept = [text for n, text in enumerate(ring.lines, 1) if n not in mine]
         self.server.keys.write_lines(kept)
         return line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
 
