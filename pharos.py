@@ -499,9 +499,13 @@ def clean_request(raw):
 
 
 def printable(text, limit=64):
-    """Text from a client made safe to echo in a reply line."""
-    cut = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return cut + ("..." if len(text) > limit else "")
+    """Text from a client made safe to echo in a reply line: at most ``limit`` bytes of it.
+
+    Bytes, not characters: a reply line must stay under MAX_REPLY_LINE bytes on the wire.
+    """
+    safe = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    cut = safe.encode()[:limit].decode(errors="ignore")
+    return cut + ("..." if len(cut) < len(text) else "")
 
 
 def line(code, text):
