@@ -184,9 +184,21 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
 MAC_HEX_RE = re.compile(r"[0-9a-f]{12}\Z")
 EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\Z")
 URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+\Z", re.I)
-SERVICE_RE = re.compile(r"(\d{1,5})/([A-Za-z0-9._+-]{1,32})\Z")
+SERVICE_RE = re.compile(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})\Z")
 TAG_RE = re.compile(r"[\w.:/+@-]{1,32}\Z")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def parse_count(text, lo, hi):
+    """The whole number ``text`` spells in ASCII digits, if from ``lo`` to ``hi``; else None.
+
+    int() alone would also take '+', '_', spaces and other scripts' digits, and
+    str.isdigit() takes '³' and '①', which int() then refuses.
+    """
+    if not 0 < len(text) <= 20 or not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if lo <= value <= hi else None
 
 
 class Field:
@@ -258,9 +270,10 @@ def check_url(value):
 def check_service(value):
     """A service as port/name, the name lower-cased; RecordError if malformed."""
     match = SERVICE_RE.match(value)
-    if not match or not 0 < int(match.group(1)) < 65536:
+    port = parse_count(match.group(1), 1, 65535) if match else None
+    if port is None:
         raise RecordError(f"service {value!r} must look like 22/ssh (port/name)")
-    return f"{int(match.group(1))}/{match.group(2).lower()}"
+    return f"{port}/{match.group(2).lower()}"
 
 
 def check_tag(value):
@@ -475,14 +488,14 @@ def custom_field(path, fid, section, options, taken):
     types = options.get("types", "person machine").replace(",", " ").split()
     if not types or set(types) - set(RECORD_TYPES):
         raise UsageError(f"{where}: types must be person, machine or both")
+    max_len = parse_count(options.get("max", "128"), 1, 4000)
+    if max_len is None:
+        raise UsageError(f"{where}: max must be a number from 1 to 4000")
     try:
-        max_len = int(options.get("max", "128"))
         multi = options.getboolean("multi", False)
         default = options.getboolean("default", False)
     except ValueError as e:
         raise UsageError(f"{where}: {e}") from None
-    if not 0 < max_len <= 4000:
-        raise UsageError(f"{where}: max must be from 1 to 4000")
     props = LOOK + " Change" + (" Default" if default else "")
     return Field(fid, name, max_len, props, options.get("description", f"{name}."), types,
                  multi=multi)
@@ -555,9 +568,13 @@ def clean_request(raw):
 
 
 def printable(text, limit=64):
-    """Text from a client made safe to echo in a reply line."""
-    cut = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return cut + ("..." if len(text) > limit else "")
+    """Text from a client made safe to echo in a reply line: at most ``limit`` bytes of it.
+
+    Bytes, not characters: a reply line must stay under MAX_REPLY_LINE bytes on the wire.
+    """
+    safe = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    cut = safe.encode()[:limit].decode(errors="ignore")
+    return cut + ("..." if len(cut) < len(text) else "")
 
 
 def line(code, text):
@@ -1621,7 +1638,7 @@ SNAPSHOT = "snapshot.jsonl"
 SNAPSHOT_FORMAT = "pharos-snapshot"
 IMAGE = "snapshot.image"
 IMAGE_FORMAT = "pharos-image"
-JOURNAL_RE = re.compile(r"journal-(\d{16})\.jsonl\Z")
+JOURNAL_RE = re.compile(r"journal-([0-9]{16})\.jsonl\Z")
 LOCK = "lock"
 
 
@@ -3080,7 +3097,7 @@ def parse_ssh_time(value):
     import calendar
     utc = value.endswith("Z")
     digits = value[:-1] if utc else value
-    if not digits.isdigit() or len(digits) not in (8, 12, 14):
+    if parse_count(digits, 0, 10 ** 14) is None or len(digits) not in (8, 12, 14):
         raise SSHFormatError(f"bad time {value!r}")
     fields = (int(digits[0:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10] or 0),
               int(digits[10:12] or 0), int(digits[12:14] or 0), 0, 0, -1)
@@ -4445,12 +4462,14 @@ class PhSession(PhAuthVerbs):
 
     def set_option(self, name, value):
         """Set one session option; return a problem text if the value is refused."""
-        value = value.strip().lower()
         if name == "limit":
-            if not value.isdigit() or not 0 < int(value) <= MAX_CHANGE_LIMIT:
+            limit = parse_count(value, 1, MAX_CHANGE_LIMIT)
+            if limit is None:
                 return f"must be a number from 1 to {MAX_CHANGE_LIMIT}"
-            value = str(int(value))
-        elif name == "charset":
+            self.options[name] = str(limit)
+            return None
+        value = value.strip().lower()
+        if name == "charset":
             if value not in ("utf-8", "utf8", "us-ascii"):
                 return "only UTF-8 is supported"
         else:
@@ -4720,7 +4739,7 @@ class PhServer:
 def parse_hostport(text, default_port, what="--listen"):
     """(host, port) from HOST:PORT, [V6]:PORT, :PORT or PORT; UsageError if malformed."""
     host, port = text, str(default_port)
-    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]*):(\d+)|(\d+)|([^:]+)", text)
+    match = re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?|([^:]*):([0-9]+)|([0-9]+)|([^:]+)", text)
     if not match:
         raise UsageError(f"{what} {text!r}: expected HOST:PORT")
     v6, v6port, h, p, only_port, only_host = match.groups()
@@ -4732,9 +4751,10 @@ def parse_hostport(text, default_port, what="--listen"):
         host, port = "0.0.0.0", only_port
     else:
         host = only_host
-    if not 0 <= int(port) <= 65535:
+    number = parse_count(port, 0, 65535)
+    if number is None:
         raise UsageError(f"{what} {text!r}: port must be 0-65535")
-    return host, int(port)
+    return host, number
 
 
 def is_loopback(host):
@@ -5301,9 +5321,9 @@ def start_metrics(server, store, host, port):
 
 # SECTION: Client — the asyncio Ph client core shared by every command-line tool
 
-REPLY_RE = re.compile(r"(-?)(\d{3}):(?:(\d+):)?(.*)\Z", re.S)
+REPLY_RE = re.compile(r"(-?)([0-9]{3}):(?:([0-9]{1,18}):)?(.*)\Z", re.S)
 ENTRY_RE = re.compile(r"\s*([A-Za-z_-]*): ?(.*)\Z", re.S)
-COUNT_RE = re.compile(r"There (?:was|were) (\d+) match")
+COUNT_RE = re.compile(r"There (?:was|were) ([0-9]{1,18}) match")
 FIELD_TYPES_RE = re.compile(r"\((people and machines|people|machines)(, multi-valued)?\)\s*\Z")
 NEEDS_LOGIN = 506               # qi's "you must be logged in" reply code
 REQUEST_ROOM = MAX_LINE - 256   # bytes of field=value pairs one add or change carries
@@ -5490,11 +5510,12 @@ def schema_from_fields(body):
     custom = []
     for (fid, name), (props, *desc) in lines.items():
         match = FIELD_TYPES_RE.search(" ".join(desc))
-        if name in builtin or not match or not props.startswith("max "):
+        words = props.split()
+        size = parse_count(words[1], 1, 4000) if words[:1] == ["max"] and words[1:] else None
+        if name in builtin or not match or size is None:
             continue
         types = {"people": P, "machines": M}.get(match.group(1), PM)
-        words = props.split()
-        custom.append(Field(fid, name, int(words[1]), " ".join(words[2:]), "\n".join(desc),
+        custom.append(Field(fid, name, size, " ".join(words[2:]), "\n".join(desc),
                             types, multi=bool(match.group(2))))
     return Schema(custom)
 
@@ -8117,25 +8138,27 @@ def add_lookup_parser(commands, name, rtype):
 
 def positive_int(text):
     """An argparse type: a whole number of 1 or more."""
-    if not text.isdigit() or int(text) < 1:
+    number = parse_count(text, 1, sys.maxsize)
+    if number is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
+    return number
 
 
 def busy_poll_us(text):
     """An argparse type: a whole number of microseconds, 0 to MAX_BUSY_POLL_US."""
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_BUSY_POLL_US:
+    number = parse_count(text, 0, MAX_BUSY_POLL_US)
+    if number is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of microseconds "
                                          f"from 0 to {MAX_BUSY_POLL_US}")
-    return int(text)
+    return number
+
+
+DECIMAL_RE = re.compile(r"(?=.{1,20}\Z)(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
 
 
 def positive_float(text):
-    """An argparse type: a number greater than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
+    """An argparse type: a number greater than 0, in ASCII digits with an optional point."""
+    value = float(text) if DECIMAL_RE.match(text) else -1
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value

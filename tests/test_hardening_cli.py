@@ -315,7 +315,7 @@ def test_keys_list_of_an_empty_file_says_so(tmp_path):
 
 def test_help_marks_what_is_not_in_this_version():
     result = pharos("--help")
-    for name in ("scan", "pulse", "console"):
+    for name in ("pulse", "console"):
         [row] = [x for x in result.stdout.splitlines() if x.split()[:1] == [name]]
         assert "not in this version" in row
     planned = pharos("pulse")

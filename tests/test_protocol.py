@@ -158,7 +158,7 @@ def test_custom_fields(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[field alias]\n", "already exists"), ("[field x1]\n", "sections must be"),
     ("[other x]\n", "sections must be"), ("[field x]\ntypes = robot\n", "types must be"),
-    ("[field x]\nmax = lots\n", "invalid literal"), ("[field x]\nmax = 9000\n", "max must be"),
+    ("[field x]\nmax = lots\n", "max must be"), ("[field x]\nmax = 9000\n", "max must be"),
     ("not ini at all", "cannot read config"),
 ])
 def test_custom_fields_refused(tmp_path, text, message):
