@@ -3039,11 +3039,16 @@ class AuthorizedKey:
 class Identity:
     """Who a session is logged in as."""
 
-    __slots__ = ("alias", "role", "tenant", "fingerprint")
+    __slots__ = ("alias", "role", "tenant", "fingerprint", "blob")
 
     def __init__(self, alias, entry):
         self.alias, self.role, self.tenant = alias, entry.role, entry.tenant
-        self.fingerprint = entry.key.fingerprint
+        self.fingerprint, self.blob = entry.key.fingerprint, entry.key.blob
+
+    def same(self, other):
+        """Whether ``other`` is this identity with the same rights."""
+        mine = (self.alias, self.role, self.tenant, self.blob)
+        return other is not None and mine == (other.alias, other.role, other.tenant, other.blob)
 
 
 def options_end(text):
@@ -3244,6 +3249,16 @@ class KeyRing:
             if entry is not None:
                 self.entries.append(entry)
                 self.by_blob.setdefault(entry.key.blob, []).append(entry)
+
+    def recheck(self, identity, peer, now):
+        """``identity`` as the key list has it now: the same, with its new rights, or None
+        when its key was removed or no longer admits it (a login lasts only as long as the
+        line that allowed it)."""
+        for entry in self.by_blob.get(identity.blob, ()):
+            if key_refusal(entry, identity.alias, peer, now) is None:
+                fresh = Identity(identity.alias, entry)
+                return identity if identity.same(fresh) else fresh
+        return None
 
     def speed_up(self):
         """Hand the crypto to asyncssh (OpenSSL) when it is installed; True if it is."""
@@ -4094,6 +4109,8 @@ class PhSession(PhAuthVerbs):
             self.pending_login = None
             prefix += more(523, "Expecting answer, clear, or email; login discarded.")
         self.raw_args, self.request, self.audited = text[len(verb):].strip(), text, False
+        if self.user is not None:
+            self.recheck_identity()
         refusal = self.service.decide(verb, self.caller())
         if refusal:
             reply = line(refusal.code, refusal.text)
@@ -4120,6 +4137,16 @@ class PhSession(PhAuthVerbs):
     def tenant(self):
         """The tenant this session sees and writes (None: every record)."""
         return session_tenant(self.config.tier, self.user)
+
+    def recheck_identity(self):
+        """Follow the key list: a removed key logs the session out, a changed role or tenant
+        takes effect at the next request."""
+        keys = self.server.keys
+        if keys is None:
+            return
+        fresh = keys.current().recheck(self.user, self.peer[0] if self.peer else None, self.now)
+        if fresh is not self.user:
+            self.set_identity(fresh)
 
     def caller(self):
         """This session's user, peer and current request, as the service takes them."""
