@@ -1713,17 +1713,34 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def checked_line(item):
+    """A header or trailer line: the CRC-32 of its JSON, a space, the JSON, a newline."""
+    body = json.dumps(item).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def read_checked_line(raw):
+    """The JSON object of a line written by checked_line; ValueError if it is damaged."""
+    body = raw[9:].rstrip(b"\n")
+    if raw[8:9] != b" " or not raw.endswith(b"\n") or int(raw[:8], 16) != zlib.crc32(body):
+        raise ValueError("checksum mismatch or truncated line")
+    item = json.loads(body)
+    if type(item) is not dict:
+        raise ValueError("not an object")
+    return item
+
+
 def write_snapshot(path, seq, next_id, records):
     """Write ``records`` ({id: record}) as the snapshot, atomically: temp, fsync, rename.
 
-    Each record line carries the CRC-32 of its JSON, like a journal line, so damage
-    anywhere is found and named by line at start.
+    Each line, header and end marker included, carries the CRC-32 of its JSON, like a
+    journal line, so damage anywhere is found and named by line at start.
     """
     tmp = os.path.join(path, SNAPSHOT + ".tmp")
     with open(tmp, "wb") as f:
-        header = {"format": SNAPSHOT_FORMAT, "version": 1, "seq": seq,
+        header = {"format": SNAPSHOT_FORMAT, "version": 2, "seq": seq,
                   "next_id": next_id, "count": len(records)}
-        f.write(json.dumps(header).encode() + b"\n")
+        f.write(checked_line(header))
         chunk, crc32 = [], zlib.crc32
         for rid, record in records.items():
             body = JOURNAL_JSON([rid, record]).encode()
@@ -1732,7 +1749,7 @@ def write_snapshot(path, seq, next_id, records):
                 f.write(b"".join(chunk))
                 chunk = []
         f.write(b"".join(chunk))
-        f.write(json.dumps({"end": len(records)}).encode() + b"\n")
+        f.write(checked_line({"end": len(records)}))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(path, SNAPSHOT))
@@ -1752,24 +1769,23 @@ def read_snapshot(path, sink=None):
     back empty: a large snapshot is loaded without holding all of it twice.
     """
     name = os.path.join(path, SNAPSHOT)
-    if not os.path.exists(name):
-        return 0, 1, []
     pairs, count = [], 0
     with open(name, "rb") as f:
         try:
-            header = check_snapshot_header(json.loads(f.readline()))
+            header = parse_snapshot_header(f.readline())
         except (ValueError, TypeError) as e:
-            raise snapshot_error(name, 1, e) from None
-        lineno, end = 1, None
+            raise DataError(f"{name} line 1: corrupt header ({e}); refusing to start: "
+                            f"restore the file or move it away") from None
+        lineno, end, version = 1, None, header["version"]
         while end is None:
             lines = f.readlines(1 << 22)
             if not lines:
                 raise DataError(f"{name}: truncated (no end marker); refusing to start")
-            if not lines[-1].startswith(b"{"):
+            if not is_trailer(lines[-1], version):
                 bodies = snapshot_bodies(name, lineno, lines)
             else:
                 bodies = snapshot_bodies(name, lineno, lines[:-1])
-                end = snapshot_trailer(name, lineno + len(lines), lines[-1], f)
+                end = snapshot_trailer(name, lineno + len(lines), lines[-1], f, version)
             lineno += len(lines)
             chunk = json.loads(b"[" + b",".join(bodies) + b"]")
             del lines, bodies
@@ -1781,6 +1797,11 @@ def read_snapshot(path, sink=None):
     if end != count:
         raise snapshot_error(name, lineno, f"end marker says {end} records, found {count}")
     return header["seq"], header["next_id"], pairs
+
+
+def is_trailer(raw, version):
+    """Whether a snapshot line is the end marker: an object, where records are lists."""
+    return raw.startswith(b"{") if version == 1 else raw[9:10] == b"{"
 
 
 def snapshot_bodies(name, lineno, lines):
@@ -1798,10 +1819,10 @@ def snapshot_bodies(name, lineno, lines):
     return bodies
 
 
-def snapshot_trailer(name, lineno, raw, f):
+def snapshot_trailer(name, lineno, raw, f, version):
     """The record count in the end marker; nothing may follow it."""
     try:
-        end = json.loads(raw)["end"]
+        end = (json.loads(raw) if version == 1 else read_checked_line(raw))["end"]
     except (ValueError, TypeError, KeyError) as e:
         raise snapshot_error(name, lineno, e) from None
     if f.read(1):
@@ -1809,12 +1830,15 @@ def snapshot_trailer(name, lineno, raw, f):
     return end
 
 
-def check_snapshot_header(item):
-    """The snapshot header; ValueError unless it is a version 1 header with seq and next_id."""
+def parse_snapshot_header(raw):
+    """The snapshot header; ValueError unless it is a checksummed version 2 header, or
+    a version 1 header (written before headers had a checksum), with seq and next_id."""
+    item = json.loads(raw) if raw.startswith(b"{") else read_checked_line(raw)
     if type(item) is not dict or item.get("format") != SNAPSHOT_FORMAT:
         raise ValueError("not a Pharos snapshot header")
-    if item.get("version") != 1:
-        raise ValueError(f"snapshot version {item.get('version')} is not supported")
+    if item.get("version") != (1 if raw.startswith(b"{") else 2):
+        raise ValueError(f"snapshot version {item.get('version')} is not supported "
+                         f"{'without' if raw.startswith(b'{') else 'with'} a checksum")
     if type(item.get("seq")) is not int or type(item.get("next_id")) is not int:
         raise ValueError("header lacks seq or next_id")
     return item
@@ -1835,7 +1859,7 @@ def snapshot_signature(path):
 def image_header(schema, seq, signature, body):
     """The image's first line: what it holds and what it must match to be used."""
     fields = repr([(f.name, f.words, f.multi) for f in schema.fields]).encode()
-    return {"format": IMAGE_FORMAT, "version": 1, "python": list(sys.version_info[:2]),
+    return {"format": IMAGE_FORMAT, "version": 2, "python": list(sys.version_info[:2]),
             "marshal": marshal.version, "schema": zlib.crc32(fields), "seq": seq,
             "snapshot": signature, "size": len(body), "crc": zlib.crc32(body)}
 
@@ -1875,7 +1899,7 @@ def write_image(path, directory, seq):
     tmp = os.path.join(path, IMAGE + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n")
+            f.write(checked_line(header))
             f.write(body)
             del body
             f.flush()
@@ -1887,18 +1911,39 @@ def write_image(path, directory, seq):
         raise
 
 
+def snapshot_header(path):
+    """The snapshot's header, or {} if it has none that can be read."""
+    try:
+        with open(os.path.join(path, SNAPSHOT), "rb") as f:
+            return parse_snapshot_header(f.readline(1024))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def read_image_header(path):
     """The image's header if it matches the snapshot and this Python, else None."""
+    return image_header_or_why(path)[0]
+
+
+def image_header_or_why(path):
+    """(the image's header, None) if it matches the snapshot (file and seq) and this
+    Python, else (None, why not)."""
     try:
         with open(os.path.join(path, IMAGE), "rb") as f:
-            header = json.loads(f.readline(1024))
-    except (OSError, ValueError):
-        return None
-    if type(header) is not dict or header.get("format") != IMAGE_FORMAT or \
-            header != dict(header, version=1, python=list(sys.version_info[:2]),
+            raw = f.readline(1024)
+    except OSError as e:
+        return None, f"it cannot be read ({e.strerror})"
+    try:
+        header = read_checked_line(raw)
+    except (ValueError, TypeError):
+        return None, "its header is damaged or from an older version"
+    if header.get("format") != IMAGE_FORMAT or \
+            header != dict(header, version=2, python=list(sys.version_info[:2]),
                            marshal=marshal.version, snapshot=snapshot_signature(path)):
-        return None
-    return header
+        return None, "it was written for another snapshot or Python"
+    if header.get("seq") != snapshot_header(path).get("seq"):
+        return None, f"its seq {header.get('seq')} is not the snapshot's"
+    return header, None
 
 
 def read_image(path, directory):
@@ -1907,9 +1952,9 @@ def read_image(path, directory):
     name = os.path.join(path, IMAGE)
     if not os.path.exists(name):
         return None, None
-    header = read_image_header(path)
+    header, why = image_header_or_why(path)
     if header is None:
-        return None, "it was written for another snapshot or Python"
+        return None, why
     import mmap
     try:
         f = open(name, "rb")
@@ -1948,26 +1993,41 @@ def journal_segments(path):
     return sorted(n for n in os.listdir(path) if JOURNAL_RE.match(n))
 
 
-def read_journal(name, first_seq):
+def read_journal(name, first_seq, newest=True):
     """(entries, good_length, problem) of one segment; problem is (lineno, reason, torn).
 
-    A segment is preallocated with zeros, so its data ends where a run of zeros
-    reaches the end of the file. ``torn`` says the damage can only be the last write,
-    cut short by a crash: nothing valid follows it but lines of the same write (its
-    blocks may reach the disk in any order), so it was never acknowledged.
+    A segment's data is always followed by at least one zero byte of its preallocated
+    fill, so the data ends where a run of zeros reaches the end of the file, and a
+    newest segment that ends right at a line end was cut. Seqs rise line by line and
+    none is below the one in the segment's name. ``torn`` says the damage can be the
+    last write, cut short by a crash: nothing valid follows it but lines of the same
+    write (its blocks may reach the disk in any order), and the zero fill is still there.
     """
-    entries, offset = [], 0
+    entries, offset, lineno = [], 0, 0
     with open(name, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if raw[:1] == b"\0" and not raw.strip(b"\0"):
-                break                       # the zero-filled space not yet written
+                return entries, offset, None    # the zero-filled space not yet written
+            before = entries[-1][0] if entries else first_seq - 1
             try:
-                entries.append(decode_journal(raw))
+                entry = decode_journal(raw)
             except (ValueError, TypeError, KeyError) as e:
-                last = entries[-1][0] if entries else first_seq - 1
-                return entries, offset, (lineno, str(e), only_same_write_follows(f, last + 1))
+                torn = only_same_write_follows(f, before + 1) and ends_in_zero(f)
+                return entries, offset, (lineno, str(e), torn)
+            if entry[0] <= before:
+                return entries, offset, (lineno, f"seq {entry[0]} after seq {before}", False)
+            entries.append(entry)
             offset += len(raw)
+    if offset and newest:
+        return entries, offset, (lineno, "the file ends right after this line, without the "
+                                 "zero fill that follows the data: it was cut short", False)
     return entries, offset, None
+
+
+def ends_in_zero(f):
+    """Whether the open file's last byte is a zero (its fill, after the data)."""
+    size = os.fstat(f.fileno()).st_size
+    return size > 0 and os.pread(f.fileno(), 1, size - 1) == b"\0"
 
 
 def only_same_write_follows(lines, damaged_seq):
@@ -2081,7 +2141,7 @@ class JournalWriter:
         audit log cannot be written the store turns read-only.
         """
         start = self.size
-        if start + len(data) > self.allocated:
+        if start + len(data) >= self.allocated:
             self.preallocate(start + len(data))
         try:
             view, at = memoryview(data), start
@@ -2089,8 +2149,7 @@ class JournalWriter:
                 n = os.pwrite(self.fd, view, at)
                 view, at = view[n:], at + n
         except OSError:
-            os.ftruncate(self.fd, start)
-            self.allocated = start
+            self.erase(start)
             raise
         synced = time.perf_counter()
         try:
@@ -2108,21 +2167,34 @@ class JournalWriter:
                 self.store.readonly = f"the audit log cannot be written: {e.strerror}"
 
     def preallocate(self, end):
-        """Zero-fill the segment to past ``end``; on a full disk, leave it as it was.
+        """Zero-fill the segment past ``end``: by whole steps if there is room, else by
+        one byte; OSError, and the file as it was, if not even that fits.
 
-        Best effort: the write that needs the room is tried either way and fails, or
-        not, on its own.
+        The data is always followed by a zero, so a start can tell where the data ends
+        from a file cut at a line end.
         """
-        target = -(-end // JOURNAL_PREALLOC) * JOURNAL_PREALLOC
-        zeros = bytes(min(target - self.allocated, 1 << 20))
-        at = self.allocated
-        try:
-            while at < target:
-                at += os.pwrite(self.fd, zeros[:target - at], at)
-        except OSError:
-            os.ftruncate(self.fd, self.allocated)
+        step = -(-(end + 1) // JOURNAL_PREALLOC) * JOURNAL_PREALLOC
+        zeros = bytes(min(step - self.allocated, 1 << 20))
+        for target in (step, end + 1):
+            at = self.allocated
+            try:
+                while at < target:
+                    at += os.pwrite(self.fd, zeros[:target - at], at)
+            except OSError:
+                os.ftruncate(self.fd, self.allocated)
+                if target == end + 1:
+                    raise
+                continue
+            self.allocated = target
             return
-        self.allocated = target
+
+    def erase(self, start):
+        """Zero what a failed write left after ``start``, keeping the file's length."""
+        try:
+            os.ftruncate(self.fd, start)
+            os.ftruncate(self.fd, self.allocated)
+        except OSError:
+            self.allocated = start
 
     def fail(self, items, error):
         """Refuse every write not yet durable; the directory never saw them."""
@@ -2208,7 +2280,26 @@ class FileStore(MemoryStore):
     def load(self):
         """Load the snapshot (from its image when that matches), replay the journal
         segments, open the newest one for appends."""
+        base, must_follow = self.load_snapshot()
+        segments, seq, end, size = journal_segments(self.path), base, None, 0
+        for position, name in enumerate(segments):
+            self.check_follows(name, base, seq, end)
+            seq, size, end = self.replay(name, seq, position == len(segments) - 1)
+        self.check_newest(segments, base, must_follow)
+        self.seq = seq
+        current = segments[-1] if segments else journal_name(seq + 1)
+        self.segment_start = int(JOURNAL_RE.match(current).group(1))
+        self.writer = JournalWriter(self, self.open_segment(current), size)
+
+    def load_snapshot(self):
+        """Load the snapshot, from its image when that matches: (its seq, whether a
+        journal segment must follow it). Refuse an image whose snapshot is gone."""
         name, loaded = os.path.join(self.path, SNAPSHOT), [0]
+        if not os.path.exists(name):
+            if os.path.exists(os.path.join(self.path, IMAGE)):
+                raise DataError(f"{name} is missing but {IMAGE} is there; refusing to "
+                                f"start: restore the snapshot")
+            return 0, False
 
         def load_chunk(pairs):
             self.load_records(pairs, name, loaded[0])
@@ -2220,41 +2311,61 @@ class FileStore(MemoryStore):
         if seq is None:
             seq, next_id, _ = read_snapshot(self.path, load_chunk)
             self.directory.next_id = max(self.directory.next_id, next_id)
-        if seq:
-            self.snapshot_time = os.stat(os.path.join(self.path, SNAPSHOT)).st_mtime
-        segments, size = journal_segments(self.path), 0
-        for position, name in enumerate(segments):
-            seq, size = self.replay(name, seq, position == len(segments) - 1)
-        self.seq = seq
-        current = segments[-1] if segments else journal_name(seq + 1)
-        self.segment_start = int(JOURNAL_RE.match(current).group(1))
-        self.writer = JournalWriter(self, self.open_segment(current), size)
+        self.snapshot_time = os.stat(name).st_mtime
+        return seq, snapshot_header(self.path).get("version") != 1  # 1: a clean stop left none
+
+    def check_follows(self, name, base, seq, end):
+        """Refuse segment ``name`` unless it goes on where the snapshot (at ``base``) and
+        the segments before it (up to ``seq``, the last ending at ``end``) left off."""
+        full, start = os.path.join(self.path, name), int(JOURNAL_RE.match(name).group(1))
+        if start > seq + 1:
+            before = (f"the segment before it ends at seq {end}" if end is not None else
+                      f"{SNAPSHOT} ends at seq {base}" if base else f"there is no {SNAPSHOT}")
+            raise DataError(f"{full} starts at seq {start} but {before}: the writes between "
+                            f"are missing; refusing to start: restore the missing file")
+        if end is not None and end >= base and start <= end:
+            raise DataError(f"{full} starts at seq {start}, inside the segment before it "
+                            f"(which ends at seq {end}): a copied or renamed segment; "
+                            f"refusing to start: restore the journal")
+
+    def check_newest(self, segments, base, must_follow):
+        """Refuse a journal whose newest segment, the one after the snapshot, is gone."""
+        newest = int(JOURNAL_RE.match(segments[-1]).group(1)) if segments else None
+        if (newest is None and must_follow) or (newest is not None and newest <= base):
+            raise DataError(f"{os.path.join(self.path, journal_name(base + 1))} is missing: "
+                            f"{SNAPSHOT} is at seq {base} and no journal segment follows it; "
+                            f"refusing to start: restore the journal")
 
     def replay(self, name, seq, last):
-        """Apply one segment's entries newer than ``seq``; (the last seq, the data's length)."""
-        full = os.path.join(self.path, name)
-        entries, good, problem = read_journal(full, int(JOURNAL_RE.match(name).group(1)))
+        """Apply one segment's entries newer than ``seq``; (the last seq, the data's
+        length, the segment's last seq)."""
+        full, start = os.path.join(self.path, name), int(JOURNAL_RE.match(name).group(1))
+        entries, good, problem = read_journal(full, start, last)
         for entry_seq, ops, audit, _ in entries:
             if entry_seq > seq:
                 self.apply(ops)
                 seq = entry_seq
             if audit is not None:
                 self.journal_audits.append((entry_seq, audit))
+        end = entries[-1][0] if entries else start - 1
         if problem:
             lineno, reason, torn = problem
             if not (last and torn):
                 raise DataError(f"{full} line {lineno}: corrupt journal entry ({reason}); "
                                 f"refusing to start: restore the file or move it away")
-            self.log(f"dropped a torn write at the end of {full} (line {lineno}: {reason}); "
-                     f"it was never acknowledged")
-            self.truncate(full, good)
-        return seq, good
+            self.log(f"dropped a torn write: an incomplete last line at byte {good} of "
+                     f"{full} (line {lineno}, seq {end + 1}: {reason}); writes after seq "
+                     f"{end} were never acknowledged if this was a crash")
+            self.erase(full, good)
+        return seq, good, end
 
-    def truncate(self, full, length):
-        """Cut journal segment ``full`` back to ``length`` bytes and fsync it."""
+    def erase(self, full, length):
+        """Zero journal segment ``full`` from ``length`` on, keeping its size; fsync it."""
         try:
             with open(full, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
                 f.truncate(length)
+                f.truncate(size)
                 os.fsync(f.fileno())
         except OSError as e:
             raise DataError(f"cannot write data dir {self.path}: {e.strerror}") from None
@@ -2359,9 +2470,12 @@ class FileStore(MemoryStore):
         writer.go_on()
 
     def fold(self):
-        """Write everything in memory as the snapshot and its image; the journal goes."""
+        """Write everything in memory as the snapshot and its image; the journal goes,
+        but for an empty segment after the snapshot, which tells a start none is missing."""
+        after = journal_name(self.seq + 1)
+        os.close(os.open(os.path.join(self.path, after), os.O_WRONLY | os.O_CREAT, 0o644))
         self.compact(self.seq, self.directory.next_id, self.directory.records,
-                     journal_segments(self.path))
+                     [name for name in journal_segments(self.path) if name != after])
         write_image(self.path, self.directory, self.seq)
 
     def save_image(self):

@@ -492,8 +492,8 @@ def test_corrupt_snapshot_line_stops_the_server(tmp_path, launch):
 
     lines = snapshot.read_bytes().splitlines()
     assert len(lines) >= 5, "snapshot has no record lines"
-    json.loads(lines[0])
-    json.loads(lines[-1])
+    json.loads(lines[0].split(b" ", 1)[1])           # header and end marker: `<crc32> <json>`
+    json.loads(lines[-1].split(b" ", 1)[1])
     lineno = len(lines) // 2 + 1          # a record line, neither header nor trailer
     assert 2 <= lineno <= len(lines) - 1
     line = lines[lineno - 1]
@@ -741,7 +741,7 @@ def test_an_image_that_does_not_match_is_ignored(tmp_path, launch, damage):
     if damage == "body":
         body = flip(body, [len(body) // 2])
     elif damage == "python":
-        header = json.dumps(dict(json.loads(header), python=[2, 7])).encode()
+        header = journal_line(json.dumps(dict(json.loads(header[9:]), python=[2, 7])).encode())[:-1]
     else:                                     # the snapshot was replaced by another one
         snapshot = data / "snapshot.jsonl"
         snapshot.write_bytes(snapshot.read_bytes())

@@ -207,7 +207,8 @@ def test_snapshot_header_and_trailer(tmp_path):
     records = {1: {"type": "person", "alias": "a"}, 7: {"type": "machine", "hostname": "h"}}
     pharos.write_snapshot(str(tmp_path), 12, 8, records)
     lines = (tmp_path / "snapshot.jsonl").read_text().splitlines()
-    assert json.loads(lines[0])["seq"] == 12 and json.loads(lines[-1]) == {"end": 2}
+    header, trailer = (pharos.read_checked_line(f"{line}\n".encode()) for line in (lines[0], lines[-1]))
+    assert header["seq"] == 12 and header["version"] == 2 and trailer == {"end": 2}
     seq, next_id, pairs = pharos.read_snapshot(str(tmp_path))
     assert (seq, next_id, dict(pairs)) == (12, 8, records)
 
@@ -237,7 +238,7 @@ def person_line(seq, batch=None):
 @pytest.mark.parametrize("tail", [
     # The last group commit (seqs 3 and 4) reached the disk with its first line garbled
     # and its second intact.
-    [b"\0" * 40 + b"\n", person_line(4, batch=3)],
+    [b"\0" * 40 + b"\n", person_line(4, batch=3), bytes(64)],
     # A crash mid-write left part of a line and then the segment's zero fill.
     [person_line(3)[:30], bytes(pharos.JOURNAL_PREALLOC)],
 ], ids=["blocks-out-of-order", "over-the-zero-fill"])
@@ -251,7 +252,7 @@ def test_a_torn_last_write_is_dropped(tmp_path, tail):
         assert any("torn write" in message for message in logged)
     finally:
         asyncio.run(store.close())
-    assert (data / "journal-0000000000000001.jsonl").read_bytes() == \
+    assert (data / "journal-0000000000000001.jsonl").read_bytes().rstrip(b"\0") == \
         person_line(1) + person_line(2)
 
 
@@ -318,8 +319,9 @@ def test_a_snapshot_that_names_an_id_twice_keeps_the_last(tmp_path):
     again = json.dumps([1, {"type": "person", "alias": "a", "department": "dev"}],
                        separators=(",", ":")).encode()
     lines.insert(3, b"%08x %s\n" % (zlib.crc32(again), again))
-    lines[-1] = b'{"end": 3}\n'
+    lines[-1] = pharos.checked_line({"end": 3})
     (tmp_path / "snapshot.jsonl").write_bytes(b"".join(lines))
+    (tmp_path / pharos.journal_name(2)).touch()         # a snapshot is written after its segment
     store = FileStore(Schema(), tmp_path).open()
     try:
         assert [store.get(rid)["alias"] for rid in store.select(
@@ -405,6 +407,6 @@ def test_an_image_whose_checksum_holds_but_whose_shape_is_wrong_is_not_used(tmp_
                           {name: {} for name in directory.index}))
     header = pharos.image_header(directory.schema, 1, pharos.snapshot_signature(str(tmp_path)),
                                  body)
-    (tmp_path / "snapshot.image").write_bytes(json.dumps(header).encode() + b"\n" + body)
+    (tmp_path / "snapshot.image").write_bytes(pharos.checked_line(header) + body)
     seq, why = pharos.read_image(str(tmp_path), pharos.Directory(Schema()))
     assert seq is None and why == "it is damaged"
