@@ -249,10 +249,13 @@ def test_a_pending_rename_frees_the_old_key_and_takes_the_new_one(tmp_path):
 
 @pytest.fixture
 def journal_size_limit():
-    """Set the process's file size limit (RLIMIT_FSIZE) so writes past it fail (EFBIG)."""
+    """Set the process's file size limit (RLIMIT_FSIZE) so writes past it fail (EFBIG);
+    ``limit(None)`` lifts it again. The test lifts it itself as soon as the writes have
+    failed: pytest writes its report before a fixture's teardown, to a file perhaps."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                          (soft if size is None else size, hard))
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, old)
 
@@ -276,8 +279,12 @@ def test_a_failed_journal_write_leaves_the_directory_as_it_was(tmp_path, journal
                 await later
         with pytest.raises(pharos.StoreError, match="Store failed"):
             await asyncio.wait_for(asyncio.ensure_future(wait(follow[0])), 10)
+        journal_size_limit(None)
         assert store.get(rid) is before and shown(store, "hostname=moved") == []
         assert shown(store, "hostname=lost") == [] and planned_ids(store, "hostname=lost") == []
         assert store.pending.records == {} and store.pending.keys == {}
         plan_add(store, "machine", hostname="moved")        # its key was never taken
-    run(store, scenario)
+    try:
+        run(store, scenario)
+    finally:
+        journal_size_limit(None)
