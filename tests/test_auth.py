@@ -818,9 +818,12 @@ def test_keys_list_add_remove(lab_fresh, keys, agent):
         # with a second admin, the first may go; then the second is the last
         assert admin.cmd("keys add " + allowed("admin2", keys["late"], 'role="admin"')) == ["200:Ok."]
         assert admin.cmd("keys remove admin") == ["200:1 key removed."]
-        assert admin.cmd("keys remove admin2") == ["510:That would remove the last admin key."]
+        # its key gone, this session is logged out at once; admin2 goes on
+        assert admin.cmd("keys list") == ["506:You must be logged in to use this command."]
+    with logged_in_as(srv, "admin2", by_file(keys["late"])) as admin2:
+        assert admin2.cmd("keys remove admin2") == ["510:That would remove the last admin key."]
         # remove by principal takes every line of that user
-        assert admin.cmd("keys remove alice") == ["200:1 key removed."]
+        assert admin2.cmd("keys remove alice") == ["200:1 key removed."]
     with srv.client() as c:
         refused_for(srv, c, "admin", by_file(keys["admin"]), "the key is not in the key list")
         assert login(c, "admin2", by_file(keys["late"])) == ok_login("admin2")

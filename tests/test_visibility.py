@@ -151,7 +151,10 @@ def test_concurrent_adds_of_one_key_let_exactly_one_through(server, rtype, field
 
     def add(i):
         start.wait()
-        replies[i] = clients[i].cmd(f"add type={rtype} {field}=same-key-{rtype}")[0]
+        try:
+            replies[i] = clients[i].cmd(f"add type={rtype} {field}=same-key-{rtype}")[0]
+        except Exception as e:          # shown in the assertion below, not lost in the thread
+            replies[i] = f"{type(e).__name__}: {e}"
     threads = [threading.Thread(target=add, args=(i,)) for i in range(32)]
     for thread in threads:
         thread.start()
