@@ -174,9 +174,12 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
 MAC_HEX_RE = re.compile(r"[0-9a-f]{12}\Z")
 EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\Z")
 URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+\Z", re.I)
-SERVICE_RE = re.compile(r"(\d{1,5})/([A-Za-z0-9._+-]{1,32})\Z")
+SERVICE_RE = re.compile(r"(\d{1,5})/([A-Za-z0-9._+-]{1,32})(?: +(\S.*))?\Z")
 TAG_RE = re.compile(r"[\w.:/+@-]{1,32}\Z")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
+MANUAL, DISCOVERY_SOURCES = "manual", ("scan", "pulse")
+SOURCES_KEY = "sources"         # a record's provenance map; never a field (see record_sources)
 
 
 class Field:
@@ -246,11 +249,18 @@ def check_url(value):
 
 
 def check_service(value):
-    """A service as port/name, the name lower-cased; RecordError if malformed."""
+    """A service as port/name and an optional detail after a space (22/ssh OpenSSH_9.2p1),
+    the name lower-cased; RecordError if malformed."""
     match = SERVICE_RE.match(value)
     if not match or not 0 < int(match.group(1)) < 65536:
         raise RecordError(f"service {value!r} must look like 22/ssh (port/name)")
-    return f"{int(match.group(1))}/{match.group(2).lower()}"
+    detail = f" {match.group(3)}" if match.group(3) else ""
+    return f"{int(match.group(1))}/{match.group(2).lower()}{detail}"
+
+
+def is_random_mac(mac):
+    """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
+    return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
 
 
 def check_tag(value):
@@ -398,6 +408,79 @@ class Schema:
         return record
 
 
+# -- provenance: who set each field last --------------------------------------------
+
+def record_sources(record):
+    """{field: "scan" | "pulse"} of ``record``: who set each field last.
+
+    Stored in the record itself as ``record["sources"]``, a plain dict of field name to
+    source, in every store alike. Only fields a discovery source (scan, pulse) set last
+    have an entry; a field without one is ``manual`` (a person: ph, mdb, import, load),
+    as is every field of a record written before provenance was kept. A multi-valued
+    field's entry covers all its values: discovery owns the whole list it wrote, so it
+    replaces that list (adding and removing only its own values); a person's write to
+    the field makes the whole list the person's again. The map is never indexed and is
+    shown to Ph clients only when they ask (``return all sources``).
+    """
+    return record.get(SOURCES_KEY) or {}
+
+
+def with_sources(record, names, source):
+    """``record`` (changed in place) with ``names`` now set by ``source``; fields no longer
+    present drop their entry, and an empty map goes."""
+    sources = dict(record_sources(record))
+    for name in names:
+        if source == MANUAL or name not in record:
+            sources.pop(name, None)
+        else:
+            sources[name] = source
+    if sources:
+        record[SOURCES_KEY] = sources
+    else:
+        record.pop(SOURCES_KEY, None)
+    return record
+
+
+def valid_sources(value):
+    """Whether ``value`` is a provenance map as stored: {field name: scan or pulse}."""
+    return type(value) is dict and all(
+        type(k) is str and FIELD_NAME_RE.match(k) and v in DISCOVERY_SOURCES
+        for k, v in value.items())
+
+
+def format_sources(sources):
+    """A provenance map as one line of text: ``ip=scan services=scan`` (names sorted)."""
+    return " ".join(f"{name}={source}" for name, source in sorted(sources.items()))
+
+
+def parse_sources(text):
+    """The provenance map of a ``format_sources`` line; pairs that are not one are skipped."""
+    pairs = (word.partition("=") for word in text.split())
+    return {name: source for name, _, source in pairs if source in DISCOVERY_SOURCES}
+
+
+def merge_plan(schema, old, fields, source):
+    """What a ``source`` (scan or pulse) write of {field: [values]} changes in ``old``:
+    {field: [cleaned values]} of the fields that change; RecordError if a value is refused.
+
+    A blank field is filled; a field ``source`` set last is updated (a multi-valued one
+    replaced by the values given); a field a person set, or another source, stays.
+    Values that are absent or blank change nothing: discovery never removes a field.
+    """
+    make, owners = {}, record_sources(old)
+    for name, values in fields.items():
+        field = schema.by_name[name]
+        if MACHINE not in field.types:
+            raise RecordError(f"{name} is not a field of a machine")
+        cleaned = schema.clean_values(field, values)
+        current = old.get(name)
+        if not cleaned or (current and owners.get(name, MANUAL) != source):
+            continue
+        if current != (cleaned if field.multi else cleaned[0]):
+            make[name] = cleaned
+    return make
+
+
 def read_ini(path):
     """A ConfigParser holding an INI file; UsageError naming the file if it cannot be read."""
     import configparser
@@ -413,7 +496,7 @@ def read_ini(path):
 def parse_custom_fields(path):
     """Custom fields from an INI file: one ``[field NAME]`` section each."""
     parser = read_ini(path)
-    fields, builtin = [], {row[1] for row in BUILTIN_FIELDS}
+    fields, builtin = [], {row[1] for row in BUILTIN_FIELDS} | {SOURCES_KEY}
     for fid, section in enumerate(parser.sections(), CUSTOM_FIELD_FIRST_ID):
         fields.append(custom_field(path, fid, section, parser[section], builtin))
     return fields
@@ -1493,18 +1576,20 @@ class MemoryStore:
         if self.pending.key_owner(rtype, key, tenant) is not None:
             what = "Alias" if rtype == PERSON else "Hostname"
             raise RecordError(f"{what} {key} in use or is too common a name.", code=509)
+        with_sources(record, [n for n in record if n != "type" and n != "tenant"], source)
         stamp = utc_now(now)
         record.update(created=stamp, modified=stamp, source=source)
         if rtype == MACHINE:
             record["status"] = "unknown"
         return [(self.pending.new_id(), record)]
 
-    def plan_change(self, rids, make, now):
-        """Ops changing each record by {field: [values]}; returns (ops, per-record error lines)."""
+    def plan_change(self, rids, make, now, source=MANUAL):
+        """Ops changing each record by {field: [values]}, each field then set by ``source``;
+        returns (ops, per-record error lines)."""
         ops, errors, claimed = [], [], set()
         for rid in rids:
             try:
-                new = self.changed_record(self.pending.record(rid), make, now, claimed)
+                new = self.changed_record(self.pending.record(rid), make, now, claimed, source)
             except RecordError as e:
                 errors.append(more(e.code, str(e)))
                 continue
@@ -1512,8 +1597,9 @@ class MemoryStore:
                 ops.append((rid, new))
         return ops, errors
 
-    def changed_record(self, old, make, now, claimed):
-        """``old`` with ``make`` applied (a new dict), or None when nothing would change."""
+    def changed_record(self, old, make, now, claimed, source=MANUAL):
+        """``old`` with ``make`` applied (a new dict), or None when nothing would change;
+        the fields ``make`` names are then set by ``source`` (see record_sources)."""
         rtype, schema = old["type"], self.schema
         new = dict(old)
         for name, values in make.items():
@@ -1535,6 +1621,7 @@ class MemoryStore:
                 what = "Alias" if rtype == PERSON else "Hostname"
                 raise RecordError(f"{what} {key} conflicts with other entries.", code=509)
             claimed.add(slot)
+        with_sources(new, make, source)
         if new == old:
             return None
         new["modified"] = utc_now(now)
@@ -1633,7 +1720,7 @@ def valid_record(record):
     if rtype not in KEY_FIELD or type(record.get(KEY_FIELD[rtype])) is not str:
         return False
     return all(type(v) is str or (type(v) is list and all(type(x) is str for x in v))
-               for v in record.values())
+               or (k == SOURCES_KEY and valid_sources(v)) for k, v in record.items())
 
 
 def fsync_dir(path):
@@ -2947,7 +3034,7 @@ KEY_OPTIONS = frozenset(("role", "tenant", "valid-after", "valid-before", "expir
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
 FREE_VERBS = frozenset(("status", "siteinfo", "fields", "id", "login", "answer", "clear",
                         "email", "logout", "xlogin", "klogin", "help", "quit", "exit", "stop"))
-WRITE_VERBS = frozenset(("add", "change", "delete"))
+WRITE_VERBS = frozenset(("add", "change", "delete", "merge"))
 LOGIN_FAILURE_MEMORY = 900.0    # seconds a source address's failed logins are remembered
 LOGIN_MAX_DELAY = 10.0
 
@@ -3444,6 +3531,13 @@ HELP_TOPICS = {
     "change": "change selection ... make field=value ...\n"
               "field=\"\" removes a field. At most `limit` entries change (set limit=N).",
     "delete": "delete selection ...\nAt most `limit` entries go (set limit=N).",
+    "merge": "merge source=scan|pulse [dry_run] field=value ...\n"
+             "Extension: a discovery write of one machine. It is found by a stable MAC, then\n"
+             "IP, then hostname (randomized MACs never match), else added. Blank fields are\n"
+             "filled and fields the source set are updated; fields a person set stay.\n"
+             "Answers 1 entry added., N fields changed. or No change.; with dry_run\n"
+             "nothing is written and the answer says what would be. Needs a writer login.\n"
+             "`return all sources` shows who set each field last (unlisted: manual).",
     "fields": "fields [name ...]\nDescribes every field, or the named ones.",
     "set": "set [option[=value] ...]\nOptions: echo, limit, verbose, addonly, nolog, charset.",
     "login": "login <alias> answers 301:<challenge>. Sign the challenge's bytes with your SSH\n"
@@ -3461,6 +3555,61 @@ HELP_TOPICS = {
     "siteinfo": "siteinfo\nDescribes this site.",
     "quit": "quit (or exit, stop)\nEnds the connection.",
 }
+
+MATCH_ORDER = ("mac", "ip", "hostname")     # the identities a merge finds its machine by
+
+
+def identities(schema, fields):
+    """(field, value) pairs a merge may find its machine by, strongest first: stable MACs
+    (a randomized one names no machine), then IPs, then the hostname; values cleaned."""
+    out = []
+    for name in MATCH_ORDER:
+        for value in schema.clean_values(schema.by_name[name], fields.get(name, ())):
+            if not (name == "mac" and is_random_mac(value)):
+                out.append((name, value))
+    return out
+
+
+def match_machine(store, fields, tenant):
+    """The id of the machine (in ``tenant`` unless None) a merge of ``fields`` is about,
+    as the pending writes leave the records, or None; RecordError for a bad value."""
+    schema = store.schema
+    for name, value in identities(schema, fields):
+        selection, _ = parse_selection(schema, tokenize(f"type={MACHINE} {name}={value}"))
+        for rid in store.select_planned(selection, tenant):
+            held = store.planned(rid)[name]
+            if value.lower() in [v.lower() for v in (held if type(held) is list else [held])]:
+                return rid
+    return None
+
+
+def merge_ops(store, fields, source, tenant, now):
+    """(ops, what changed) of a ``source`` merge of one machine's {field: [values]}: the
+    ops add it (what is None) or change it (what lists the fields; [] for no change)."""
+    rid = match_machine(store, fields, tenant)
+    if rid is None:
+        return store.plan_add(MACHINE, fields, now, source=source, tenant=tenant or ""), None
+    old = store.planned(rid)
+    make = merge_plan(store.schema, old, fields, source)
+    key = make.get("hostname", [""])[0]
+    if key and store.pending.key_owner(MACHINE, key, old.get("tenant", "")) not in (None, rid):
+        del make["hostname"]        # the name is another machine's: keep this one's
+    if not make:
+        return [], []
+    ops, errors = store.plan_change([rid], make, now, source)
+    if errors:                      # one record: its one error line, as -CODE:text
+        raise RecordError(errors[0][5:].rstrip("\n"), code=int(errors[0][1:4]))
+    return ops, sorted(make)
+
+
+def merge_answer(what, dry_run):
+    """The final line's text of a merge: what it did, or with ``dry_run`` would do."""
+    if what is None:
+        return "1 entry would be added." if dry_run else "1 entry added."
+    if not what:
+        return "No change."
+    count = plural(len(what), "field", "fields")
+    return f"{count} would change: {' '.join(what)}." if dry_run else f"{count} changed."
 
 
 class PhAuthVerbs:
@@ -3654,7 +3803,7 @@ class PhSession(PhAuthVerbs):
             "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_email,
             "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_klogin,
             "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
-            "keys": self.ph_keys, "dump": self.ph_dump,
+            "keys": self.ph_keys, "dump": self.ph_dump, "merge": self.ph_merge,
         }
         self.cursor = None                      # the one dump in progress: a DumpCursor
         self.closed = False
@@ -3777,12 +3926,17 @@ class PhSession(PhAuthVerbs):
                 cut = i
                 break
         selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
-        returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
-        return selection, returned, errors
+        wanted = args[cut + 1:]
+        shown = bool(wanted) and wanted[-1].field is None and wanted[-1].value.lower() == "sources"
+        returned = self.return_fields(wanted[:-1] if shown else wanted, cut < len(args), errors)
+        return selection, returned + (shown,), errors
 
     def format_entries(self, ids, total, first, returned):
-        """A query reply: the 102 count of ``total``, entries numbered from ``first``, 200."""
-        fields, width, explicit = returned
+        """A query reply: the 102 count of ``total``, entries numbered from ``first``, 200.
+
+        A return clause ending in the word ``sources`` (an extension no classic client
+        sends: it was an unknown field) adds a line of who set each field last."""
+        fields, width, explicit, shown = returned
         get, alls = self.store.get, (self.schema.defaults if fields == "default" else self.schema.all)
         out = [count_line(total)]
         for n, rid in enumerate(ids, first):
@@ -3790,6 +3944,9 @@ class PhSession(PhAuthVerbs):
             if record is not None:
                 chosen = alls[record["type"]] if type(fields) is str else fields
                 out.extend(format_entry(n, record, chosen, width, explicit))
+                if shown and record_sources(record):
+                    out.extend(field_lines(n, SOURCES_KEY.rjust(width),
+                                           format_sources(record_sources(record))))
         out.append("200:Ok.\n")
         return "".join(out)
 
@@ -4042,6 +4199,36 @@ class PhSession(PhAuthVerbs):
             return line(501, "No entries matched specifications.")
         ops = [(rid, None) for rid in ids]
         return self.commit(ops, line(200, f"{len(ids)} entries deleted."))
+
+    def ph_merge(self, args):
+        """Extension: merge source=scan|pulse [dry_run] field=value ...: one machine found
+        by MAC, IP or hostname (else added) changed by the provenance rule (merge_plan)."""
+        refused = self.write_refused()
+        if refused:
+            return refused
+        failure = "Merge command not understood."
+        source, dry_run, rest, errors = None, False, [], []
+        for token in args:
+            if token.field is not None and token.field.lower() == "source":
+                source = token.value.lower()
+            elif token.field is None and token.value.lower() == "dry_run":
+                dry_run = True
+            else:
+                rest.append(token)
+        if source not in DISCOVERY_SOURCES:
+            errors.append(more(599, "merge needs source=scan or source=pulse."))
+        fields, bad = self.parse_pairs(rest)
+        if {v.strip().lower() for v in fields.pop("type", ())} - {MACHINE} and not bad:
+            bad.append(more(512, "merge writes machines only (type=machine)"))
+        if errors or bad or not fields:
+            return "".join(errors + bad) + line(599, failure)
+        try:
+            ops, what = merge_ops(self.store, fields, source, self.tenant, time.time())
+        except RecordError as e:
+            return more(e.code, str(e)) + line(599, failure)
+        if dry_run or not ops:
+            return line(200, merge_answer(what, dry_run))
+        return self.commit(ops, line(200, merge_answer(what, False)))
 
     # -- options -------------------------------------------------------------
 
@@ -6090,7 +6277,6 @@ PORT_NAMES = {
 HTTP_PORTS = frozenset((80, 81, 3000, 5000, 8000, 8008, 8080, 8081, 8888, 9090))
 TLS_PORTS = frozenset((443, 465, 636, 990, 993, 995, 8443, 9443))
 HTTPS_PORTS = frozenset((443, 8443, 9443))
-STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
 OUI_FILES = ("/usr/share/ieee-data/oui.txt", "/usr/share/nmap/nmap-mac-prefixes",
              "/usr/share/arp-scan/ieee-oui.txt")
 SCAN_TIMEOUT = 1.0              # seconds a probe, or a banner read, may take
@@ -6606,11 +6792,6 @@ def read_neighbours():
                                   timeout=2, text=True, errors="replace")
             out += parse_ip_neigh(done.stdout[:1 << 20])
     return out
-
-
-def is_random_mac(mac):
-    """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
-    return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
 
 
 def oui_vendors(macs, lines):
