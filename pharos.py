@@ -5215,6 +5215,9 @@ def records_from_reply(body, multi):
         if not name:
             continue
         record = records.setdefault(index, {})
+        if name == SOURCES_KEY:
+            record.setdefault(name, {}).update(parse_sources(value))
+            continue
         again = name in record and last.get(index) == name
         if again and cut.get(index):
             if name in multi:
@@ -5942,6 +5945,8 @@ def fields_from_json(item):
         raise RecordError("each record must be a JSON object")
     fields = {}
     for name, value in item.items():
+        if name == SOURCES_KEY:         # `mdb --json` prints it; an import is a person's write
+            continue
         values = value if type(value) is list else [value]
         if not all(type(v) is str for v in values):
             raise RecordError(f"{printable(name, 32)} must be a string or a list of strings")
@@ -7042,8 +7047,12 @@ def plan_loaded(store, item, now):
     rtype = str(item.get("type", "")).lower()
     if rtype not in RECORD_TYPES:
         raise ValueError("each record needs type person or machine")
-    fields = {}
+    fields, sources = {}, item.get(SOURCES_KEY, {})
+    if not valid_sources(sources):
+        raise ValueError("sources must map field names to scan or pulse")
     for name, value in item.items():
+        if name == SOURCES_KEY:
+            continue
         field = store.schema.field(name)
         if field is None:
             raise ValueError(f"unknown field {name!r}")
@@ -7052,6 +7061,9 @@ def plan_loaded(store, item, now):
             raise ValueError(f"{name} must be a string or a list of strings")
         fields[field.name] = values
     record = store.schema.build(rtype, fields, allow_server=True)
+    kept = {name: source for name, source in sources.items() if name in record}
+    if kept:
+        record[SOURCES_KEY] = kept
     key = record[KEY_FIELD[rtype]]
     if store.directory.key_owner(rtype, key) is not None:
         raise RecordError(f"{KEY_FIELD[rtype]} {key} appears twice")
@@ -7298,13 +7310,14 @@ def format_card(record, names, colour):
         name = record.get("name")
         title = (f"{paint(name, 'bold', colour)} ({key})" if name
                  else paint(key, "bold", colour))
-    rows = [(n, record[n]) for n in names if record.get(n)]
-    width = max((len(n) for n, _ in rows), default=0)
+    rows = [(n, record[n]) for n in names if record.get(n) and n != SOURCES_KEY]
+    width, sources = max((len(n) for n, _ in rows), default=0), record_sources(record)
     out = [title]
     for name, value in rows:
         label = paint(name.rjust(width), "cyan", colour)
+        mark = paint(f"  ({sources[name]})", "dim", colour) if name in sources else ""
         for n, item in enumerate(value if type(value) is list else value.split("\n")):
-            out.append(f"  {label if n == 0 else ' ' * width}  {item}")
+            out.append(f"  {label if n == 0 else ' ' * width}  {item}{mark if n == 0 else ''}")
     return out
 
 
@@ -7406,7 +7419,8 @@ async def cmd_query(client, args, rtype, words):
     """Look records up and print them; exit 1 when nothing matches."""
     schema = await client.load_schema()
     if not words:                       # everything of this type, page by page
-        records = [r async for _, page in client.dump(f"type={rtype} return all") for r in page]
+        records = [r async for _, page in client.dump(f"type={rtype} return all sources")
+                   for r in page]
         print_lines(format_records(records, field_list(args.fields, schema), output_mode(args),
                                    colour_on(sys.stdout)))
         return found_or_say(args, records)
@@ -7420,7 +7434,7 @@ async def cmd_query(client, args, rtype, words):
         if output_mode(args) == "human":
             tail += " alias name hostname status"
     elif cut is None:
-        tail += " return all"
+        tail += " return all sources"
     records = await client.query(tail)
     print_lines(format_records(records, wanted, output_mode(args), colour_on(sys.stdout)))
     return found_or_say(args, records)
@@ -7441,7 +7455,7 @@ async def cmd_show(client, args, rtype, words):
         raise UsageError(f"{args.command}: show takes one {KEY_FIELD[rtype]}")
     await client.load_schema()
     records = await client.query(f"type={rtype} {KEY_FIELD[rtype]}={quote_value(words[0])} "
-                                 f"return all")
+                                 f"return all sources")
     print_lines(format_records(records, field_list(args.fields, client.schema),
                                output_mode(args), colour_on(sys.stdout), full=True))
     return found_or_say(args, records)
@@ -7898,11 +7912,15 @@ def add_scan_parser(commands):
     p.add_argument("--force", action="store_true",
                    help="allow more than a /16 (up to a /8)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print what was found; write nothing to the server")
+                   help="print what was found and what merging it would do; write nothing")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON document")
     out.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
-    p.add_argument("--server", metavar="HOST[:PORT]", help="the server to provision into")
+    p.add_argument("--server", metavar="HOST[:PORT]",
+                   help="the server to merge into (default as for mdb)")
+    p.add_argument("--as", dest="login_as", metavar="USER",
+                   help="log in as USER (default $PHAROS_USER, your name)")
+    p.add_argument("--key", metavar="FILE", help="SSH key to sign the login with (as for mdb)")
 
 
 def add_lookup_parser(commands, name, rtype):
@@ -8097,13 +8115,11 @@ SCAN_COLUMNS = ("hostname", "ip", "mac", "vendor", "services")
 
 
 def cmd_scan(args):
-    """scan: find machines by TCP probes, banners and the neighbour table; print them."""
+    """scan: find machines by TCP probes, banners and the neighbour table; print them and
+    merge each into the server (with --dry-run, say what a merge would do)."""
     ports = parse_ports(args.ports)
     targets = parse_targets(args.targets, args.force) if args.targets else None
-    if not args.dry_run:
-        print("pharos: scan: writing to the server is not in this version yet; "
-              "--dry-run prints what a scan finds", file=sys.stderr)
-        return EXIT_FAIL
+    host, port = server_address(args)
     pairs = resolve_targets(targets or local_targets(args.force))
     scan_mdns_note(args.no_mdns)
     bar = ProgressBar("probes")
@@ -8119,7 +8135,65 @@ def cmd_scan(args):
         print_lines(format_table(records, columns, colour_on(sys.stdout)))
     else:
         print("scan: no machines found", file=sys.stderr)
-    return EXIT_OK if records else EXIT_NOMATCH
+    if not records:
+        return EXIT_NOMATCH
+    return asyncio.run(scan_merge(args, host, port, records))
+
+
+SCAN_OUTCOMES = (("1 entry added.", "added"), ("1 entry would be added.", "added"),
+                 ("No change.", "unchanged"))
+
+
+def merge_request(record, dry_run):
+    """The `merge source=scan` request line of one scanned machine record."""
+    words = ["merge source=scan"] + (["dry_run"] if dry_run else [])
+    for name, value in record.items():
+        if name != "type":
+            words += [f"{name}={quote_value(v)}" for v in (value if type(value) is list
+                                                            else [value])]
+    return " ".join(words)
+
+
+def merge_outcome(text):
+    """added, changed or unchanged, from a merge reply's final text."""
+    return next((kind for said, kind in SCAN_OUTCOMES if text == said), "changed")
+
+
+async def scan_merge(args, host, port, records):
+    """Send each record as a merge (dry_run with --dry-run), logged in as ph and mdb are;
+    one line per machine for a dry run, then the summary, on stderr."""
+    client = PhClient(host, port, timeout=max(args.timeout, 10.0), client_id="mdb",
+                      user=login_name(args), key_path=args.key or os.environ.get("PHAROS_KEY"))
+    try:
+        replies = await client.write_many([merge_request(r, args.dry_run) for r in records])
+    except PhError as e:
+        if args.dry_run:
+            log_to_stderr(f"scan: could not compare with the server: {e.text}")
+            return EXIT_OK
+        log_to_stderr(f"scan: {e.text}")
+        return EXIT_FAIL
+    finally:
+        await client.close()
+    return scan_summary(args, records, replies)
+
+
+def scan_summary(args, records, replies):
+    """Say how each merge went (refusals one line each) and the counts; the exit status."""
+    counts = {"added": 0, "changed": 0, "unchanged": 0}
+    refused = 0
+    for record, (code, text, body) in zip(records, replies):
+        if code >= 300:
+            refused += 1
+            log_to_stderr(f"scan: {record['hostname']}: {reply_error(code, text, body).text}")
+            continue
+        counts[merge_outcome(text)] += 1
+        if args.dry_run:
+            log_to_stderr(f"scan: {record['hostname']}: {text[:1].lower()}{text[1:]}")
+    verbs = (("would be added", "would change", "would stay as they are") if args.dry_run
+             else ("added", "changed", "left alone"))
+    summary = ", ".join(f"{counts[kind]} {verb}" for kind, verb in zip(counts, verbs))
+    log_to_stderr(f"scan: {summary}" + (f", {refused} refused" if refused else ""))
+    return EXIT_FAIL if refused else EXIT_OK
 
 
 def local_targets(force):
