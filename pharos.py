@@ -184,9 +184,12 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
 MAC_HEX_RE = re.compile(r"[0-9a-f]{12}\Z")
 EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\Z")
 URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+\Z", re.I)
-SERVICE_RE = re.compile(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})\Z")
+SERVICE_RE = re.compile(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})(?: +(\S.*))?\Z")
 TAG_RE = re.compile(r"[\w.:/+@-]{1,32}\Z")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
+MANUAL, DISCOVERY_SOURCES = "manual", ("scan", "pulse")
+SOURCES_KEY = "sources"         # a record's provenance map; never a field (see record_sources)
 
 
 def parse_count(text, lo, hi):
@@ -268,12 +271,19 @@ def check_url(value):
 
 
 def check_service(value):
-    """A service as port/name, the name lower-cased; RecordError if malformed."""
+    """A service as port/name and an optional detail after a space (22/ssh OpenSSH_9.2p1),
+    the name lower-cased; RecordError if malformed."""
     match = SERVICE_RE.match(value)
     port = parse_count(match.group(1), 1, 65535) if match else None
     if port is None:
         raise RecordError(f"service {value!r} must look like 22/ssh (port/name)")
-    return f"{port}/{match.group(2).lower()}"
+    detail = f" {match.group(3)}" if match.group(3) else ""
+    return f"{port}/{match.group(2).lower()}{detail}"
+
+
+def is_random_mac(mac):
+    """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
+    return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
 
 
 def check_tag(value):
@@ -427,6 +437,8 @@ def new_record(schema, rtype, fields, now, *, source="manual", tenant="", loaded
     (add, load, and later scan and pulse). ``loaded`` keeps server-set fields it is given
     (an offline load of an export); otherwise they are refused. RecordError if refused."""
     record = schema.build(rtype, fields, allow_server=loaded)
+    if not loaded:
+        with_sources(record, [n for n in record if n != "type"], source)
     if tenant:
         record["tenant"] = tenant
     stamp = utc_now(now)
@@ -455,6 +467,79 @@ def infer_type(schema, fields, hint=None):
     raise RecordError("say type=person or type=machine")
 
 
+# -- provenance: who set each field last --------------------------------------------
+
+def record_sources(record):
+    """{field: "scan" | "pulse"} of ``record``: who set each field last.
+
+    Stored in the record itself as ``record["sources"]``, a plain dict of field name to
+    source, in every store alike. Only fields a discovery source (scan, pulse) set last
+    have an entry; a field without one is ``manual`` (a person: ph, mdb, import, load),
+    as is every field of a record written before provenance was kept. A multi-valued
+    field's entry covers all its values: discovery owns the whole list it wrote, so it
+    replaces that list (adding and removing only its own values); a person's write to
+    the field makes the whole list the person's again. The map is never indexed and is
+    shown to Ph clients only when they ask (``return all sources``).
+    """
+    return record.get(SOURCES_KEY) or {}
+
+
+def with_sources(record, names, source):
+    """``record`` (changed in place) with ``names`` now set by ``source``; fields no longer
+    present drop their entry, and an empty map goes."""
+    sources = dict(record_sources(record))
+    for name in names:
+        if source == MANUAL or name not in record:
+            sources.pop(name, None)
+        else:
+            sources[name] = source
+    if sources:
+        record[SOURCES_KEY] = sources
+    else:
+        record.pop(SOURCES_KEY, None)
+    return record
+
+
+def valid_sources(value):
+    """Whether ``value`` is a provenance map as stored: {field name: scan or pulse}."""
+    return type(value) is dict and all(
+        type(k) is str and FIELD_NAME_RE.match(k) and v in DISCOVERY_SOURCES
+        for k, v in value.items())
+
+
+def format_sources(sources):
+    """A provenance map as one line of text: ``ip=scan services=scan`` (names sorted)."""
+    return " ".join(f"{name}={source}" for name, source in sorted(sources.items()))
+
+
+def parse_sources(text):
+    """The provenance map of a ``format_sources`` line; pairs that are not one are skipped."""
+    pairs = (word.partition("=") for word in text.split())
+    return {name: source for name, _, source in pairs if source in DISCOVERY_SOURCES}
+
+
+def merge_plan(schema, old, fields, source):
+    """What a ``source`` (scan or pulse) write of {field: [values]} changes in ``old``:
+    {field: [cleaned values]} of the fields that change; RecordError if a value is refused.
+
+    A blank field is filled; a field ``source`` set last is updated (a multi-valued one
+    replaced by the values given); a field a person set, or another source, stays.
+    Values that are absent or blank change nothing: discovery never removes a field.
+    """
+    make, owners = {}, record_sources(old)
+    for name, values in fields.items():
+        field = schema.by_name[name]
+        if MACHINE not in field.types:
+            raise RecordError(f"{name} is not a field of a machine")
+        cleaned = schema.clean_values(field, values)
+        current = old.get(name)
+        if not cleaned or (current and owners.get(name, MANUAL) != source):
+            continue
+        if current != (cleaned if field.multi else cleaned[0]):
+            make[name] = cleaned
+    return make
+
+
 def read_ini(path):
     """A ConfigParser holding an INI file; UsageError naming the file if it cannot be read."""
     import configparser
@@ -470,7 +555,7 @@ def read_ini(path):
 def parse_custom_fields(path):
     """Custom fields from an INI file: one ``[field NAME]`` section each."""
     parser = read_ini(path)
-    fields, builtin = [], {row[1] for row in BUILTIN_FIELDS}
+    fields, builtin = [], {row[1] for row in BUILTIN_FIELDS} | {SOURCES_KEY}
     for fid, section in enumerate(parser.sections(), CUSTOM_FIELD_FIRST_ID):
         fields.append(custom_field(path, fid, section, parser[section], builtin))
     return fields
@@ -1522,6 +1607,10 @@ class MemoryStore:
         """How many durable records of ``rtype`` there are."""
         return self.directory.count(rtype)
 
+    def planned_owner(self, rtype, key, tenant=""):
+        """The id of the record of ``rtype`` called ``key`` as the pending writes leave them."""
+        return self.pending.key_owner(rtype, key, tenant)
+
     def select_planned(self, selection, tenant=None):
         """``select`` as the writes not yet durable leave the records: what a change or
         delete acts on."""
@@ -1566,13 +1655,13 @@ class MemoryStore:
             raise RecordError(f"{what} {key} in use or is too common a name.", code=509)
         return [(self.pending.new_id(), record)]
 
-    def plan_change(self, rids, make, now):
-        """Ops changing each record by {field: [values]}; returns (ops, the RecordError of
-        each record refused)."""
+    def plan_change(self, rids, make, now, source=MANUAL):
+        """Ops changing each record by {field: [values]}, each field then set by ``source``;
+        returns (ops, the RecordError of each record refused)."""
         ops, errors, claimed = [], [], set()
         for rid in rids:
             try:
-                new = self.changed_record(self.pending.record(rid), make, now, claimed)
+                new = self.changed_record(self.pending.record(rid), make, now, claimed, source)
             except RecordError as e:
                 errors.append(e)
                 continue
@@ -1580,8 +1669,9 @@ class MemoryStore:
                 ops.append((rid, new))
         return ops, errors
 
-    def changed_record(self, old, make, now, claimed):
-        """``old`` with ``make`` applied (a new dict), or None when nothing would change."""
+    def changed_record(self, old, make, now, claimed, source=MANUAL):
+        """``old`` with ``make`` applied (a new dict), or None when nothing would change;
+        the fields ``make`` names are then set by ``source`` (see record_sources)."""
         rtype, schema = old["type"], self.schema
         new = dict(old)
         for name, values in make.items():
@@ -1603,6 +1693,7 @@ class MemoryStore:
                 what = "Alias" if rtype == PERSON else "Hostname"
                 raise RecordError(f"{what} {key} conflicts with other entries.", code=509)
             claimed.add(slot)
+        with_sources(new, make, source)
         if new == old:
             return None
         new["modified"] = utc_now(now)
@@ -1701,7 +1792,7 @@ def valid_record(record):
     if rtype not in KEY_FIELD or type(record.get(KEY_FIELD[rtype])) is not str:
         return False
     return all(type(v) is str or (type(v) is list and all(type(x) is str for x in v))
-               for v in record.values())
+               or (k == SOURCES_KEY and valid_sources(v)) for k, v in record.items())
 
 
 def fsync_dir(path):
@@ -3129,7 +3220,7 @@ KEY_OPTIONS = frozenset(("role", "tenant", "valid-after", "valid-before", "expir
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
 FREE_VERBS = frozenset(("status", "siteinfo", "fields", "id", "login", "answer", "clear",
                         "email", "logout", "xlogin", "klogin", "help", "quit", "exit", "stop"))
-WRITE_VERBS = frozenset(("add", "change", "delete"))
+WRITE_VERBS = frozenset(("add", "change", "delete", "merge"))
 LOGIN_FAILURE_MEMORY = 900.0    # seconds a network prefix's failed logins are remembered
 LOGIN_MAX_DELAY = 10.0          # the longest one prefix's failed answer waits on its own count
 LOGIN_MAX_WAIT = 60.0           # the longest any failed answer waits, however busy the server
@@ -3698,6 +3789,52 @@ class Caller:
         self.user, self.peer, self.request = user, peer, request
 
 
+MATCH_ORDER = ("mac", "ip", "hostname")     # the identities a merge finds its machine by
+
+
+def identities(schema, fields):
+    """(field, value) pairs a merge may find its machine by, strongest first: stable MACs
+    (a randomized one names no machine), then IPs, then the hostname; values cleaned."""
+    out = []
+    for name in MATCH_ORDER:
+        for value in schema.clean_values(schema.by_name[name], fields.get(name, ())):
+            if not (name == "mac" and is_random_mac(value)):
+                out.append((name, value))
+    return out
+
+
+def match_machine(store, fields, tenant):
+    """The id of the machine (in ``tenant`` unless None) a merge of ``fields`` is about,
+    as the pending writes leave the records, or None; RecordError for a bad value."""
+    schema = store.schema
+    for name, value in identities(schema, fields):
+        selection, _ = parse_selection(schema, tokenize(f"type={MACHINE} {name}={value}"))
+        for rid in store.select_planned(selection, tenant):
+            held = store.planned(rid)[name]
+            if value.lower() in [v.lower() for v in (held if type(held) is list else [held])]:
+                return rid
+    return None
+
+
+def merge_ops(store, fields, source, tenant, now):
+    """(ops, what changed) of a ``source`` merge of one machine's {field: [values]}: the
+    ops add it (what is None) or change it (what lists the fields; [] for no change)."""
+    rid = match_machine(store, fields, tenant)
+    if rid is None:
+        return store.plan_add(MACHINE, fields, now, source=source, tenant=tenant or ""), None
+    old = store.planned(rid)
+    make = merge_plan(store.schema, old, fields, source)
+    key = make.get("hostname", [""])[0]
+    if key and store.planned_owner(MACHINE, key, old.get("tenant", "")) not in (None, rid):
+        del make["hostname"]        # the name is another machine's: keep this one's
+    if not make:
+        return [], []
+    ops, errors = store.plan_change([rid], make, now, source)
+    if errors:
+        raise errors[0]
+    return ops, sorted(make)
+
+
 class DirectoryService:
     """The directory's rules between the front ends and a Store: type inference, change
     limits, addonly, tenancy, authorization decisions and the audit log.
@@ -3815,6 +3952,11 @@ class DirectoryService:
             else:
                 keep.append(rid)
         return keep, refusals
+
+    def plan_merge(self, caller, fields, source, now):
+        """(ops, what) of a discovery write (see merge_ops) in ``caller``'s tenant."""
+        self.check_writable()
+        return merge_ops(self.store, fields, source, self.tenant(caller), now)
 
     def plan_delete(self, ids):
         """The ops deleting records ``ids``."""
@@ -3974,6 +4116,13 @@ HELP_TOPICS = {
     "change": "change selection ... make field=value ...\n"
               "field=\"\" removes a field. At most `limit` entries change (set limit=N).",
     "delete": "delete selection ...\nAt most `limit` entries go (set limit=N).",
+    "merge": "merge source=scan|pulse [dry_run] field=value ...\n"
+             "Extension: a discovery write of one machine. It is found by a stable MAC, then\n"
+             "IP, then hostname (randomized MACs never match), else added. Blank fields are\n"
+             "filled and fields the source set are updated; fields a person set stay.\n"
+             "Answers 1 entry added., N fields changed. or No change.; with dry_run\n"
+             "nothing is written and the answer says what would be. Needs a writer login.\n"
+             "`return all sources` shows who set each field last (unlisted: manual).",
     "fields": "fields [name ...]\nDescribes every field, or the named ones.",
     "set": "set [option[=value] ...]\nOptions: echo, limit, verbose, addonly, nolog, charset.",
     "login": "login <alias> answers 301:<challenge>. Sign the challenge's bytes with your SSH\n"
@@ -3991,6 +4140,15 @@ HELP_TOPICS = {
     "siteinfo": "siteinfo\nDescribes this site.",
     "quit": "quit (or exit, stop)\nEnds the connection.",
 }
+
+def merge_answer(what, dry_run):
+    """The final line's text of a merge: what it did, or with ``dry_run`` would do."""
+    if what is None:
+        return "1 entry would be added." if dry_run else "1 entry added."
+    if not what:
+        return "No change."
+    count = plural(len(what), "field", "fields")
+    return f"{count} would change: {' '.join(what)}." if dry_run else f"{count} changed."
 
 
 class PhAuthVerbs:
@@ -4198,7 +4356,7 @@ class PhSession(PhAuthVerbs):
             "answer": self.ph_answer, "clear": self.ph_clear, "email": self.ph_email,
             "logout": self.ph_logout, "xlogin": self.ph_xlogin, "klogin": self.ph_klogin,
             "quit": self.ph_quit, "exit": self.ph_quit, "stop": self.ph_quit,
-            "keys": self.ph_keys, "dump": self.ph_dump,
+            "keys": self.ph_keys, "dump": self.ph_dump, "merge": self.ph_merge,
         }
         self.cursor = None                      # the one dump in progress: a DumpCursor
         self.closed = False
@@ -4339,12 +4497,17 @@ class PhSession(PhAuthVerbs):
                 cut = i
                 break
         selection, errors = parse_selection(self.schema, args[:cut], self.type_hint)
-        returned = self.return_fields(args[cut + 1:], cut < len(args), errors)
-        return selection, returned, errors
+        wanted = args[cut + 1:]
+        shown = bool(wanted) and wanted[-1].field is None and wanted[-1].value.lower() == "sources"
+        returned = self.return_fields(wanted[:-1] if shown else wanted, cut < len(args), errors)
+        return selection, returned + (shown,), errors
 
     def format_entries(self, ids, total, first, returned):
-        """A query reply: the 102 count of ``total``, entries numbered from ``first``, 200."""
-        fields, width, explicit = returned
+        """A query reply: the 102 count of ``total``, entries numbered from ``first``, 200.
+
+        A return clause ending in the word ``sources`` (an extension no classic client
+        sends: it was an unknown field) adds a line of who set each field last."""
+        fields, width, explicit, shown = returned
         get, alls = self.store.get, (self.schema.defaults if fields == "default" else self.schema.all)
         out = [count_line(total)]
         for n, rid in enumerate(ids, first):
@@ -4352,6 +4515,9 @@ class PhSession(PhAuthVerbs):
             if record is not None:
                 chosen = alls[record["type"]] if type(fields) is str else fields
                 out.extend(format_entry(n, record, chosen, width, explicit))
+                if shown and record_sources(record):
+                    out.extend(field_lines(n, SOURCES_KEY.rjust(width),
+                                           format_sources(record_sources(record))))
         out.append("200:Ok.\n")
         return "".join(out)
 
@@ -4575,6 +4741,37 @@ class PhSession(PhAuthVerbs):
             return line(501, "No entries matched specifications.")
         ops = self.service.plan_delete(ids)
         return self.commit(ops, line(200, f"{len(ids)} entries deleted."))
+
+    def ph_merge(self, args):
+        """Extension: merge source=scan|pulse [dry_run] field=value ...: one machine found
+        by MAC, IP or hostname (else added) changed by the provenance rule (merge_plan)."""
+        failure = "Merge command not understood."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
+        source, dry_run, rest, errors = None, False, [], []
+        for token in args:
+            if token.field is not None and token.field.lower() == "source":
+                source = token.value.lower()
+            elif token.field is None and token.value.lower() == "dry_run":
+                dry_run = True
+            else:
+                rest.append(token)
+        if source not in DISCOVERY_SOURCES:
+            errors.append(more(599, "merge needs source=scan or source=pulse."))
+        fields, bad = self.parse_pairs(rest)
+        if {v.strip().lower() for v in fields.pop("type", ())} - {MACHINE} and not bad:
+            bad.append(more(512, "merge writes machines only (type=machine)"))
+        if errors or bad or not fields:
+            return "".join(errors + bad) + line(599, failure)
+        try:
+            ops, what = self.service.plan_merge(self.caller(), fields, source, self.now)
+        except (RecordError, ServiceError) as e:
+            return self.refused(e, failure)
+        if dry_run or not ops:
+            return line(200, merge_answer(what, dry_run))
+        return self.commit(ops, line(200, merge_answer(what, False)))
 
     # -- options -------------------------------------------------------------
 
@@ -5549,6 +5746,9 @@ def records_from_reply(body, multi):
         if not name:
             continue
         record = records.setdefault(index, {})
+        if name == SOURCES_KEY:
+            record.setdefault(name, {}).update(parse_sources(value))
+            continue
         again = name in record and last.get(index) == name
         if again and cut.get(index):
             if name in multi:
@@ -6277,6 +6477,8 @@ def fields_from_json(item):
         raise RecordError("each record must be a JSON object")
     fields = {}
     for name, value in item.items():
+        if name == SOURCES_KEY:         # `mdb --json` prints it; an import is a person's write
+            continue
         values = value if type(value) is list else [value]
         if not all(type(v) is str for v in values):
             raise RecordError(f"{printable(name, 32)} must be a string or a list of strings")
@@ -6612,7 +6814,6 @@ PORT_NAMES = {
 HTTP_PORTS = frozenset((80, 81, 3000, 5000, 8000, 8008, 8080, 8081, 8888, 9090))
 TLS_PORTS = frozenset((443, 465, 636, 990, 993, 995, 8443, 9443))
 HTTPS_PORTS = frozenset((443, 8443, 9443))
-STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
 OUI_FILES = ("/usr/share/ieee-data/oui.txt", "/usr/share/nmap/nmap-mac-prefixes",
              "/usr/share/arp-scan/ieee-oui.txt")
 SCAN_TIMEOUT = 1.0              # seconds a probe, or a banner read, may take
@@ -7130,11 +7331,6 @@ def read_neighbours():
     return out
 
 
-def is_random_mac(mac):
-    """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
-    return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
-
-
 def oui_vendors(macs, lines):
     """{mac: vendor} for the MACs whose prefix an OUI list (lines of text) names."""
     wanted = {m.replace(":", "").upper(): m for m in macs}
@@ -7383,8 +7579,12 @@ def plan_loaded(store, item, now):
     rtype = str(item.get("type", "")).lower()
     if rtype not in RECORD_TYPES:
         raise ValueError("each record needs type person or machine")
-    fields = {}
+    fields, sources = {}, item.get(SOURCES_KEY, {})
+    if not valid_sources(sources):
+        raise ValueError("sources must map field names to scan or pulse")
     for name, value in item.items():
+        if name == SOURCES_KEY:
+            continue
         field = store.schema.field(name)
         if field is None:
             raise ValueError(f"unknown field {name!r}")
@@ -7393,6 +7593,9 @@ def plan_loaded(store, item, now):
             raise ValueError(f"{name} must be a string or a list of strings")
         fields[field.name] = values
     record = new_record(store.schema, rtype, fields, now, loaded=True)
+    kept = {name: source for name, source in sources.items() if name in record}
+    if kept:
+        record[SOURCES_KEY] = kept
     key = record[KEY_FIELD[rtype]]
     if store.directory.key_owner(rtype, key) is not None:
         raise RecordError(f"{KEY_FIELD[rtype]} {key} appears twice")
@@ -7633,13 +7836,14 @@ def format_card(record, names, colour):
         name = record.get("name")
         title = (f"{paint(name, 'bold', colour)} ({key})" if name
                  else paint(key, "bold", colour))
-    rows = [(n, record[n]) for n in names if record.get(n)]
-    width = max((len(n) for n, _ in rows), default=0)
+    rows = [(n, record[n]) for n in names if record.get(n) and n != SOURCES_KEY]
+    width, sources = max((len(n) for n, _ in rows), default=0), record_sources(record)
     out = [title]
     for name, value in rows:
         label = paint(name.rjust(width), "cyan", colour)
+        mark = paint(f"  ({sources[name]})", "dim", colour) if name in sources else ""
         for n, item in enumerate(value if type(value) is list else value.split("\n")):
-            out.append(f"  {label if n == 0 else ' ' * width}  {item}")
+            out.append(f"  {label if n == 0 else ' ' * width}  {item}{mark if n == 0 else ''}")
     return out
 
 
@@ -7741,7 +7945,8 @@ async def cmd_query(client, args, rtype, words):
     """Look records up and print them; exit 1 when nothing matches."""
     schema = await client.load_schema()
     if not words:                       # everything of this type, page by page
-        records = [r async for _, page in client.dump(f"type={rtype} return all") for r in page]
+        records = [r async for _, page in client.dump(f"type={rtype} return all sources")
+                   for r in page]
         print_lines(format_records(records, field_list(args.fields, schema), output_mode(args),
                                    colour_on(sys.stdout)))
         return found_or_say(args, records)
@@ -7755,7 +7960,7 @@ async def cmd_query(client, args, rtype, words):
         if output_mode(args) == "human":
             tail += " alias name hostname status"
     elif cut is None:
-        tail += " return all"
+        tail += " return all sources"
     records = await client.query(tail)
     print_lines(format_records(records, wanted, output_mode(args), colour_on(sys.stdout)))
     return found_or_say(args, records)
@@ -7776,7 +7981,7 @@ async def cmd_show(client, args, rtype, words):
         raise UsageError(f"{args.command}: show takes one {KEY_FIELD[rtype]}")
     await client.load_schema()
     records = await client.query(f"type={rtype} {KEY_FIELD[rtype]}={quote_value(words[0])} "
-                                 f"return all")
+                                 f"return all sources")
     print_lines(format_records(records, field_list(args.fields, client.schema),
                                output_mode(args), colour_on(sys.stdout), full=True))
     return found_or_say(args, records)
@@ -8233,11 +8438,15 @@ def add_scan_parser(commands):
     p.add_argument("--force", action="store_true",
                    help="allow more than a /16 (up to a /8)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print what was found; write nothing to the server")
+                   help="print what was found and what merging it would do; write nothing")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON document")
     out.add_argument("--jsonl", action="store_true", help="print one JSON object per line")
-    p.add_argument("--server", metavar="HOST[:PORT]", help="the server to provision into")
+    p.add_argument("--server", metavar="HOST[:PORT]",
+                   help="the server to merge into (default as for mdb)")
+    p.add_argument("--as", dest="login_as", metavar="USER",
+                   help="log in as USER (default $PHAROS_USER, your name)")
+    p.add_argument("--key", metavar="FILE", help="SSH key to sign the login with (as for mdb)")
 
 
 def add_lookup_parser(commands, name, rtype):
@@ -8434,13 +8643,11 @@ SCAN_COLUMNS = ("hostname", "ip", "mac", "vendor", "services")
 
 
 def cmd_scan(args):
-    """scan: find machines by TCP probes, banners and the neighbour table; print them."""
+    """scan: find machines by TCP probes, banners and the neighbour table; print them and
+    merge each into the server (with --dry-run, say what a merge would do)."""
     ports = parse_ports(args.ports)
     targets = parse_targets(args.targets, args.force) if args.targets else None
-    if not args.dry_run:
-        print("pharos: scan: writing to the server is not in this version yet; "
-              "--dry-run prints what a scan finds", file=sys.stderr)
-        return EXIT_FAIL
+    host, port = server_address(args)
     pairs = resolve_targets(targets or local_targets(args.force))
     scan_mdns_note(args.no_mdns)
     bar = ProgressBar("probes")
@@ -8456,7 +8663,65 @@ def cmd_scan(args):
         print_lines(format_table(records, columns, colour_on(sys.stdout)))
     else:
         print("scan: no machines found", file=sys.stderr)
-    return EXIT_OK if records else EXIT_NOMATCH
+    if not records:
+        return EXIT_NOMATCH
+    return asyncio.run(scan_merge(args, host, port, records))
+
+
+SCAN_OUTCOMES = (("1 entry added.", "added"), ("1 entry would be added.", "added"),
+                 ("No change.", "unchanged"))
+
+
+def merge_request(record, dry_run):
+    """The `merge source=scan` request line of one scanned machine record."""
+    words = ["merge source=scan"] + (["dry_run"] if dry_run else [])
+    for name, value in record.items():
+        if name != "type":
+            words += [f"{name}={quote_value(v)}" for v in (value if type(value) is list
+                                                            else [value])]
+    return " ".join(words)
+
+
+def merge_outcome(text):
+    """added, changed or unchanged, from a merge reply's final text."""
+    return next((kind for said, kind in SCAN_OUTCOMES if text == said), "changed")
+
+
+async def scan_merge(args, host, port, records):
+    """Send each record as a merge (dry_run with --dry-run), logged in as ph and mdb are;
+    one line per machine for a dry run, then the summary, on stderr."""
+    client = PhClient(host, port, timeout=max(args.timeout, 10.0), client_id="mdb",
+                      user=login_name(args), key_path=args.key or os.environ.get("PHAROS_KEY"))
+    try:
+        replies = await client.write_many([merge_request(r, args.dry_run) for r in records])
+    except PhError as e:
+        if args.dry_run:
+            log_to_stderr(f"scan: could not compare with the server: {e.text}")
+            return EXIT_OK
+        log_to_stderr(f"scan: {e.text}")
+        return EXIT_FAIL
+    finally:
+        await client.close()
+    return scan_summary(args, records, replies)
+
+
+def scan_summary(args, records, replies):
+    """Say how each merge went (refusals one line each) and the counts; the exit status."""
+    counts = {"added": 0, "changed": 0, "unchanged": 0}
+    refused = 0
+    for record, (code, text, body) in zip(records, replies):
+        if code >= 300:
+            refused += 1
+            log_to_stderr(f"scan: {record['hostname']}: {reply_error(code, text, body).text}")
+            continue
+        counts[merge_outcome(text)] += 1
+        if args.dry_run:
+            log_to_stderr(f"scan: {record['hostname']}: {text[:1].lower()}{text[1:]}")
+    verbs = (("would be added", "would change", "would stay as they are") if args.dry_run
+             else ("added", "changed", "left alone"))
+    summary = ", ".join(f"{counts[kind]} {verb}" for kind, verb in zip(counts, verbs))
+    log_to_stderr(f"scan: {summary}" + (f", {refused} refused" if refused else ""))
+    return EXIT_FAIL if refused else EXIT_OK
 
 
 def local_targets(force):

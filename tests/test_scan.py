@@ -341,13 +341,6 @@ def test_bad_scan_arguments_exit_2_with_one_line(args, message):
     assert len(err.splitlines()) == 1 and err.startswith(message), err
 
 
-def test_scan_without_dry_run_exits_3():
-    code, out, err = scan("127.77.0.1", "--ports", "22")
-    assert code == 3 and not out
-    assert err == ("pharos: scan: writing to the server is not in this version yet; "
-                   "--dry-run prints what a scan finds\n")
-
-
 def test_mdns_note_without_zeroconf():
     try:
         import zeroconf  # noqa: F401

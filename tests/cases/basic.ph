@@ -61,7 +61,7 @@ S: 200:Done.
 C: help
 S: -101: help
 S: -200:1: The following topics have help (help <topic>):
-S: -200:1: add  change  delete  dump  fields  id  keys  login  query  quit  set  siteinfo  status
+S: -200:1: add  change  delete  dump  fields  id  keys  login  merge  query  quit  set  siteinfo  status
 S: 200:Ok.
 C: help query
 S: -101: help query
