@@ -126,6 +126,7 @@ def test_a_data_dir_written_without_sources_reads_as_manual(tmp_path):
            "services": ["22/ssh"], "source": "scan", "status": "unknown",
            "created": "2024-01-01T00:00:00Z", "modified": "2024-01-01T00:00:00Z"}
     pharos.write_snapshot(str(data), 1, 2, {1: old})
+    (data / pharos.journal_name(2)).write_bytes(b"")    # as a clean stop leaves it
     srv = ServerProcess(data).start()
     try:
         with srv.client() as c:
