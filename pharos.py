@@ -139,7 +139,12 @@ class DataError(PharosError):
 
 
 class StoreError(PharosError):
-    """A write the store could not make durable."""
+    """A write the store could not make durable; ``readonly``, when set, is why the store
+    takes no more writes after it."""
+
+    def __init__(self, text, readonly=None):
+        super().__init__(text)
+        self.readonly = readonly
 
 
 class PhError(PharosError):
@@ -1595,6 +1600,30 @@ class MemoryStore:
         to be run a turn at a time."""
         return Search(self.directory, selection, tenant, limit)
 
+    def size(self):
+        """How many durable records there are."""
+        return len(self.directory)
+
+    def add_offline(self, record):
+        """Put a new record straight in (a bulk load with no server running); RecordError
+        when its key is taken."""
+        rtype = record["type"]
+        key = record[KEY_FIELD[rtype]]
+        if self.directory.key_owner(rtype, key, record.get("tenant", "")) is not None:
+            raise RecordError(f"{KEY_FIELD[rtype]} {key} appears twice")
+        self.apply([(self.directory.next_id, record)])
+
+    def metrics(self, out, now):
+        """Append the store's Prometheus families: records, machine status, writable."""
+        directory = self.directory
+        prom_family(out, "pharos_records", "gauge", "Records stored, by type.",
+                    [((("type", t),), directory.count(t)) for t in RECORD_TYPES])
+        status = directory.index["status"]
+        prom_family(out, "pharos_machines", "gauge", "Machines, by status.",
+                    [((("status", v),), status.count(v)) for v in ("online", "offline", "unknown")])
+        prom_family(out, "pharos_store_writable", "gauge",
+                    "1 when the store accepts writes, else 0.", [((), 0 if self.readonly else 1)])
+
     def key_owner(self, rtype, key, tenant=""):
         """The id of the durable record of ``rtype`` called ``key`` in ``tenant``, or None."""
         return self.directory.key_owner(rtype, key, tenant)
@@ -2149,8 +2178,9 @@ class JournalWriter:
     file's metadata: on ext4 and XFS that makes it a third quicker.
     """
 
-    def __init__(self, store, fd, size=0):
+    def __init__(self, store, fd, size=0, audit_log=None):
         self.store = store
+        self.audit_log = audit_log              # where the audit lines of a batch go
         self.fd = fd
         self.size = size                        # where the data ends
         self.allocated = os.fstat(fd).st_size   # the file's length, zeros after the data
@@ -2172,6 +2202,14 @@ class JournalWriter:
             asyncio.get_running_loop().call_soon(self.flush)
         return later
 
+    def next_batch(self, default):
+        """The batch a write queued now joins: the first queued write's, else ``default``."""
+        return self.queue[0][4] if self.queue else default
+
+    def backlog(self):
+        """How many writes wait for the next batch."""
+        return len(self.queue)
+
     def flush(self):
         """Write the queue as one batch: on the loop if fsync is quick, else in the
         journal thread."""
@@ -2184,31 +2222,26 @@ class JournalWriter:
         audits = [item[3] for item in batch if item[3]]
         started = time.perf_counter()
         if self.fsync_seconds < INLINE_FSYNC_SECONDS:
-            error = None
+            error = problem = None
             try:
-                self.write(data, audits)
+                problem = self.write(data, audits)
             except Exception as e:              # as the thread's future would report it
                 error = e
-            self.written(batch, len(data), started, error)
+            self.written(batch, len(data), started, error, problem)
             return
         self.writing = True
         future = asyncio.get_running_loop().run_in_executor(self.executor, self.write, data,
                                                             audits)
-        future.add_done_callback(
-            lambda f: self.written(batch, len(data), started, f.exception()))
+        future.add_done_callback(lambda f: self.written(
+            batch, len(data), started, f.exception(), None if f.exception() else f.result()))
 
-    def written(self, batch, nbytes, started, error):
-        """A batch is on disk (or failed): settle its writes, then go on with the queue."""
+    def written(self, batch, nbytes, started, error, problem):
+        """A batch is on disk (or failed): tell the store, then go on with the queue."""
         self.writing = False
         if error is not None:
-            failed, self.queue = batch + self.queue, []     # a reply may queue a new write
-            self.fail(failed, error)
-        else:
-            self.store.wrote(len(batch), nbytes, time.perf_counter() - started)
-            for item in batch:              # each shown as its writer is answered, in order
-                self.store.made_durable(*item[2])
-                item[1].settle(None)
-            self.store.maybe_compact(self)
+            batch, self.queue = batch + self.queue, []     # a reply may queue a new write
+        seconds = time.perf_counter() - started
+        self.store.journal_settled(batch, nbytes, seconds, error, problem)
         self.go_on()
 
     def go_on(self):
@@ -2227,9 +2260,10 @@ class JournalWriter:
     def write(self, data, audits=()):
         """Write at the data's end and fdatasync, then the batch's audit lines.
 
-        Runs on the loop or in the journal thread. A failed write is cut back off. The
-        audit lines are in the journal too, so they need no fsync of their own; if the
-        audit log cannot be written the store turns read-only.
+        Runs on the loop or in the journal thread, so it touches nothing of the store's:
+        a failed write is zeroed again and raised; the audit lines are in the journal
+        too, so they need no fsync of their own, and if they cannot be written the
+        problem is returned (the store turns read-only on hearing it).
         """
         start = self.size
         if start + len(data) >= self.allocated:
@@ -2246,16 +2280,17 @@ class JournalWriter:
         try:
             os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
         except OSError as e:
-            self.store.readonly = f"journal fsync failed: {e.strerror}"
-            raise
+            raise StoreError(f"Store failed: {e.strerror}.",
+                             readonly=f"journal fsync failed: {e.strerror}") from None
         self.fsync_seconds = 0.8 * self.fsync_seconds + 0.2 * (time.perf_counter() - synced)
         self.size = start + len(data)
         self.allocated = max(self.allocated, self.size)
-        if audits:
+        if audits and self.audit_log is not None:
             try:
-                self.store.audit_log.append(b"".join(audits))
+                self.audit_log.append(b"".join(audits))
             except OSError as e:
-                self.store.readonly = f"the audit log cannot be written: {e.strerror}"
+                return f"the audit log cannot be written: {e.strerror}"
+        return None
 
     def preallocate(self, end):
         """Zero-fill the segment past ``end``: by whole steps if there is room, else by
@@ -2286,13 +2321,6 @@ class JournalWriter:
             os.ftruncate(self.fd, self.allocated)
         except OSError:
             self.allocated = start
-
-    def fail(self, items, error):
-        """Refuse every write not yet durable; the directory never saw them."""
-        reason = StoreError(f"Store failed: {getattr(error, 'strerror', None) or error}.")
-        self.store.pending.drop()
-        for item in items:
-            item[1].settle(reason)
 
     async def drain(self):
         """Wait until every queued write has been written."""
@@ -2486,7 +2514,7 @@ class FileStore(MemoryStore):
         if audit is not None and self.audit_log is not None:
             audit["seq"] = self.seq
             line_text = AUDIT_JSON(audit)
-        batch = self.writer.queue[0][4] if self.writer.queue else self.seq
+        batch = self.writer.next_batch(self.seq)
         return self.writer.submit(encode_journal(self.seq, ops, line_text, batch),
                                   (self.seq, ops), line_text and (line_text + "\n").encode(),
                                   batch)
@@ -2498,6 +2526,8 @@ class FileStore(MemoryStore):
     def attach_audit(self, log):
         """Also complete ``log`` from the journal: a crash may have lost its newest lines."""
         self.audit_log = log
+        if self.writer is not None:
+            self.writer.audit_log = log
         last = log.last_seq()
         missing = [text for seq, text in self.journal_audits if seq > last]
         if missing:
@@ -2505,13 +2535,56 @@ class FileStore(MemoryStore):
             self.log(f"restored {len(missing)} audit log line(s) from the journal")
         self.journal_audits = []
 
-    def wrote(self, entries, nbytes, seconds):
-        """Count one written batch (its entries and bytes) and its write latency."""
+    def metrics(self, out, now):
+        """The memory store's families, then the journal's and the snapshot's."""
+        super().metrics(out, now)
+        prom_histograms(out, "pharos_storage_write_duration_seconds",
+                        "Time to append and fsync one batch of journal entries.",
+                        [((), self.write_latency)])
+        stats = self.stats
+        prom_family(out, "pharos_storage_fsyncs_total", "counter",
+                    "Journal fsyncs (one per batch).", [((), stats["fsyncs"])])
+        prom_family(out, "pharos_storage_journal_entries_total", "counter",
+                    "Journal entries written.", [((), stats["entries"])])
+        prom_family(out, "pharos_storage_journal_written_bytes_total", "counter",
+                    "Bytes appended to the journal.", [((), stats["journal_bytes"])])
+        prom_family(out, "pharos_storage_journal_bytes", "gauge",
+                    "Size of the journal segment being written.",
+                    [((), self.writer.size if self.writer else 0)])
+        if self.snapshot_time is not None:
+            prom_family(out, "pharos_storage_snapshot_age_seconds", "gauge",
+                        "Seconds since the last snapshot was written.",
+                        [((), round(max(0.0, now - self.snapshot_time), 3))])
+
+    def release(self):
+        """Let go of the data dir without a loop (after an offline load): segment, lock."""
+        if self.writer is not None:
+            os.close(self.writer.fd)
+            self.writer = None
+        self.unlock()
+
+    def journal_settled(self, batch, nbytes, seconds, error, problem):
+        """What the journal reports of one batch, on the loop: durable, so each write goes
+        into the directory as its writer is answered, in order; or failed, so every write
+        not yet durable is refused (the directory never saw them)."""
+        if problem or getattr(error, "readonly", None):
+            self.readonly = problem or error.readonly
+        if error is not None:
+            reason = error if isinstance(error, StoreError) else StoreError(
+                f"Store failed: {getattr(error, 'strerror', None) or error}.")
+            self.pending.drop()
+            for item in batch:
+                item[1].settle(reason)
+            return
         stats = self.stats
         stats["fsyncs"] += 1
-        stats["entries"] += entries
+        stats["entries"] += len(batch)
         stats["journal_bytes"] += nbytes
         self.write_latency.observe(seconds)
+        for item in batch:
+            self.made_durable(*item[2])
+            item[1].settle(None)
+        self.maybe_compact(self.writer)
 
     def unwritable(self):
         """Why the data dir cannot take writes now (a probe file is made and removed), or None."""
@@ -2533,7 +2606,7 @@ class FileStore(MemoryStore):
         """
         if writer.size < self.roll_at or self.compacting is not None:
             return
-        durable_seq = self.seq - len(writer.queue)
+        durable_seq = self.seq - writer.backlog()
         records = dict(self.directory.records)      # holds exactly the durable writes
         loop = asyncio.get_running_loop()
         name = journal_name(durable_seq + 1)
@@ -5207,7 +5280,11 @@ async def serve(store, config, host, port, log, metrics_at=None, keys=None, audi
         bound = await server.start(host, port)
     except OSError as e:
         raise DataError(f"cannot listen on {format_address(host, port)}: {e.strerror}") from None
-    httpd = start_metrics(server, store, *metrics_at) if metrics_at else None
+    httpd = None
+    if metrics_at:
+        app = HttpApp()
+        metrics_routes(app, LoopBridge(loop), server, store)
+        httpd = start_http(app, *metrics_at, log)
     if httpd:
         config.metrics_port = httpd.server_address[1]
     stop = asyncio.Event()
@@ -5217,7 +5294,7 @@ async def serve(store, config, host, port, log, metrics_at=None, keys=None, audi
         log(f"metrics listening on {format_address(*httpd.server_address[:2])} "
             f"(/metrics /healthz /readyz)")
     log(f"Ph listening on {format_address(*bound)} (tier {config.tier}, "
-        f"storage {store.describe()}, {len(store.directory)} records)")
+        f"storage {store.describe()}, {store.size()} records)")
     await stop.wait()
     log("stopping: finishing writes in flight")
     await server.shutdown()
@@ -5339,17 +5416,70 @@ def http_refusal(error, now):
     return format_http_response(error.code, "text/plain", f"{error.text}\n".encode(), now)
 
 
-def http_dispatch(routes, request, now):
-    """The response to ``request`` from its route; 405 unless GET or HEAD, 404 off the table."""
-    if request.method not in ("GET", "HEAD"):
-        return format_http_response(405, "text/plain", b"method not allowed\n", now,
-                                    [("Allow", "GET, HEAD")])
-    route = routes.get(request.path)
-    if route is None:
-        code, content_type, body = 404, "text/plain", b"not found\n"
-    else:
-        code, content_type, body = route(request, now)
-    return format_http_response(code, content_type, body, now, head_only=request.method == "HEAD")
+class HttpApp:
+    """The one HTTP app: a route table of (method, path) → handler(request, now), shared by
+    metrics, health and what comes later (MCP, the console, push URLs).
+
+    A handler runs in a worker thread of the HttpListener and answers (code, content type,
+    body) or (code, content type, body, headers). It reaches the directory only through
+    the LoopBridge: the index belongs to the event loop's thread. A GET route answers
+    HEAD too; a path with no route for the method gets 405 and its Allow list.
+    """
+
+    def __init__(self):
+        self.routes = {}                        # path → {method: handler}
+
+    def route(self, method, path, handler):
+        """Answer ``method`` requests for ``path`` with ``handler``."""
+        self.routes.setdefault(path, {})[method] = handler
+
+    def __call__(self, request, now):
+        """The response bytes for ``request``."""
+        method = "GET" if request.method == "HEAD" else request.method
+        methods = self.routes.get(request.path)
+        if methods is None and any(method in m for m in self.routes.values()):
+            return format_http_response(404, "text/plain", b"not found\n", now)
+        handler = (methods or {}).get(method)
+        if handler is None:             # a method no route here (or nowhere) answers
+            known = methods or {m: None for ms in self.routes.values() for m in ms}
+            allowed = sorted(known) + (["HEAD"] if "GET" in known else [])
+            return format_http_response(405, "text/plain", b"method not allowed\n", now,
+                                        [("Allow", ", ".join(allowed))])
+        code, content_type, body, *headers = handler(request, now)
+        return format_http_response(code, content_type, body, now, headers[0] if headers else (),
+                                    head_only=request.method == "HEAD")
+
+
+class LoopBridge:
+    """How an HTTP worker thread asks the event loop for something: ``call(fn, *args)``
+    runs ``fn(*args)`` on the loop (awaiting it if it is a coroutine or a Later) and gives
+    back its result, or raises HttpError 503 when the loop does not answer in time."""
+
+    def __init__(self, loop, timeout=HTTP_DEADLINE):
+        self.loop, self.timeout = loop, timeout
+
+    def call(self, fn, *args):
+        """``fn(*args)`` run on the loop; its result here."""
+        import concurrent.futures
+        future = asyncio.run_coroutine_threadsafe(self.on_loop(fn, args), self.loop)
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise HttpError(503, "the server did not answer in time") from None
+
+    @staticmethod
+    async def on_loop(fn, args):
+        """Run ``fn`` on the loop, waiting for what it gives if that is not ready yet."""
+        value = fn(*args)
+        if asyncio.iscoroutine(value) or isinstance(value, Later):
+            value = await value
+        return value
+
+
+def http_error_answer(error):
+    """The answer tuple of an HttpError raised by a handler."""
+    return error.code, "text/plain", f"{error.text}\n".encode()
 
 
 def render_metrics(server, store, stats, now):
@@ -5371,41 +5501,11 @@ def render_metrics(server, store, stats, now):
                 [((), metrics.connections_refused)])
     prom_family(out, "pharos_logins_total", "counter", "Login attempts, by result.",
                 [((("result", r),), n) for r, n in sorted(metrics.logins.items())])
-    render_store(out, store, now)
+    store.metrics(out, now)
     render_process(out, stats)
     prom_family(out, "pharos_build_info", "gauge", "Build information; the value is always 1.",
                 [((("version", __version__), ("python", sys.version.split()[0])), 1)])
     return "".join(out)
-
-
-def render_store(out, store, now):
-    """Append the store's families: records, machine status, writable, and journal stats."""
-    directory = store.directory
-    prom_family(out, "pharos_records", "gauge", "Records stored, by type.",
-                [((("type", t),), directory.count(t)) for t in RECORD_TYPES])
-    status = directory.index["status"]
-    prom_family(out, "pharos_machines", "gauge", "Machines, by status.",
-                [((("status", v),), status.count(v)) for v in ("online", "offline", "unknown")])
-    prom_family(out, "pharos_store_writable", "gauge", "1 when the store accepts writes, else 0.",
-                [((), 0 if store.readonly else 1)])
-    if store.kind != "file":
-        return
-    prom_histograms(out, "pharos_storage_write_duration_seconds",
-                    "Time to append and fsync one batch of journal entries.",
-                    [((), store.write_latency)])
-    prom_family(out, "pharos_storage_fsyncs_total", "counter", "Journal fsyncs (one per batch).",
-                [((), store.stats["fsyncs"])])
-    prom_family(out, "pharos_storage_journal_entries_total", "counter", "Journal entries written.",
-                [((), store.stats["entries"])])
-    prom_family(out, "pharos_storage_journal_written_bytes_total", "counter",
-                "Bytes appended to the journal.", [((), store.stats["journal_bytes"])])
-    writer = store.writer
-    prom_family(out, "pharos_storage_journal_bytes", "gauge",
-                "Size of the journal segment being written.", [((), writer.size if writer else 0)])
-    if store.snapshot_time is not None:
-        prom_family(out, "pharos_storage_snapshot_age_seconds", "gauge",
-                    "Seconds since the last snapshot was written.",
-                    [((), round(max(0.0, now - store.snapshot_time), 3))])
 
 
 def readiness(server, store):
@@ -5418,21 +5518,35 @@ def readiness(server, store):
     return store.unwritable()
 
 
-def metrics_routes(server, store):
-    """The metrics listener's route table: path → route(request, now) → (code, type, body)."""
+def metrics_routes(app, bridge, server, store):
+    """/metrics, /healthz and /readyz on ``app``; each asks the loop through ``bridge``, so
+    a loop that is stuck shows as a probe that fails."""
     def metrics(request, now):
-        return 200, PROM_CONTENT_TYPE, render_metrics(server, store, process_stats(), now).encode()
+        text = bridge.call(render_metrics, server, store, process_stats(), now)
+        return 200, PROM_CONTENT_TYPE, text.encode()
 
     def healthz(request, now):
+        bridge.call(lambda: None)
         return 200, "application/json", b'{"status": "ok"}\n'
 
     def readyz(request, now):
-        reason = readiness(server, store)
+        reason = bridge.call(readiness, server, store)
         body = json.dumps({"status": "not ready", "reason": reason} if reason
                           else {"status": "ready"}).encode() + b"\n"
         return 503 if reason else 200, "application/json", body
 
-    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
+    for path, handler in (("/metrics", metrics), ("/healthz", healthz), ("/readyz", readyz)):
+        app.route("GET", path, guarded(handler))
+
+
+def guarded(handler):
+    """``handler`` with an HttpError it raises turned into its answer."""
+    def answer(request, now):
+        try:
+            return handler(request, now)
+        except HttpError as e:
+            return http_error_answer(e)
+    return answer
 
 
 class HttpConnection:
@@ -5644,17 +5758,15 @@ class HttpListener:
         self.selector.close()
 
 
-def start_metrics(server, store, host, port):
-    """Serve the metrics endpoints from their own threads; returns the HttpListener."""
+def start_http(app, host, port, log):
+    """Listen on ``host``:``port`` and serve ``app`` from its own threads; the HttpListener."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server((host, port), family=family, backlog=128)
     except OSError as e:
-        raise DataError(f"cannot listen on {format_address(host, port)} for metrics: "
+        raise DataError(f"cannot listen on {format_address(host, port)} for HTTP: "
                         f"{e.strerror}") from None
-    routes = metrics_routes(server, store)
-    return HttpListener(sock, lambda request, now: http_dispatch(routes, request, now),
-                        server.log).start()
+    return HttpListener(sock, app, log).start()
 
 
 # SECTION: Client — the asyncio Ph client core shared by every command-line tool
@@ -7547,9 +7659,8 @@ def cmd_load(args):
             added = load_jsonl(store, args.file)
         store.fold()
     finally:
-        os.close(store.writer.fd)
-        store.unlock()
-    print(f"loaded {added} records into {store.path} ({len(store.directory)} in all)")
+        store.release()
+    print(f"loaded {added} records into {store.path} ({store.size()} in all)")
     return EXIT_OK
 
 
@@ -7565,15 +7676,15 @@ def load_jsonl(store, path):
             if not raw.strip():
                 continue
             try:
-                store.apply(plan_loaded(store, json.loads(raw), now))
+                store.add_offline(loaded_record(store.schema, json.loads(raw), now))
             except (ValueError, RecordError) as e:
                 raise UsageError(f"{path} line {lineno}: {e}; nothing was loaded") from None
             added += 1
     return added
 
 
-def plan_loaded(store, item, now):
-    """The ops adding one record object read by `load`, keeping server-set fields it has."""
+def loaded_record(schema, item, now):
+    """The record one object read by `load` makes, keeping server-set fields it has."""
     if type(item) is not dict:
         raise ValueError("each line must be a JSON object")
     rtype = str(item.get("type", "")).lower()
@@ -7585,21 +7696,18 @@ def plan_loaded(store, item, now):
     for name, value in item.items():
         if name == SOURCES_KEY:
             continue
-        field = store.schema.field(name)
+        field = schema.field(name)
         if field is None:
             raise ValueError(f"unknown field {name!r}")
         values = value if type(value) is list else [value]
         if not all(type(v) is str for v in values):
             raise ValueError(f"{name} must be a string or a list of strings")
         fields[field.name] = values
-    record = new_record(store.schema, rtype, fields, now, loaded=True)
+    record = new_record(schema, rtype, fields, now, loaded=True)
     kept = {name: source for name, source in sources.items() if name in record}
     if kept:
         record[SOURCES_KEY] = kept
-    key = record[KEY_FIELD[rtype]]
-    if store.directory.key_owner(rtype, key) is not None:
-        raise RecordError(f"{KEY_FIELD[rtype]} {key} appears twice")
-    return [(store.directory.next_id, record)]
+    return record
 
 
 def cmd_doctor(args):
