@@ -231,17 +231,23 @@ class Field:
         return " ".join(words)
 
 
+def clip(value, limit=64):
+    """A value to quote in an error: its first ``limit`` characters (the reply line that
+    carries the error must stay short, whatever the client sent)."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def check_alias(value):
     """An alias as given; RecordError unless 1-32 letters, digits, '.', '_' or '-'."""
     if not ALIAS_RE.match(value):
-        raise RecordError(f"alias {value!r} must be 1-32 letters, digits, '.', '_' or '-'")
+        raise RecordError(f"alias {clip(value)!r} must be 1-32 letters, digits, '.', '_' or '-'")
     return value
 
 
 def check_hostname(value):
     """A host name as given; RecordError unless it is a valid DNS host name."""
     if not HOSTNAME_RE.match(value):
-        raise RecordError(f"hostname {value!r} is not a valid host name")
+        raise RecordError(f"hostname {clip(value)!r} is not a valid host name")
     return value
 
 
@@ -250,28 +256,28 @@ def check_ip(value):
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise RecordError(f"ip {value!r} is not an IPv4 or IPv6 address") from None
+        raise RecordError(f"ip {clip(value)!r} is not an IPv4 or IPv6 address") from None
 
 
 def check_mac(value):
     """A MAC address as lower-case aa:bb:cc:dd:ee:ff; RecordError if it is not one."""
     digits = re.sub(r"[:.-]", "", value.lower())
     if not MAC_HEX_RE.match(digits) or (":" in value and len(value.split(":")) != 6):
-        raise RecordError(f"mac {value!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
+        raise RecordError(f"mac {clip(value)!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
     return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
 
 
 def check_email(value):
     """An email address as given; RecordError unless it looks like name@domain."""
     if not EMAIL_RE.match(value):
-        raise RecordError(f"email {value!r} is not an address like name@example.org")
+        raise RecordError(f"email {clip(value)!r} is not an address like name@example.org")
     return value
 
 
 def check_url(value):
     """A URL as given; RecordError unless it has a scheme, :// and no spaces."""
     if not URL_RE.match(value):
-        raise RecordError(f"url {value!r} is not a URL like https://example.org/")
+        raise RecordError(f"url {clip(value)!r} is not a URL like https://example.org/")
     return value
 
 
@@ -281,7 +287,7 @@ def check_service(value):
     match = SERVICE_RE.match(value)
     port = parse_count(match.group(1), 1, 65535) if match else None
     if port is None:
-        raise RecordError(f"service {value!r} must look like 22/ssh (port/name)")
+        raise RecordError(f"service {clip(value)!r} must look like 22/ssh (port/name)")
     detail = f" {match.group(3)}" if match.group(3) else ""
     return f"{port}/{match.group(2).lower()}{detail}"
 
@@ -294,7 +300,7 @@ def is_random_mac(mac):
 def check_tag(value):
     """A tag as given; RecordError unless one word of letters, digits or ._:/+@-."""
     if not TAG_RE.match(value):
-        raise RecordError(f"tag {value!r} must be one word of letters, digits or ._:/+@-")
+        raise RecordError(f"tag {clip(value)!r} must be one word of letters, digits or ._:/+@-")
     return value
 
 
@@ -302,7 +308,7 @@ def check_type(value):
     """A record type, lower-cased; RecordError unless person or machine."""
     value = value.lower()
     if value not in RECORD_TYPES:
-        raise RecordError(f"type must be person or machine, not {value!r}")
+        raise RecordError(f"type must be person or machine, not {clip(value)!r}")
     return value
 
 
@@ -310,7 +316,7 @@ def check_status(value):
     """A machine status, lower-cased; RecordError unless online, offline or unknown."""
     value = value.lower()
     if value not in ("online", "offline", "unknown"):
-        raise RecordError(f"status must be online, offline or unknown, not {value!r}")
+        raise RecordError(f"status must be online, offline or unknown, not {clip(value)!r}")
     return value
 
 
@@ -667,13 +673,20 @@ def printable(text, limit=64):
     return cut + ("..." if len(cut) < len(text) else "")
 
 
+REPLY_TEXT_ROOM = 240              # characters a reply line's text is cut to: under 1023 bytes
+
+
 def line(code, text):
-    """A final reply line."""
+    """A final reply line (its text cut short if it would pass MAX_REPLY_LINE bytes)."""
+    if len(text) > REPLY_TEXT_ROOM:
+        text = printable(text, MAX_REPLY_LINE - 16)
     return f"{code}:{text}\n"
 
 
 def more(code, text):
-    """A continuation reply line (leading '-')."""
+    """A continuation reply line (leading '-'), cut short like line()."""
+    if len(text) > REPLY_TEXT_ROOM:
+        text = printable(text, MAX_REPLY_LINE - 16)
     return f"-{code}:{text}\n"
 
 

@@ -100,6 +100,19 @@ def test_echo_line_stays_under_the_reply_line_limit(mem_server, text):
         assert all(len(x.encode()) + 1 <= pharos.MAX_REPLY_LINE for x in reply), reply
 
 
+@pytest.mark.parametrize("request_text", [
+    'add alias=x type="on[a-z] *=alice created=' + "é" * 3000,       # found by the lab fuzz run
+    "add hostname=h ip=" + "9" * 5000, "add alias=" + "日" * 3000, "add hostname=h mac=" + "z" * 4000,
+    "add hostname=h services=" + "a" * 4000, "add alias=x email=" + "@" * 4000,
+], ids=short)
+def test_an_error_quoting_a_long_value_stays_under_the_reply_line_limit(mem_server, request_text):
+    with mem_server.client() as c:
+        reply = c.cmd(request_text)
+    assert reply[-1].startswith(("599:", "5")) and len(reply) >= 1
+    sizes = [len(x.encode()) + 1 for x in reply]
+    assert all(size <= pharos.MAX_REPLY_LINE for size in sizes), sizes
+
+
 def test_keys_add_with_non_ascii_time_is_refused(server):
     with server.client() as c:
         reply = c.cmd("keys add " + ed25519_line("bob", 'valid-before="2026010²"'))
