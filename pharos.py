@@ -5526,14 +5526,12 @@ class HttpApp:
 
     def __call__(self, request, now):
         """The response bytes for ``request``."""
-        method = "GET" if request.method == "HEAD" else request.method
         methods = self.routes.get(request.path)
-        if methods is None and any(method in m for m in self.routes.values()):
+        if methods is None:
             return format_http_response(404, "text/plain", b"not found\n", now)
-        handler = (methods or {}).get(method)
-        if handler is None:             # a method no route here (or nowhere) answers
-            known = methods or {m: None for ms in self.routes.values() for m in ms}
-            allowed = sorted(known) + (["HEAD"] if "GET" in known else [])
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
             return format_http_response(405, "text/plain", b"method not allowed\n", now,
                                         [("Allow", ", ".join(allowed))])
         code, content_type, body, *headers = handler(request, now)
