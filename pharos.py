@@ -3863,6 +3863,133 @@ class AuditLog:
             self.fd = None
 
 
+# -- bearer tokens (MCP and scripts): each an identity like a key ---------------
+
+TOKENS_FILE = "tokens"
+TOKEN_PREFIX = "pharos_"
+TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+MAX_TOKENS_FILE = 1024 * 1024
+
+
+class TokenIdentity:
+    """Who a request carrying a bearer token is: the token's name, role and tenant."""
+
+    __slots__ = ("alias", "role", "tenant", "fingerprint", "blob")
+
+    def __init__(self, name, role, tenant):
+        self.alias, self.role, self.tenant = name, role, tenant
+        self.fingerprint, self.blob = f"token:{name}", None
+
+
+def token_digest(secret):
+    """How a token is kept: its SHA-256, never the token itself."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_duration(text):
+    """Seconds in ``30d``, ``12h``, ``90m``, ``3600s`` or ``3600``; None if it is not one."""
+    match = re.fullmatch(r"([0-9]{1,9})([smhdw]?)", text)
+    if not match:
+        return None
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+class TokenFile:
+    """DATA/tokens: one JSON line per token (name, role, tenant, digest, created, expires),
+    read again whenever the file changes, written whole and atomically (mode 0600)."""
+
+    def __init__(self, path):
+        self.path, self.stamp, self.entries = path, None, {}
+
+    def read(self):
+        """{name: entry} as the file holds them now ({} when it does not exist)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.stamp, self.entries = None, {}
+            return self.entries
+        except OSError as e:
+            raise DataError(f"cannot read {self.path}: {e.strerror}") from None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self.stamp:
+            self.entries, self.stamp = self.parse(), stamp
+        return self.entries
+
+    def parse(self):
+        """The entries of the file; DataError naming the line of one that is not an entry."""
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read(MAX_TOKENS_FILE + 1)
+        except OSError as e:
+            raise DataError(f"cannot read {self.path}: {e.strerror}") from None
+        if len(raw) > MAX_TOKENS_FILE:
+            raise DataError(f"{self.path} is over {MAX_TOKENS_FILE} bytes")
+        entries = {}
+        for n, text in enumerate(raw.split(b"\n"), 1):
+            if not text.strip():
+                continue
+            try:
+                entry = json.loads(text)
+                if not (TOKEN_NAME_RE.match(entry["name"]) and entry["role"] in ROLES
+                        and (entry["tenant"] == "" or TENANT_RE.match(entry["tenant"]))
+                        and re.fullmatch(r"[0-9a-f]{64}", entry["digest"])):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{self.path} line {n}: not a token entry") from None
+            entries[entry["name"]] = entry
+        return entries
+
+    def identify(self, secret, now):
+        """The TokenIdentity of a presented token, or None (unknown, revoked or expired)."""
+        digest = token_digest(secret)
+        for entry in self.read().values():
+            if hmac.compare_digest(entry["digest"], digest):
+                expires = entry.get("expires")
+                if expires is not None and now >= expires:
+                    return None
+                return TokenIdentity(entry["name"], entry["role"], entry["tenant"])
+        return None
+
+    def add(self, name, role, tenant, ttl, now):
+        """Make a new token; the secret (shown once) and its entry."""
+        if not TOKEN_NAME_RE.match(name):
+            raise UsageError(f"token name {printable(name, 40)!r}: letters, digits, . _ - only")
+        entries = dict(self.read())
+        if name in entries:
+            raise UsageError(f"there is a token called {name} already (remove it first)")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        entries[name] = {"name": name, "role": role, "tenant": tenant,
+                         "digest": token_digest(secret), "created": int(now),
+                         "expires": None if ttl is None else int(now + ttl)}
+        self.write(entries)
+        return secret, entries[name]
+
+    def remove(self, name):
+        """Revoke the token called ``name``; False if there is none."""
+        entries = dict(self.read())
+        if entries.pop(name, None) is None:
+            return False
+        self.write(entries)
+        return True
+
+    def write(self, entries):
+        """Replace the file with ``entries`` (temp file, fsync, rename)."""
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries.values())
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise DataError(f"cannot write {self.path}: {e.strerror}") from None
+        self.stamp = None
+
+
 # SECTION: Service — DirectoryService: the directory's rules, for every front end
 
 class Caller:
@@ -4182,6 +4309,10 @@ class ServerConfig:
         self.login_delay = LOGIN_FAIL_DELAY
         self.crlf = False
         self.admin = "root@localhost"
+        self.listen = ("127.0.0.1", PH_PORT)
+        self.http = None                        # (host, port) of the HTTP listener, or None
+        self.mcp = True                         # serve /mcp on the HTTP listener
+        self.mcp_origins = ()                   # Origins /mcp accepts beside its own
         self.metrics_port = None        # the HTTP listener's port, which siteinfo advertises
         self.__dict__.update(settings)
 
@@ -5280,46 +5411,6 @@ def run_loop(main, busy_poll):
         return runner.run(main)
 
 
-async def serve(store, config, host, port, log, metrics_at=None, keys=None, audit=None):
-    """Run the Ph server (and the metrics listener) until SIGTERM or SIGINT, then stop."""
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(LoopErrors(log))
-    config.max_connections = raise_fd_limit(config.max_connections, log)
-    server = PhServer(store, config, log, keys=keys, audit=audit)
-    if keys is not None:
-        keys.reload()
-        loop.add_signal_handler(signal.SIGHUP, keys.reload)
-    try:
-        bound = await server.start(host, port)
-    except OSError as e:
-        raise DataError(f"cannot listen on {format_address(host, port)}: {e.strerror}") from None
-    httpd = None
-    if metrics_at:
-        app = HttpApp()
-        metrics_routes(app, LoopBridge(loop), server, store)
-        httpd = start_http(app, *metrics_at, log)
-    if httpd:
-        config.metrics_port = httpd.server_address[1]
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if httpd:
-        log(f"metrics listening on {format_address(*httpd.server_address[:2])} "
-            f"(/metrics /healthz /readyz)")
-    log(f"Ph listening on {format_address(*bound)} (tier {config.tier}, "
-        f"storage {store.describe()}, {store.size()} records)")
-    await stop.wait()
-    log("stopping: finishing writes in flight")
-    await server.shutdown()
-    if httpd:
-        httpd.shutdown()
-        httpd.server_close()
-    await store.close()
-    if audit is not None:
-        audit.close()
-    log("stopped")
-
-
 # SECTION: HTTP — metrics, health and readiness: one reader with limits, one dispatch
 
 HTTP_DEADLINE = 5.0             # seconds from accept to send a request; again to read its answer
@@ -5448,14 +5539,12 @@ class HttpApp:
 
     def __call__(self, request, now):
         """The response bytes for ``request``."""
-        method = "GET" if request.method == "HEAD" else request.method
         methods = self.routes.get(request.path)
-        if methods is None and any(method in m for m in self.routes.values()):
+        if methods is None:
             return format_http_response(404, "text/plain", b"not found\n", now)
-        handler = (methods or {}).get(method)
-        if handler is None:             # a method no route here (or nowhere) answers
-            known = methods or {m: None for ms in self.routes.values() for m in ms}
-            allowed = sorted(known) + (["HEAD"] if "GET" in known else [])
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
             return format_http_response(405, "text/plain", b"method not allowed\n", now,
                                         [("Allow", ", ".join(allowed))])
         code, content_type, body, *headers = handler(request, now)
@@ -7569,6 +7658,718 @@ def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=Tr
     return found
 
 
+# SECTION: MCP — the tool table and JSON-RPC for AI agents, over Streamable HTTP and stdio
+
+MCP_LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_META = "io.modelcontextprotocol/"
+MCP_MAX_BODY = 1 << 20              # bytes one JSON-RPC message may take
+MCP_PAGE = 50                       # records a search returns by default
+MCP_MAX_PAGE = 200                  # and at most: brief records stay far under 25k tokens
+MCP_TEXT_LIMIT = 8000               # characters of the text rendering beside the JSON
+MCP_BRIEF = {PERSON: ("alias", "name", "email", "phone", "title", "department"),
+             MACHINE: ("hostname", "ip", "role", "status", "os", "owner", "location")}
+MCP_SERVER_SET = frozenset(("type", "tenant", "created", "modified", "source", "status",
+                            "last_seen"))      # fields only the server sets: no source to show
+MCP_INSTRUCTIONS = (
+    "Pharos is a directory of people and machines. search takes a Ph query: words match "
+    "names and host names; field=value matches a field (role=nas, ip=10.0.0.7, "
+    "owner=jsmith); * and ? are wildcards; terms are ANDed. get reads one record by alias "
+    "or hostname. Writes take dry_run to show what they would do first.")
+
+
+class McpError(PharosError):
+    """A JSON-RPC error: ``code`` per JSON-RPC, ``status`` the HTTP status of a modern era."""
+
+    def __init__(self, code, message, status=400, data=None):
+        super().__init__(message)
+        self.code, self.message, self.status, self.data = code, message, status, data
+
+
+class ToolError(PharosError):
+    """A tool that ran and failed: the agent gets ``isError`` and this text to act on."""
+
+
+class McpTool:
+    """One row of the tool table: what an agent sees, and the coroutine that runs it."""
+
+    def __init__(self, name, title, description, params, output, run, *, read_only,
+                 destructive=False, idempotent=False, required=()):
+        self.name, self.title, self.description, self.run = name, title, description, run
+        self.input_schema = {"type": "object", "properties": params,
+                             "additionalProperties": False}
+        if required:
+            self.input_schema["required"] = list(required)
+        self.output_schema = {"type": "object", "properties": output,
+                              "required": list(output)}
+        self.annotations = {"title": title, "readOnlyHint": read_only,
+                            "destructiveHint": destructive, "idempotentHint": idempotent,
+                            "openWorldHint": False}
+
+    def listing(self):
+        """The tool as tools/list shows it."""
+        return {"name": self.name, "title": self.title, "description": self.description,
+                "inputSchema": self.input_schema, "outputSchema": self.output_schema,
+                "annotations": self.annotations}
+
+
+# -- argument checking: the JSON Schema subset the tool table uses --------------
+
+def mcp_check(schema, value, where="arguments"):
+    """None when ``value`` fits ``schema`` (a JSON Schema subset), else why not."""
+    kind = schema.get("type")
+    checks = {"object": dict, "array": list, "string": str, "boolean": bool}
+    if kind == "integer":
+        if type(value) is not int:
+            return f"{where} must be an integer"
+        if not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+            return f"{where} must be from {schema['minimum']} to {schema['maximum']}"
+    elif kind in checks and type(value) is not checks[kind]:
+        return f"{where} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{where} must be one of {', '.join(map(str, schema['enum']))}"
+    if kind == "string" and len(value) > schema.get("maxLength", len(value)):
+        return f"{where} is longer than {schema['maxLength']} characters"
+    if kind == "array":
+        if len(value) > schema.get("maxItems", len(value)):
+            return f"{where} has more than {schema['maxItems']} items"
+        for n, item in enumerate(value):
+            problem = mcp_check(schema.get("items", {}), item, f"{where}[{n}]")
+            if problem:
+                return problem
+    if kind == "object":
+        return mcp_check_object(schema, value, where)
+    return None
+
+
+def mcp_check_object(schema, value, where):
+    """mcp_check for an object: required names, known names, each property's schema."""
+    properties = schema.get("properties", {})
+    for name in schema.get("required", ()):
+        if name not in value:
+            return f"{where} needs {name}"
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        if name in properties:
+            problem = mcp_check(properties[name], item, f"{name}")
+        elif extra is False:
+            problem = f"{where} has an unknown name {printable(name, 40)!r}"
+        else:
+            problem = mcp_check(extra, item, name) if type(extra) is dict else None
+        if problem:
+            return problem
+    return None
+
+
+# -- the tools ----------------------------------------------------------------
+
+STRING = {"type": "string", "maxLength": MAX_LINE}
+STRINGS = {"type": "array", "items": STRING, "maxItems": MAX_VALUES}
+RECORD = {"type": "object", "description": "a record: field names to a string, or to a list "
+                                           "of strings for multi-valued fields"}
+RECORDS = {"type": "array", "items": RECORD}
+
+
+def mcp_record_params(schema, rtype):
+    """The input schema properties of an add: every field a person may set on ``rtype``."""
+    params = {}
+    for field in schema.all[rtype]:
+        if field.server or field.name == "type":
+            continue
+        shape = dict(STRINGS if field.multi else STRING)
+        if not field.multi:
+            shape["maxLength"] = field.max
+        params[field.name] = dict(shape, description=field.desc)
+    return params
+
+
+def mcp_changes_param(schema):
+    """The `changes` object of update: field → value, list of values, or null to remove."""
+    values = {"anyOf": [STRING, STRINGS, {"type": "null"}]}
+    return {"type": "object", "description": "field names to new values; null removes a field",
+            "additionalProperties": values}
+
+
+def mcp_brief(record, fields):
+    """``record`` cut down for a listing: the brief fields of its type, or ``fields``."""
+    names = fields or MCP_BRIEF[record["type"]]
+    out = {"type": record["type"]}
+    out.update((n, record[n]) for n in names if record.get(n) and n != "type")
+    return out
+
+
+def mcp_cursor(query, rtype, offset):
+    """An opaque cursor for the page of ``query`` from ``offset`` on."""
+    raw = json.dumps([query, rtype, offset], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def mcp_uncursor(text):
+    """(query, type, offset) from a cursor; ToolError if it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        query, rtype, offset = json.loads(raw)
+        if type(query) is str and rtype in (None, PERSON, MACHINE) and (
+                type(offset) is int and offset >= 0):
+            return query, rtype, offset
+    except (ValueError, TypeError, UnicodeDecodeError):
+        pass
+    raise ToolError("that cursor is not one this server gave out; search again")
+
+
+async def tool_search(service, args, caller, now):
+    """search: records matching a Ph query or free text, a page at a time."""
+    if "cursor" in args:
+        query, rtype, offset = mcp_uncursor(args["cursor"])
+    else:
+        query, rtype, offset = args.get("query", ""), args.get("type"), 0
+    if not query.strip():
+        raise ToolError("say what to search for: words, or field=value terms")
+    limit = args.get("limit", MCP_PAGE)
+    records = await service.query(caller, query, rtype, now)
+    page = records[offset:offset + limit]
+    fields = None if args.get("fields", "brief") == "brief" else "all"
+    shown = [r if fields else mcp_brief(r, None) for r in page]
+    end = offset + len(page)
+    return {"total": len(records), "records": shown,
+            "next_cursor": mcp_cursor(query, rtype, end) if end < len(records) else None}
+
+
+async def tool_get(service, args, caller, now):
+    """get: one record by alias or hostname, with the source of each field."""
+    record = await service.get(caller, args.get("type"), args["key"], now)
+    if record is None:
+        raise ToolError(f"no record with alias or hostname {printable(args['key'], 64)!r}")
+    record = dict(record)
+    owners = record.pop(SOURCES_KEY, None) or {}
+    return {"record": record, "sources": {name: owners.get(name, MANUAL) for name in record
+                                          if name not in MCP_SERVER_SET}}
+
+
+def tool_add(rtype):
+    """The add tool for ``rtype``: add_person or add_machine."""
+    async def add(service, args, caller, now):
+        fields = {name: (value if type(value) is list else [value])
+                  for name, value in args.items() if name != "dry_run"}
+        record = await service.add(caller, rtype, fields, now, dry_run=args.get("dry_run", False))
+        return {"added": not args.get("dry_run", False), "record": record}
+    add.__doc__ = f"add_{rtype}: one new {rtype}, or with dry_run what it would be."
+    return add
+
+
+def mcp_make(changes):
+    """{field: [values]} for a change from the tool's {field: value | [values] | null}."""
+    return {name: [] if value is None else value if type(value) is list else [value]
+            for name, value in changes.items()}
+
+
+async def tool_update(service, args, caller, now):
+    """update: change the records a query selects, at most ``limit`` of them."""
+    if not args["changes"]:
+        raise ToolError("changes is empty: name at least one field to set or remove")
+    result = await service.change(caller, args["selection"], args.get("type"),
+                                  mcp_make(args["changes"]), now, limit=args.get("limit", 1),
+                                  dry_run=args.get("dry_run", False))
+    return {"matched": result["matched"], "changed": result["changed"],
+            "records": result["records"], "dry_run": args.get("dry_run", False)}
+
+
+async def tool_delete(service, args, caller, now):
+    """delete: remove the records a query selects, only when exactly as many as expected."""
+    result = await service.delete(caller, args["selection"], args.get("type"), now,
+                                  expected=args["expected_count"],
+                                  dry_run=args.get("dry_run", False))
+    return {"matched": result["matched"], "deleted": result["deleted"],
+            "keys": result["keys"], "dry_run": args.get("dry_run", False)}
+
+
+async def tool_stats(service, args, caller, now):
+    """stats: how many people and machines, machines by status, the latest changes."""
+    return await service.stats(caller, now)
+
+
+def mcp_tools(schema):
+    """The tool table, in the order tools/list gives it."""
+    kind = {"type": "string", "enum": list(RECORD_TYPES),
+            "description": "only people or only machines"}
+    dry = {"type": "boolean", "description": "show what would change, change nothing"}
+    selection = dict(STRING, description="a Ph query selecting the records, e.g. hostname=web-1")
+    written = {"added": {"type": "boolean"}, "record": RECORD}
+    return [
+        McpTool("search", "Search the directory",
+                "Find people and machines. query is a Ph query: bare words match names and "
+                "host names, field=value matches a field, * and ? are wildcards, terms are "
+                "ANDed. Answers a page of brief records; pass next_cursor back for more.",
+                {"query": dict(STRING, description="words and field=value terms"), "type": kind,
+                 "limit": {"type": "integer", "minimum": 1, "maximum": MCP_MAX_PAGE,
+                           "description": f"records per page (default {MCP_PAGE})"},
+                 "fields": {"type": "string", "enum": ["brief", "all"],
+                            "description": "brief (default) or every field"},
+                 "cursor": dict(STRING, description="next_cursor of the previous page")},
+                {"total": {"type": "integer"}, "records": RECORDS,
+                 "next_cursor": {"type": ["string", "null"]}},
+                tool_search, read_only=True, idempotent=True),
+        McpTool("get", "Read one record",
+                "One person (by alias) or machine (by hostname) with every field, and which "
+                "fields a person set (manual) and which discovery keeps (scan, pulse).",
+                {"key": dict(STRING, description="an alias or a hostname"), "type": kind},
+                {"record": RECORD, "sources": {"type": "object"}},
+                tool_get, read_only=True, idempotent=True, required=("key",)),
+        McpTool("add_person", "Add a person", "Add one person; alias is the unique key.",
+                dict(mcp_record_params(schema, PERSON), dry_run=dry), written,
+                tool_add(PERSON), read_only=False, required=("alias",)),
+        McpTool("add_machine", "Add a machine", "Add one machine; hostname is the unique key.",
+                dict(mcp_record_params(schema, MACHINE), dry_run=dry), written,
+                tool_add(MACHINE), read_only=False, required=("hostname",)),
+        McpTool("update", "Change records",
+                "Set or remove fields on the records selection matches. Refused when more "
+                "than limit records (default 1) match, so a loose query changes nothing.",
+                {"selection": selection, "type": kind, "changes": mcp_changes_param(schema),
+                 "limit": {"type": "integer", "minimum": 1, "maximum": MAX_CHANGE_LIMIT},
+                 "dry_run": dry},
+                {"matched": {"type": "integer"}, "changed": {"type": "integer"},
+                 "records": RECORDS, "dry_run": {"type": "boolean"}},
+                tool_update, read_only=False, idempotent=True, required=("selection", "changes")),
+        McpTool("delete", "Delete records",
+                "Delete the records selection matches, only if their number is exactly "
+                "expected_count (search first).",
+                {"selection": selection, "type": kind,
+                 "expected_count": {"type": "integer", "minimum": 1, "maximum": MAX_CHANGE_LIMIT},
+                 "dry_run": dry},
+                {"matched": {"type": "integer"}, "deleted": {"type": "integer"},
+                 "keys": {"type": "array", "items": {"type": "string"}},
+                 "dry_run": {"type": "boolean"}},
+                tool_delete, read_only=False, destructive=True, idempotent=True,
+                required=("selection", "expected_count")),
+        McpTool("stats", "Directory statistics",
+                "How many people and machines there are, machines by status, and the most "
+                "recently changed records.", {},
+                {"people": {"type": "integer"}, "machines": {"type": "integer"},
+                 "by_status": {"type": "object"}, "recent": RECORDS},
+                tool_stats, read_only=True, idempotent=True),
+    ]
+
+
+# -- JSON-RPC: one message in, one reply out, either era ------------------------
+
+class McpServer:
+    """The MCP method table over a directory service (local or remote) and a caller."""
+
+    def __init__(self, service, schema, version=__version__):
+        self.service = service
+        self.tools = {tool.name: tool for tool in mcp_tools(schema)}
+        self.server_info = {"name": "pharos", "version": version}
+
+    async def handle(self, message, caller, now, headers=None):
+        """(HTTP status, reply object or None) for one decoded JSON-RPC message."""
+        if type(message) is list:
+            return 400, mcp_error_reply(None, McpError(-32600, "batches are not supported"))
+        if type(message) is not dict or message.get("jsonrpc") != "2.0":
+            return 400, mcp_error_reply(None, McpError(-32600, "not a JSON-RPC 2.0 message"))
+        if "method" not in message:
+            return 202, None                    # a response to us: nothing to answer
+        if "id" not in message:
+            return 202, None                    # a notification: never answered
+        ident = message["id"]
+        if type(ident) not in (str, int) or type(ident) is bool:
+            return 400, mcp_error_reply(None, McpError(-32600, "the id must be a string or number"))
+        params = message.get("params", {})
+        modern = type(params) is dict and mcp_modern(params)
+        try:
+            if type(params) is not dict:
+                raise McpError(-32602, "params must be an object")
+            if modern:
+                mcp_check_modern(params, message["method"], headers or {})
+            result = await self.dispatch(message["method"], params, caller, now, modern)
+        except McpError as e:
+            return (e.status if modern else 200), mcp_error_reply(ident, e)
+        if modern:
+            result = dict(result, resultType="complete")
+            result.setdefault("_meta", {})[MCP_META + "serverInfo"] = self.server_info
+        return 200, {"jsonrpc": "2.0", "id": ident, "result": result}
+
+    async def dispatch(self, method, params, caller, now, modern):
+        """The result of one request; McpError when it cannot have one."""
+        if method == "initialize" and not modern:
+            return self.initialize(params)
+        if method == "ping" and not modern:
+            return {}
+        if method == "server/discover":
+            return {"supportedVersions": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
+                    "capabilities": {"tools": {"listChanged": False}},
+                    "instructions": MCP_INSTRUCTIONS, "ttlMs": 0, "cacheScope": "private"}
+        if method == "tools/list":
+            listing = {"tools": [tool.listing() for tool in self.tools.values()]}
+            return dict(listing, ttlMs=0, cacheScope="private") if modern else listing
+        if method == "tools/call":
+            return await self.call(params, caller, now)
+        raise McpError(-32601, f"method not found: {printable(str(method), 64)}", status=404)
+
+    def initialize(self, params):
+        """The legacy handshake: the client's version when known, else our newest."""
+        asked = params.get("protocolVersion")
+        version = asked if asked in MCP_LEGACY_VERSIONS else MCP_LEGACY_VERSIONS[0]
+        return {"protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": self.server_info, "instructions": MCP_INSTRUCTIONS}
+
+    async def call(self, params, caller, now):
+        """tools/call: the tool's result, or an isError result when the tool refuses."""
+        tool = self.tools.get(params.get("name"))
+        if tool is None:
+            raise McpError(-32602, f"unknown tool: {printable(str(params.get('name')), 64)}")
+        args = params.get("arguments", {})
+        problem = mcp_check(tool.input_schema, args)
+        if problem:
+            return mcp_tool_error(problem)
+        try:
+            structured = await tool.run(self.service, args, caller, now)
+        except ServiceError as e:
+            return mcp_tool_error(service_words(e))
+        except (ToolError, RecordError, PhError) as e:
+            return mcp_tool_error(str(e))
+        text = json.dumps(structured, ensure_ascii=False)
+        if len(text) > MCP_TEXT_LIMIT:
+            text = text[:MCP_TEXT_LIMIT] + " …(cut; the structured result is whole)"
+        return {"content": [{"type": "text", "text": text}], "structuredContent": structured,
+                "isError": False}
+
+
+def service_words(error):
+    """A ServiceError as one line for an agent: the reason, then qi's details."""
+    details = "; ".join(f"{text} ({code})" for code, text in error.details)
+    return f"{error.text} ({error.code})" + (f": {details}" if details else "")
+
+
+def mcp_tool_error(text):
+    """A tool result that failed: the agent reads ``text`` and may try again."""
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+def mcp_error_reply(ident, error):
+    """A JSON-RPC error object for ``error`` (an McpError)."""
+    body = {"code": error.code, "message": error.message}
+    if error.data is not None:
+        body["data"] = error.data
+    return {"jsonrpc": "2.0", "id": ident, "error": body}
+
+
+def mcp_modern(params):
+    """Whether a request is of the stateless era: its _meta names a protocol version."""
+    meta = params.get("_meta")
+    return type(meta) is dict and MCP_META + "protocolVersion" in meta
+
+
+def mcp_check_modern(params, method, headers):
+    """Refuse a modern request whose version, _meta or mirrored headers are wrong."""
+    meta = params["_meta"]
+    version = meta.get(MCP_META + "protocolVersion")
+    if version not in MCP_MODERN_VERSIONS:
+        raise McpError(-32022, "unsupported protocol version",
+                       data={"supported": list(MCP_MODERN_VERSIONS), "requested": version})
+    if type(meta.get(MCP_META + "clientCapabilities")) is not dict:
+        raise McpError(-32602, "_meta needs io.modelcontextprotocol/clientCapabilities")
+    if not headers:
+        return                                  # stdio: there are no headers to mirror
+    wanted = {"mcp-protocol-version": version, "mcp-method": method}
+    if method == "tools/call":
+        wanted["mcp-name"] = params.get("name")
+    for name, value in wanted.items():
+        if headers.get(name) != value:
+            raise McpError(-32020, f"the {name} header does not match the request")
+
+
+# -- Streamable HTTP: POST /mcp on the HTTP app ----------------------------------
+
+class McpHttp:
+    """POST /mcp: the transport checks (Host, Origin, content type, bearer token), then the
+    message goes over the LoopBridge to McpServer.handle on the loop's thread.
+
+    Tokens are identities like keys: in dev they are optional, in lab reads need none and
+    writes need one, in enterprise every request needs one. No sessions are kept.
+    """
+
+    def __init__(self, mcp, bridge, tokens, tier, hosts, origins, log):
+        self.mcp, self.bridge, self.tokens, self.tier = mcp, bridge, tokens, tier
+        self.hosts, self.origins, self.log = hosts, origins, log
+
+    def post(self, request, now):
+        """The answer to one POST /mcp."""
+        headers = request.headers
+        refusal = self.transport_refusal(headers)
+        if refusal:
+            return refusal
+        try:
+            message = json.loads(request.body)
+        except ValueError:
+            return mcp_http_error(400, None, McpError(-32700, "the body is not JSON"))
+        user, refusal = self.identify(headers, message, now)
+        if refusal:
+            return refusal
+        caller = Caller(user, None, mcp_request_text(message))
+        try:
+            status, reply = self.bridge.call(self.mcp.handle, message, caller, now, headers)
+        except HttpError as e:
+            return http_error_answer(e)
+        if reply is None:
+            return status, "application/json", b""
+        return status, "application/json", json.dumps(reply, ensure_ascii=False).encode()
+
+    def transport_refusal(self, headers):
+        """403/421/415 for a request from a place or in a shape /mcp does not take."""
+        host = headers.get("host", "").lower()
+        if host not in self.hosts:
+            return 421, "text/plain", b"this server does not answer for that Host\n"
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in self.origins:
+            return mcp_http_error(403, None, McpError(-32600, "Origin not allowed"))
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return 415, "text/plain", b"send Content-Type: application/json\n"
+        return None
+
+    def identify(self, headers, message, now):
+        """(identity or None, refusal): the bearer token's identity, 401 when one is needed
+        and missing or not valid."""
+        auth = headers.get("authorization", "")
+        scheme, _, secret = auth.partition(" ")
+        user = None
+        if auth:
+            user = self.tokens.identify(secret.strip(), now) if (
+                self.tokens is not None and scheme.lower() == "bearer") else None
+            if user is None:
+                return None, mcp_unauthorized("the token is not valid (unknown, revoked or expired)")
+        elif self.tier == "enterprise" or (self.tier == "lab" and mcp_writes(self.mcp, message)):
+            return None, mcp_unauthorized("this needs a bearer token (pharos tokens add NAME)")
+        return user, None
+
+
+def mcp_writes(mcp, message):
+    """Whether ``message`` calls a tool that writes."""
+    if type(message) is not dict or message.get("method") != "tools/call":
+        return False
+    params = message.get("params")
+    tool = mcp.tools.get(params.get("name")) if type(params) is dict else None
+    return tool is not None and not tool.annotations["readOnlyHint"]
+
+
+def mcp_request_text(message):
+    """How an MCP request shows in the audit log: the tool and its arguments."""
+    params = message.get("params") if type(message) is dict else None
+    if type(params) is dict and message.get("method") == "tools/call":
+        return f"mcp {params.get('name')} " + json.dumps(params.get("arguments", {}),
+                                                          ensure_ascii=False)[:1800]
+    return "mcp " + str(message.get("method") if type(message) is dict else "?")[:64]
+
+
+def mcp_http_error(status, ident, error):
+    """An HTTP answer carrying a JSON-RPC error."""
+    return status, "application/json", json.dumps(mcp_error_reply(ident, error)).encode()
+
+
+def mcp_unauthorized(text):
+    """401 with the Bearer challenge MCP clients expect."""
+    body = json.dumps(mcp_error_reply(None, McpError(-32001, text))).encode()
+    return 401, "application/json", body, [("WWW-Authenticate", 'Bearer realm="pharos"')]
+
+
+def mcp_hosts(host, port):
+    """The Host values /mcp answers to: the listener's own names (DNS rebinding guard)."""
+    names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+    if host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname().lower()}
+    return {f"{name.lower()}:{port}" for name in names} | {name.lower() for name in names}
+
+
+def mcp_origins(hosts, extra):
+    """The Origins /mcp accepts: http(s):// of its own names, and those of --mcp-origin."""
+    own = {f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")}
+    return own | {origin.lower().rstrip("/") for origin in extra}
+
+
+def mcp_routes(app, mcp_http):
+    """POST /mcp on ``app``; GET and DELETE get 405 (no streams, no sessions)."""
+    app.route("POST", "/mcp", guarded(mcp_http.post))
+    for method in ("GET", "DELETE"):
+        app.route(method, "/mcp", lambda request, now: (
+            405, "text/plain", b"POST JSON-RPC messages to /mcp\n", [("Allow", "POST")]))
+
+
+# -- stdio: pharos mcp -----------------------------------------------------------
+
+async def mcp_stdio(mcp, reader, writer, log):
+    """Serve MCP over stdio: one JSON-RPC message per line in, one per line out, until EOF.
+    ``reader()`` gives the next line (b"" at the end); ``writer(bytes)`` sends one."""
+    while True:
+        raw = await reader()
+        if not raw:
+            return
+        if len(raw) > MCP_MAX_BODY:
+            reply = mcp_error_reply(None, McpError(-32600, "message too large"))
+        elif not raw.strip():
+            continue
+        else:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                reply = mcp_error_reply(None, McpError(-32700, "not JSON"))
+            else:
+                caller = Caller(None, None, mcp_request_text(message))
+                _, reply = await mcp.handle(message, caller, time.time())
+        if reply is not None:
+            writer(json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+
+
+class RemoteService:
+    """The directory service's whole-request methods over a Ph connection: what
+    ``pharos mcp`` runs its tools on, logged in with the user's SSH key like ph and mdb.
+    The server decides, limits and audits; this only words the requests."""
+
+    def __init__(self, client):
+        self.client = client
+
+    async def query(self, caller, text, rtype, now):
+        """Records matching ``text`` (all fields, with sources)."""
+        narrowed = f"{text} type={rtype}" if rtype else text
+        return [mcp_remote_record(r) for r in
+                await self.ask(self.client.query(f"{narrowed} return all sources"))]
+
+    async def get(self, caller, rtype, key, now):
+        """The person or machine called ``key``, or None."""
+        for kind in ([rtype] if rtype else RECORD_TYPES):
+            found = await self.query(caller, f"{KEY_FIELD[kind]}={quote_value(key)}", kind, now)
+            if found:
+                return found[0]
+        return None
+
+    async def add(self, caller, rtype, fields, now, dry_run=False):
+        """Add one record (dry_run: refused here; the server has no dry add)."""
+        key = fields[KEY_FIELD[rtype]][0]
+        if dry_run:
+            return dict({n: v if len(v) > 1 else v[0] for n, v in fields.items()}, type=rtype)
+        changes = {n: v for n, v in fields.items() if n != KEY_FIELD[rtype]}
+        for request in write_requests(rtype, key, changes, True):
+            await self.ask(self.client.write(request.replace("add ", f"add type={rtype} ", 1)
+                                             if request.startswith("add ") else request))
+        return await self.get(caller, rtype, key, now)
+
+    async def change(self, caller, text, rtype, make, now, limit=1, dry_run=False):
+        """Change what ``text`` selects, at most ``limit`` records."""
+        before = await self.query(caller, text, rtype, now)
+        if not before:
+            raise ServiceError(501, "No matches to specification.")
+        if len(before) > limit:
+            raise ServiceError(518, f"Too many entries ({len(before)}) selected; limit is {limit}.")
+        after = [dict(r, **{n: (v if n in BUILTIN_MULTI else v[0]) for n, v in make.items() if v})
+                 for r in before]
+        if not dry_run:
+            narrowed = f"{text} type={rtype}" if rtype else text
+            sets = " ".join(f"{n}={quote_value(v)}" for n, vs in make.items() for v in (vs or [""]))
+            await self.ask(self.client.command(f"set limit={limit}"))
+            await self.ask(self.client.write(f"change {narrowed} make {sets}"))
+            after = await self.query(caller, text, rtype, now) or after
+        return {"matched": len(before), "changed": len(before), "records": after}
+
+    async def delete(self, caller, text, rtype, now, expected, dry_run=False):
+        """Delete what ``text`` selects, only when that is exactly ``expected`` records."""
+        found = await self.query(caller, text, rtype, now)
+        if len(found) != expected:
+            raise ServiceError(518, f"{plural(len(found), 'entry', 'entries')} selected, "
+                                    f"not {expected}; nothing deleted.")
+        keys = [r[KEY_FIELD[r["type"]]] for r in found]
+        if not dry_run:
+            narrowed = f"{text} type={rtype}" if rtype else text
+            await self.ask(self.client.command(f"set limit={expected}"))
+            await self.ask(self.client.write(f"delete {narrowed}"))
+        return {"matched": len(found), "deleted": 0 if dry_run else len(found), "keys": keys}
+
+    async def stats(self, caller, now):
+        """Counts by type and machine status, from the dump extension's totals."""
+        counts = {}
+        for name, request in (("people", "type=person return alias"),
+                              ("machines", "type=machine return hostname"),
+                              *((s, f"type=machine status={s} return hostname")
+                                for s in ("online", "offline", "failing", "unknown"))):
+            counts[name] = await self.ask(self.count(request))
+        return {"people": counts.pop("people"), "machines": counts.pop("machines"),
+                "by_status": {s: n for s, n in counts.items() if n}, "recent": []}
+
+    async def count(self, request):
+        """How many records ``request`` matches (the first dump page's count line)."""
+        async for total, _ in self.client.dump(request):
+            return total
+        return 0
+
+    @staticmethod
+    async def ask(pending):
+        """Await a client call; a Ph refusal becomes a ServiceError in the server's words."""
+        try:
+            return await pending
+        except PhError as e:
+            raise ServiceError(e.code, e.text) from None
+
+
+def mcp_remote_record(record):
+    """A record read over Ph, with its sources map in the shape stores keep it."""
+    sources = record.get(SOURCES_KEY)
+    if not sources:
+        record.pop(SOURCES_KEY, None)
+    return record
+
+
+# SECTION: Serve — the wiring that starts the listeners (Ph, HTTP with metrics and MCP)
+
+def http_app(server, store, tokens, config, loop, log):
+    """The HTTP app of a server: metrics, health and readiness, and /mcp."""
+    app, bridge = HttpApp(), LoopBridge(loop)
+    metrics_routes(app, bridge, server, store)
+    if config.mcp:
+        host, port = config.http
+        hosts = mcp_hosts(host, port)
+        mcp = McpServer(server.service, store.schema)
+        mcp_routes(app, McpHttp(mcp, bridge, tokens, config.tier, hosts,
+                                mcp_origins(hosts, config.mcp_origins), log))
+    return app
+
+
+async def serve(store, config, log, keys=None, audit=None, tokens=None):
+    """Run the Ph server (and the HTTP listener) until SIGTERM or SIGINT, then stop."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors(log))
+    config.max_connections = raise_fd_limit(config.max_connections, log)
+    server = PhServer(store, config, log, keys=keys, audit=audit)
+    if keys is not None:
+        keys.reload()
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
+    host, port = config.listen
+    try:
+        bound = await server.start(host, port)
+    except OSError as e:
+        raise DataError(f"cannot listen on {format_address(host, port)}: {e.strerror}") from None
+    httpd = None
+    if config.http:
+        httpd = start_http(http_app(server, store, tokens, config, loop, log), *config.http, log)
+        config.http = httpd.server_address[:2]
+        config.metrics_port = config.http[1]
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if httpd:
+        paths = "/metrics /healthz /readyz" + (" /mcp" if config.mcp else "")
+        log(f"metrics listening on {format_address(*config.http)} ({paths})")
+    log(f"Ph listening on {format_address(*bound)} (tier {config.tier}, "
+        f"storage {store.describe()}, {store.size()} records)")
+    await stop.wait()
+    log("stopping: finishing writes in flight")
+    await server.shutdown()
+    if httpd:
+        httpd.shutdown()
+        httpd.server_close()
+    await store.close()
+    if audit is not None:
+        audit.close()
+    log("stopped")
+
+
 # SECTION: CLI — cmd_<name> handlers, argument parsing and main()
 
 class ArgParser(argparse.ArgumentParser):
@@ -7630,17 +8431,25 @@ def cmd_serve(args):
         with loading():
             store = FileStore(schema, args.data, args.compact_bytes, log=log_to_stderr,
                               image=True).open()
+    http = None
+    if args.metrics != "off":
+        http = parse_hostport(args.metrics or f"{host}:{METRICS_PORT}", METRICS_PORT,
+                              "--metrics")
+    mcp = args.mcp == "on" and http is not None
+    if mcp and args.tier == "dev" and not is_loopback(http[0]):
+        raise UsageError(f"in the dev tier /mcp takes writes from anyone, so the HTTP listener "
+                         f"must be on loopback, not {http[0]}: say --metrics 127.0.0.1:"
+                         f"{METRICS_PORT}, --mcp off or --tier lab")
     config = ServerConfig(tier=args.tier, max_results=args.max_results,
                           idle_timeout=args.idle_timeout, max_connections=args.max_connections,
-                          crlf=args.crlf, admin=args.admin, login_delay=args.login_delay)
-    metrics_at = None
-    if args.metrics != "off":
-        metrics_at = parse_hostport(args.metrics or f"{host}:{METRICS_PORT}", METRICS_PORT,
-                                    "--metrics")
+                          crlf=args.crlf, admin=args.admin, login_delay=args.login_delay,
+                          listen=(host, port), http=http, mcp=mcp,
+                          mcp_origins=tuple(args.mcp_origin or ()))
     keys, audit = open_keys(args)
     if audit is not None:
         store.attach_audit(audit)
-    run_loop(serve(store, config, host, port, log_to_stderr, metrics_at, keys, audit),
+    tokens = TokenFile(os.path.join(os.path.abspath(args.data), TOKENS_FILE))
+    run_loop(serve(store, config, log_to_stderr, keys, audit, tokens),
              args.busy_poll / 1e6)
     return EXIT_OK
 
@@ -8484,6 +9293,10 @@ def build_parser():
     serve_p.add_argument("--config", metavar="FILE", help="custom fields (default DATA/pharos.ini)")
     serve_p.add_argument("--metrics", metavar="HOST:PORT|off",
                          help="metrics and health over HTTP (default: the Ph host, port 9090)")
+    serve_p.add_argument("--mcp", choices=("on", "off"), default="on",
+                         help="serve MCP for AI agents at /mcp on the HTTP listener (default on)")
+    serve_p.add_argument("--mcp-origin", action="append", metavar="ORIGIN",
+                         help="a browser Origin /mcp accepts besides its own (repeatable)")
     serve_p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS)
     serve_p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
                          metavar="SECONDS")
@@ -8529,6 +9342,22 @@ def build_parser():
     keys_p.add_argument("--as", dest="login_as", metavar="USER")
     keys_p.add_argument("--key", metavar="FILE")
     keys_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
+
+    tokens_p = commands.add_parser("tokens", help="list, add or remove bearer tokens (MCP)")
+    tokens_p.add_argument("words", nargs="*", metavar="list|add|remove NAME",
+                          help="add NAME; remove NAME; list (the default)")
+    tokens_p.add_argument("--role", choices=ROLES, default="reader",
+                          help="add: the token's role (default reader)")
+    tokens_p.add_argument("--tenant", default="", help="add: the token's tenant (enterprise; * for all)")
+    tokens_p.add_argument("--ttl", metavar="DURATION", help="add: expire after 90d, 12h, 30m …")
+    tokens_p.add_argument("--data", default=data_default, metavar="DIR",
+                          help="the server's data dir (default ./pharos-data or $PHAROS_DATA)")
+
+    mcp_p = commands.add_parser("mcp", help="MCP over stdio for a local AI agent")
+    mcp_p.add_argument("--server", metavar="HOST[:PORT]")
+    mcp_p.add_argument("--as", dest="login_as", metavar="USER")
+    mcp_p.add_argument("--key", metavar="FILE")
+    mcp_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
 
     add_scan_parser(commands)
     for name in ("pulse", "console"):
@@ -8640,6 +9469,82 @@ def site_value(text):
     if ":" in text or "\n" in text:
         raise argparse.ArgumentTypeError("may not contain ':' or line breaks")
     return text
+
+
+def cmd_tokens(args):
+    """List, add or remove the bearer tokens in DATA/tokens (agents' identities for /mcp)."""
+    action, what = (args.words[0], args.words[1:]) if args.words else ("list", [])
+    if action not in ("list", "add", "remove") or (action != "list") != (len(what) == 1):
+        raise UsageError("tokens: say list, add NAME or remove NAME")
+    if args.tenant and not TENANT_RE.match(args.tenant):
+        raise UsageError(f"tokens: --tenant {printable(args.tenant, 40)!r} is not a tenant name")
+    ttl = None if args.ttl is None else parse_duration(args.ttl)
+    if args.ttl is not None and not ttl:
+        raise UsageError(f"tokens: --ttl {printable(args.ttl, 20)!r}: say 90d, 12h, 30m or seconds")
+    tokens = TokenFile(os.path.join(args.data, TOKENS_FILE))
+    now = time.time()
+    if action == "add":
+        secret, entry = tokens.add(what[0], args.role, args.tenant, ttl, now)
+        print(secret)
+        log_to_stderr(f"token {entry['name']} ({entry['role']}"
+                      + (f", tenant {entry['tenant']}" if entry["tenant"] else "")
+                      + ("" if ttl is None else f", expires {utc_now(entry['expires'])}")
+                      + "): shown once; the server keeps only its hash")
+        return EXIT_OK
+    if action == "remove":
+        if not tokens.remove(what[0]):
+            print(f"pharos: no token called {printable(what[0], 64)}", file=sys.stderr)
+            return EXIT_NOMATCH
+        return EXIT_OK
+    entries = tokens.read()
+    if not entries:
+        print("pharos: no tokens", file=sys.stderr)
+        return EXIT_NOMATCH
+    for entry in entries.values():
+        expires = "never" if entry.get("expires") is None else utc_now(entry["expires"])
+        print(f"{entry['name']}\t{entry['role']}\t{entry['tenant'] or '-'}\texpires {expires}")
+    return EXIT_OK
+
+
+def cmd_mcp(args):
+    """Serve MCP over stdio to a local agent, on a server reached over Ph with the user's key."""
+    host, port = server_address(args)
+    return asyncio.run(run_mcp_stdio(args, host, port))
+
+
+async def run_mcp_stdio(args, host, port):
+    """The stdio MCP loop; the tools run on a RemoteService over one PhClient."""
+    client = PhClient(host, port, timeout=args.timeout, client_id="mcp", user=login_name(args),
+                      key_path=args.key or os.environ.get("PHAROS_KEY"))
+    try:
+        try:
+            schema = await client.load_schema()
+        except PhError as e:
+            log_to_stderr(f"pharos mcp: {e.text}; the tools will say so until it answers")
+            schema = Schema()
+        mcp = McpServer(RemoteService(client), schema)
+        loop = asyncio.get_running_loop()
+
+        def send(data):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        await mcp_stdio(mcp, lambda: loop.run_in_executor(None, read_message_line,
+                                                          sys.stdin.buffer), send, log_to_stderr)
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+def read_message_line(stream):
+    """One line of ``stream`` up to MCP_MAX_BODY bytes; a longer one is read past and given
+    as MCP_MAX_BODY + 1 bytes, so it is refused as too large, not split into two."""
+    raw = stream.readline(MCP_MAX_BODY + 1)
+    if len(raw) > MCP_MAX_BODY and not raw.endswith(b"\n"):
+        while True:
+            more_bytes = stream.readline(1 << 16)
+            if not more_bytes or more_bytes.endswith(b"\n"):
+                break
+    return raw
 
 
 def cmd_keys(args):
@@ -8883,6 +9788,7 @@ def cmd_planned(args):
 
 
 HANDLERS = {"serve": cmd_serve, "load": cmd_load, "doctor": cmd_doctor, "keys": cmd_keys,
+            "tokens": cmd_tokens, "mcp": cmd_mcp,
             "scan": cmd_scan, "pulse": cmd_planned, "console": cmd_planned,
             "ph": cmd_lookup, "mdb": cmd_lookup}
 PROGRAM_NAMES = {"ph": "ph", "mdb": "mdb", "pharos-scan": "scan", "pharos-pulse": "pulse",
