@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def free_port():
 class Slapd:
     """One slapd instance living in ``path``."""
 
-    def __init__(self, path, port=None, server_id=None, replication=""):
+    def __init__(self, path, port=None, server_id=None, replication="", base=True):
         self.path = Path(path)
         self.port = port or free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
@@ -53,7 +52,7 @@ class Slapd:
         self.ldapi_url = "ldapi://" + urllib.parse.quote(sock, safe="")
         self.server_id, self.replication = server_id, replication
         self.proc = None
-        self.configured = False
+        self.configured, self.base = False, base
 
     def configure(self):
         """Write and slapadd the cn=config tree and the base entry."""
@@ -63,21 +62,25 @@ class Slapd:
         pwhash = subprocess.run(["/usr/sbin/slappasswd", "-s", ROOTPW], check=True,
                                 capture_output=True, text=True).stdout.strip()
         text = (CONTRIB / "slapd.ldif.in").read_text()
+        replication = "".join(line + "\n" for line in self.replication.splitlines()
+                              if not line.startswith("#"))
         server_id = f"olcServerID: {self.server_id}\n" if self.server_id else ""
-        text = text.replace("@SERVERID@\n", server_id).replace("@REPLICATION@\n",
-                                                                 self.replication)
+        text = text.replace("@SERVERID@\n", server_id).replace("@REPLICATION@\n", replication)
         for name, value in {"DIR": str(self.path), "SUFFIX": SUFFIX, "ROOTDN": ROOTDN,
+                            "ROOTPW": ROOTPW,
                             "PWHASH": pwhash, "UID": str(os.getuid()),
                             "GID": str(os.getgid()), "SCHEMA": "/etc/ldap/schema",
                             "MODULES": "/usr/lib/ldap"}.items():
             text = text.replace(f"@{name}@", value)
         (self.path / "config.ldif").write_text(text)
         self.slapadd("-n", "0", "-l", str(self.path / "config.ldif"))
+        self.configured = True
+        if not self.base:               # a replica: the base entry comes by replication
+            return
         base = (f"dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\n"
                 f"dc: pharos\no: pharos\n")
         (self.path / "base.ldif").write_text(base)
         self.slapadd("-b", SUFFIX, "-l", str(self.path / "base.ldif"))
-        self.configured = True
 
     def slapadd(self, *args):
         done = subprocess.run([SLAPADD, "-F", str(self.path / "slapd.d"), *args],
@@ -96,7 +99,7 @@ class Slapd:
 
         def answers():
             assert self.proc.poll() is None, (self.path / "slapd.log").read_text()
-            return self.ldap("ldapsearch", "-s", "base", "-b", "", "namingContexts",
+            return self.ldap("ldapsearch", "-s", "base", "-b", SUFFIX, "1.1",
                              check=False).returncode == 0
         wait_for(answers, timeout=20, interval=0.05, what="slapd to answer")
         return self
@@ -163,24 +166,15 @@ def parse_ldif(text):
     return entries
 
 
-def start_slapd(tmp_path_factory):
-    """A running Slapd in a fresh tmp dir (skips without slapd)."""
-    need_slapd()
-    return Slapd(tmp_path_factory.mktemp("slapd") / "inst").start()
-
-
-def wait_gone(pid, timeout=10):
-    """Wait until process ``pid`` is gone (or a zombie)."""
-    def gone():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return "\nState:\tZ" in f.read()
-        except FileNotFoundError:
-            return True
-    wait_for(gone, timeout=timeout, what=f"pid {pid} to exit")
-
-
-def timed(fn):
-    """(result, seconds) of fn()."""
-    started = time.perf_counter()
-    return fn(), time.perf_counter() - started
+def providers(path):
+    """Two slapds in multi-provider replication (configured, not started): the second
+    gets the base entry from the first."""
+    ports = free_port(), free_port()
+    template = (CONTRIB / "replication.ldif.in").read_text()
+    out = []
+    for n in (0, 1):
+        text = template.replace("@PEER@", f"ldap://127.0.0.1:{ports[1 - n]}").replace(
+            "@RID@", f"00{n + 1}")
+        out.append(Slapd(Path(path) / f"provider{n + 1}", ports[n], server_id=n + 1,
+                         replication=text, base=n == 0))
+    return out

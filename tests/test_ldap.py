@@ -13,7 +13,7 @@ import pytest
 
 import test_store
 from conftest import PHAROS, ServerProcess, wait_for
-from ldap_fixture import ROOTDN, ROOTPW, SUFFIX, Slapd, need_slapd
+from ldap_fixture import ROOTDN, ROOTPW, SUFFIX, Slapd, need_slapd, providers
 from test_store import (  # noqa: F401  (the store contract, run here on LdapStore)
     test_a_changed_record_is_a_new_object, test_add_query_change_delete,
     test_keys_are_unique_per_type_and_case, test_long_postings_agree_with_the_records_through_every_change,
@@ -303,6 +303,32 @@ def test_a_wrong_password_at_start_is_one_line_and_exit_3(slapd, tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 3
     assert done.stderr.count("\n") == 1 and "invalidCredentials" in done.stderr, done.stderr
+
+
+def test_two_pharos_servers_over_two_replicating_providers_see_each_others_writes(tmp_path):
+    need_slapd()
+    first, second = providers(tmp_path)
+    started = []
+    try:
+        for slapd in (first, second):
+            started.append(slapd.start())
+        a = ldap_server(first, tmp_path / "a")
+        b = ldap_server(second, tmp_path / "b")
+        started += [a, b]
+        with a.client() as c:
+            assert c.cmd("add alias=from-a name=Alpha")[-1] == "200:Ok."
+        wait_for(lambda: values(query(b, "alias=from-a"), "name") == ["Alpha"], timeout=5,
+                 what="a write on A to reach B")
+        with b.client() as c:
+            assert c.cmd("change alias=from-a make title=Both")[-1].startswith("200")
+            assert c.cmd("add hostname=from-b ip=10.9.0.1")[-1] == "200:Ok."
+        wait_for(lambda: values(query(a, "alias=from-a"), "title") == ["Both"], timeout=5,
+                 what="a change on B to reach A")
+        wait_for(lambda: values(query(a, "hostname=from-b"), "ip") == ["10.9.0.1"], timeout=5,
+                 what="an add on B to reach A")
+    finally:
+        for thing in reversed(started):
+            thing.kill() if isinstance(thing, ServerProcess) else thing.stop()
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
