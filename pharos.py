@@ -2724,7 +2724,7 @@ LDAP_RECONCILE_FACTOR = 10      # ... and at least this many times what a listin
 LDAP_BACKOFF_MAX = 5.0          # seconds between reconnect attempts, at most
 LDAP_PREFIX = "pharos:"         # custom values in `description` without the pharos schema
 LDAP_ENTRY_FILTER = "(|(objectClass=inetOrgPerson)(objectClass=device)(objectClass=ipHost))"
-LDAP_READ_ATTRS = ["*", "entryUUID", "createTimestamp", "modifyTimestamp"]
+LDAP_READ_ATTRS = ["*", "entryUUID", "entryCSN", "createTimestamp", "modifyTimestamp"]
 PAGED_OID = "1.2.840.113556.1.4.319"
 LDAP_PERSON_ATTRS = {"email": "mail", "phone": "telephoneNumber", "mobile": "mobile",
                      "title": "title", "department": "ou", "office": "roomNumber",
@@ -3133,7 +3133,7 @@ class LdapStore(MemoryStore):
         self.seq = 0
         self.inflight = {}          # DN lower-cased -> writes in flight to it
         self.touched = set()        # DNs and uuids written since the running poll began
-        self.stamp = None           # newest modifyTimestamp seen
+        self.stamp = None           # newest entryCSN seen (finer than modifyTimestamp)
         self.context = None         # the base entry's contextCSN when last looked
         self.unreconciled = True    # something may have been deleted since the last listing
         self.next_reconcile = 0.0
@@ -3261,11 +3261,11 @@ class LdapStore(MemoryStore):
 
     def convert(self, found):
         """(entryUUID, record or None, entry_info) of each (dn, attrs); notes the newest
-        modifyTimestamp."""
+        entryCSN."""
         out = []
         for dn, attrs in found:
             uuid = (attrs.get("entryuuid") or [dn.lower()])[0]
-            stamp = (attrs.get("modifytimestamp") or [None])[0]
+            stamp = (attrs.get("entrycsn") or [None])[0]
             if stamp and (self.stamp is None or stamp > self.stamp):
                 self.stamp = stamp
             record = self.layout.record(dn, attrs)
@@ -3359,7 +3359,7 @@ class LdapStore(MemoryStore):
         now_context, found, took = self.context_csn(conn), [], 0.0
         if now_context is None or now_context != context or known is not None:
             filt = LDAP_ENTRY_FILTER if stamp is None else (
-                f"(&{LDAP_ENTRY_FILTER}(modifyTimestamp>={escape_filter_value(stamp)}))")
+                f"(&{LDAP_ENTRY_FILTER}(entryCSN>={escape_filter_value(stamp)}))")
             found = self.convert(self.fetch(conn, filt))
         if known is not None:
             started = time.monotonic()
