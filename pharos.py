@@ -3313,6 +3313,17 @@ class LdapStore(MemoryStore):
         self.attach()
         return super().select(selection, tenant)
 
+    def search(self, selection, tenant=None, limit=None):
+        """``MemoryStore.search`` (and the sync task started, if it is not)."""
+        self.attach()
+        return super().search(selection, tenant, limit)
+
+    def metrics(self, out, now):
+        """The memory store's families, and whether the directory answers."""
+        super().metrics(out, now)
+        prom_family(out, "pharos_ldap_connected", "gauge",
+                    "1 while the LDAP directory answers, else 0.", [((), 0 if self.down else 1)])
+
     async def sync(self):
         """Poll for changes other tools made; when the directory is gone, retry with
         backoff and catch up once it answers again."""
