@@ -14,6 +14,7 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Query       — query plans, the inverted index and matching
     Metrics     — counters, histograms, /proc readings and the Prometheus text format
     Storage     — MemoryStore, FileStore (journal, snapshot, lock)
+    LDAP store  — LdapStore over ldap3: layout, mapping, escaping, paged load, sync, faults
     SSH         — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
     Auth        — the key list, logins, tiers, roles, tenants and the audit log
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
@@ -140,11 +141,11 @@ class DataError(PharosError):
 
 class StoreError(PharosError):
     """A write the store could not make durable; ``readonly``, when set, is why the store
-    takes no more writes after it."""
+    takes no more writes after it; ``code`` is the Ph code to report."""
 
-    def __init__(self, text, readonly=None):
+    def __init__(self, text, readonly=None, code=400):
         super().__init__(text)
-        self.readonly = readonly
+        self.readonly, self.code = readonly, code
 
 
 class PhError(PharosError):
@@ -2711,6 +2712,919 @@ class FileStore(MemoryStore):
             self.unlock()
 
 
+# SECTION: LDAP store — LdapStore over ldap3: layout, mapping, escaping, paged load, sync, faults
+
+LDAP_URL_RE = re.compile(r"(ldaps?|ldapi)://([^/]*)/(.+)\Z")
+LDAP_PAGE = 500                 # entries per page of a paged search
+LDAP_TIMEOUT = 1                # seconds a connect or a reply may take (whole: ldap3 wants int)
+LDAP_LOAD_TIMEOUT = 60          # seconds one page of the start-up load may take
+LDAP_POLL = 0.5                 # seconds between looks for changes made by other tools
+LDAP_RECONCILE_MIN = 1.0        # seconds between full listings that find deletes ...
+LDAP_RECONCILE_FACTOR = 10      # ... and at least this many times what a listing took
+LDAP_BACKOFF_MAX = 5.0          # seconds between reconnect attempts, at most
+LDAP_PREFIX = "pharos:"         # custom values in `description` without the pharos schema
+LDAP_ENTRY_FILTER = "(|(objectClass=inetOrgPerson)(objectClass=device)(objectClass=ipHost))"
+LDAP_READ_ATTRS = ["*", "entryUUID", "entryCSN", "createTimestamp", "modifyTimestamp"]
+PAGED_OID = "1.2.840.113556.1.4.319"
+LDAP_PERSON_ATTRS = {"email": "mail", "phone": "telephoneNumber", "mobile": "mobile",
+                     "title": "title", "department": "ou", "office": "roomNumber",
+                     "url": "labeledURI", "nickname": "displayName"}
+LDAP_MACHINE_ATTRS = {"ip": "ipHostNumber", "mac": "macAddress", "location": "l",
+                      "serial": "serialNumber"}
+LDAP_ATTRS = {PERSON: LDAP_PERSON_ATTRS, MACHINE: LDAP_MACHINE_ATTRS}
+LDAP_OWN_FIELDS = {"type", "tenant", "alias", "hostname", "name", "notes", "owner"}
+LDAP_CODES = {68: 509, 19: 512, 21: 512, 65: 512, 20: 512, 16: 400, 32: 501, 50: 506,
+              53: 400, 51: 475, 52: 475, 80: 400}
+
+
+def parse_ldap_url(url):
+    """(server URL for ldap3, base DN) of ldap[s|i]://HOST[:PORT]/BASE-DN; UsageError if not."""
+    import urllib.parse
+    match = LDAP_URL_RE.match(url)
+    if not match or (match.group(1) != "ldapi" and not match.group(2)):
+        raise UsageError(f"{url!r} is not memory, file or ldap://HOST[:PORT]/BASE-DN "
+                         f"(or ldaps://, ldapi://SOCKET/BASE-DN)")
+    scheme, host, base = match.groups()
+    if scheme == "ldapi" and host and not host.startswith("%2"):
+        raise UsageError("ldapi://: the socket path must be URL-encoded "
+                         "(ldapi://%2Frun%2Fslapd%2Fldapi/BASE-DN)")
+    return f"{scheme}://{host}", urllib.parse.unquote(base)
+
+
+def escape_dn_value(value):
+    """``value`` escaped for an RDN (RFC 4514): , + " \\ < > ; = and NUL, leading # or
+    space, trailing space."""
+    out = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;=' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        elif ch == "\0":
+            out.append("\\00")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def escape_filter_value(value):
+    """``value`` escaped for a search filter (RFC 4515): * ( ) \\ and NUL as \\XX."""
+    return "".join(f"\\{ord(ch):02x}" if ch in "*()\\\0" else ch for ch in value)
+
+
+def split_dn(dn):
+    """The RDNs of ``dn`` as [(attribute lower-cased, value unescaped)], first RDN first;
+    a multi-valued RDN keeps its first pair."""
+    rdns, attr, raw, seen_eq, skip = [], [], bytearray(), False, False
+    i, data = 0, dn.encode("utf-8")
+    while i < len(data):
+        ch = data[i:i + 1]
+        if ch == b"\\" and i + 1 < len(data):
+            pair = data[i + 1:i + 3]
+            if re.fullmatch(rb"[0-9a-fA-F]{2}", pair):
+                raw.append(int(pair, 16))
+                i += 3
+                continue
+            raw += data[i + 1:i + 2]
+            i += 2
+            continue
+        if ch == b"=" and not seen_eq:
+            attr, raw, seen_eq = raw.decode(errors="replace").strip().lower(), bytearray(), True
+        elif ch in (b",", b"+"):
+            if not skip:
+                rdns.append((attr, raw.decode("utf-8", "replace").strip()))
+            attr, raw, seen_eq, skip = "", bytearray(), False, ch == b"+"
+        else:
+            raw += ch
+        i += 1
+    if not skip:
+        rdns.append((attr, raw.decode("utf-8", "replace").strip()))
+    return rdns
+
+
+def rdn_parent(dn):
+    """(first RDN as written, the rest) of ``dn``."""
+    i = 0
+    while i < len(dn):
+        if dn[i] == "\\":
+            i += 2
+            continue
+        if dn[i] == ",":
+            return dn[:i], dn[i + 1:]
+        i += 1
+    return dn, ""
+
+
+def ldap_time(value):
+    """RFC 3339 UTC of a GeneralizedTime like 20261125075013Z (or 20261125075013.5Z)."""
+    v = value[:14]
+    return f"{v[:4]}-{v[4:6]}-{v[6:8]}T{v[8:10]}:{v[10:12]}:{v[12:14]}Z"
+
+
+def mac_from_ldap(value):
+    """A MAC in RFC 2307 form (0:1a:2b:3c:4d:5e, leading zeros dropped) padded to aa:bb:..."""
+    parts = value.split(":")
+    return ":".join(p.zfill(2) for p in parts) if len(parts) == 6 else value
+
+
+def ldap_error(result, what):
+    """The StoreError for a refused LDAP operation (``result``: ldap3's result dict)."""
+    code = result.get("result")
+    detail = result.get("message") or ""
+    text = f"the directory refused {what}: {result.get('description', code)}"
+    return StoreError(text + (f" ({detail})" if detail else "") + ".",
+                      code=LDAP_CODES.get(code, 400))
+
+
+class LdapFailure(Exception):
+    """An LDAP operation the directory answered with an error (inside the worker)."""
+
+    def __init__(self, result, what, done=0):
+        super().__init__(what)
+        self.result, self.what, self.done = result, what, done
+
+
+class LdapLayout:
+    """Where records live in the directory and how their fields map to attributes (pure)."""
+
+    def __init__(self, schema, base, custom=False):
+        self.schema, self.base, self.custom = schema, base, custom
+        self.base_rdns = split_dn(base)
+
+    def tenant_dn(self, tenant):
+        """The DN under which ``tenant``'s people and hosts live."""
+        return f"ou={escape_dn_value(tenant)},ou=tenants,{self.base}" if tenant else self.base
+
+    def container(self, rtype, tenant):
+        """The DN of the ou that holds records of ``rtype`` in ``tenant``."""
+        return f"ou={'people' if rtype == PERSON else 'hosts'},{self.tenant_dn(tenant)}"
+
+    def dn(self, record):
+        """The DN a new record gets: uid=ALIAS,ou=people,... or cn=HOST,ou=hosts,..."""
+        rtype = record["type"]
+        attr = "uid" if rtype == PERSON else "cn"
+        return (f"{attr}={escape_dn_value(record[KEY_FIELD[rtype]])},"
+                f"{self.container(rtype, record.get('tenant', ''))}")
+
+    def owner_dn(self, alias, tenant):
+        """The DN of the person ``alias`` in ``tenant`` (a machine's owner)."""
+        return f"uid={escape_dn_value(alias)},{self.container(PERSON, tenant)}"
+
+    def tenant_of(self, rdns):
+        """The tenant an entry's DN (as RDNs) puts it in ("" outside ou=tenants)."""
+        n = len(self.base_rdns)
+        if len(rdns) > n + 2 and [(a, v.lower()) for a, v in rdns[-n:]] == [
+                (a, v.lower()) for a, v in self.base_rdns] and rdns[-n - 1] == ("ou", "tenants"):
+            return rdns[-n - 2][1]
+        return ""
+
+    def extra_values(self, record):
+        """Fields with no standard attribute as key=value texts (key:json= for non-text)."""
+        out, by_name = [], self.schema.by_name
+        for name, value in record.items():
+            if name in LDAP_OWN_FIELDS or name in LDAP_ATTRS[record["type"]]:
+                continue
+            field = by_name.get(name)
+            if field is not None and type(value) is list and field.multi:
+                out += [f"{name}={v}" for v in value]
+            elif field is not None and type(value) is str:
+                out.append(f"{name}={value}")
+            else:
+                out.append(f"{name}:json={JOURNAL_JSON(value)}")
+        return out
+
+    def classes(self, record):
+        """The object classes a record's entry needs."""
+        if record["type"] == PERSON:
+            classes = ["inetOrgPerson"]
+        else:
+            classes = ["device"] + ["ipHost"] * bool(record.get("ip")) + [
+                "ieee802Device"] * bool(record.get("mac"))
+        return classes + ["pharosRecord"] * (self.custom and bool(self.extra_values(record)))
+
+    def attrs(self, record):
+        """{attribute: [values]} of a record's entry (object classes apart)."""
+        rtype, out = record["type"], {}
+        for name, attr in LDAP_ATTRS[rtype].items():
+            if name in record:
+                value = record[name]
+                out[attr] = value if type(value) is list else [value]
+        if rtype == PERSON:
+            out.update(self.name_attrs(record), uid=[record["alias"]])
+        else:
+            out["cn"] = [record["hostname"]]
+            if record.get("owner"):
+                out["owner"] = [self.owner_dn(record["owner"], record.get("tenant", ""))]
+        extra = self.extra_values(record)
+        plain = [record["notes"]] if record.get("notes") else []
+        if self.custom:
+            if extra:
+                out["pharosField"] = extra
+        else:
+            plain += [LDAP_PREFIX + v for v in extra]
+        if plain:
+            out["description"] = plain
+        return out
+
+    @staticmethod
+    def name_attrs(record):
+        """cn, sn and givenName of a person: the name, its last word and the rest."""
+        name = record.get("name") or record["alias"]
+        words = name.split()
+        out = {"cn": [name], "sn": [words[-1] if words else name]}
+        if len(words) > 1:
+            out["givenName"] = [" ".join(words[:-1])]
+        return out
+
+    def changes(self, old, new, info):
+        """ldap3 modify changes turning ``old``'s entry into ``new``'s, touching only the
+        attributes whose fields changed (attributes Pharos does not map stay as they are).
+
+        ``info`` is what the entry holds now (``entry_info``); returns
+        {attribute: [(operation, values)]}. Replacing with no values removes an attribute
+        and is no error when it is absent.
+        """
+        before, after = self.attrs(old), self.attrs(new)
+        skip = {"description", "pharosField", "uid", "cn" if new["type"] == MACHINE else ""}
+        if new["type"] == PERSON and not info["uid_rdn"]:
+            skip.discard("uid")
+        changes = {attr: [("MODIFY_REPLACE", after.get(attr, []))]
+                   for attr in set(before) | set(after)
+                   if attr not in skip and before.get(attr) != after.get(attr)}
+        self.description_changes(old, new, info, changes)
+        self.class_changes(new, info["classes"], changes)
+        return changes
+
+    def description_changes(self, old, new, info, changes):
+        """Value-level description changes (the notes and the prefixed values that moved),
+        and pharosField replaced when its values changed."""
+        extra = self.extra_values(new)
+        notes = list(info["plain"]) if old.get("notes") == new.get("notes") else (
+            [new["notes"]] if new.get("notes") else [])
+        was = list(info["plain"]) + list(info["prefixed"])
+        will = notes + ([] if self.custom else [LDAP_PREFIX + v for v in extra])
+        gone = [v for v in was if v not in will]
+        came = [v for v in will if v not in was]
+        ops = [("MODIFY_DELETE", gone)] * bool(gone) + [("MODIFY_ADD", came)] * bool(came)
+        if ops:
+            changes["description"] = ops
+        fields = extra if self.custom else []
+        if sorted(fields) != sorted(info["fields"]):
+            changes["pharosField"] = [("MODIFY_REPLACE", fields)]
+
+    def class_changes(self, new, classes, changes):
+        """Object classes to add or drop so the new attributes are allowed (and required)."""
+        add, drop = [], []
+        if new["type"] == MACHINE:
+            if new.get("ip") and "iphost" not in classes:
+                add.append("ipHost")
+            if not new.get("ip") and "iphost" in classes:
+                drop.append("ipHost")
+            if new.get("mac") and "ieee802device" not in classes:
+                add.append("ieee802Device")
+        if self.custom and changes.get("pharosField", [(0, [])])[0][1] and (
+                "pharosrecord" not in classes):
+            add.append("pharosRecord")
+        ops = [("MODIFY_ADD", add)] * bool(add) + [("MODIFY_DELETE", drop)] * bool(drop)
+        if ops:
+            changes["objectClass"] = ops
+
+    def record(self, dn, attrs):
+        """The record an entry ({attr lower-cased: [str]}) is, or None if it is none."""
+        classes = {c.lower() for c in attrs.get("objectclass", ())}
+        rdns = split_dn(dn)
+        if "inetorgperson" in classes:
+            rtype, key_attr = PERSON, "uid"
+        elif classes & {"device", "iphost"}:
+            rtype, key_attr = MACHINE, "cn"
+        else:
+            return None
+        record = {"type": rtype}
+        key = self.key_value(rdns, attrs, key_attr, rtype)
+        if key is None:
+            return None
+        record[KEY_FIELD[rtype]] = key
+        tenant = self.tenant_of(rdns)
+        if tenant:
+            record["tenant"] = tenant
+        self.read_fields(record, attrs)
+        record.setdefault("source", "ldap")
+        if rtype == MACHINE:
+            record.setdefault("status", "unknown")
+        for name, attr in (("created", "createtimestamp"), ("modified", "modifytimestamp")):
+            if name not in record and attrs.get(attr):
+                record[name] = ldap_time(attrs[attr][0])
+        return record
+
+    def key_value(self, rdns, attrs, key_attr, rtype):
+        """An entry's key: its RDN value when the RDN is the key attribute, else the first
+        valid value of that attribute; None if none is valid."""
+        check = check_alias if rtype == PERSON else check_hostname
+        candidates = ([rdns[0][1]] if rdns and rdns[0][0] == key_attr else []) + list(
+            attrs.get(key_attr, ()))
+        for value in candidates:
+            try:
+                return check(value)
+            except RecordError:
+                continue
+        return None
+
+    def read_fields(self, record, attrs):
+        """Fill ``record`` from the entry's attributes."""
+        rtype, schema = record["type"], self.schema
+        for name, attr in LDAP_ATTRS[rtype].items():
+            values = attrs.get(attr.lower())
+            if values:
+                if name == "mac":
+                    values = [mac_from_ldap(v) for v in values]
+                elif name == "url":
+                    values = [v.split(" ", 1)[0] for v in values]
+                self.put_clean(record, schema.by_name[name], values)
+        if rtype == PERSON:
+            names = attrs.get("cn", ())
+            if names and names[0] != record["alias"]:
+                self.put_clean(record, schema.by_name["name"], names[:1])
+        elif attrs.get("owner"):
+            rdns = split_dn(attrs["owner"][0])
+            if rdns and rdns[0][0] == "uid":
+                self.put_clean(record, schema.by_name["owner"], [rdns[0][1]])
+        plain = [v for v in attrs.get("description", ()) if not v.startswith(LDAP_PREFIX)]
+        if plain:
+            self.put_clean(record, schema.by_name["notes"], ["\n".join(plain)])
+        extra = [v[len(LDAP_PREFIX):] for v in attrs.get("description", ())
+                 if v.startswith(LDAP_PREFIX)] + list(attrs.get("pharosfield", ()))
+        self.read_extra(record, extra)
+
+    def read_extra(self, record, texts):
+        """Fill ``record`` from key=value texts (key:json= for values that are not text)."""
+        gathered = {}
+        for text in texts:
+            key, sep, value = text.partition("=")
+            if not sep:
+                continue
+            if key.endswith(":json"):
+                with contextlib.suppress(ValueError):
+                    record[key[:-5]] = json.loads(value)
+                continue
+            gathered.setdefault(key, []).append(value)
+        for key, values in gathered.items():
+            field = self.schema.by_name.get(key)
+            if field is None:
+                record[key] = values if len(values) > 1 else values[0]
+            elif record["type"] in field.types and key not in LDAP_OWN_FIELDS:
+                self.put_clean(record, field, values)
+
+    def put_clean(self, record, field, values):
+        """Set ``field`` from values the schema accepts (a bad value is left out)."""
+        cleaned = []
+        for value in values:
+            try:
+                value = self.schema.clean_value(field, value)
+            except RecordError:
+                continue
+            if value and value not in cleaned:
+                cleaned.append(value)
+        cleaned = cleaned[:MAX_VALUES if field.multi else 1]
+        if cleaned:
+            record[field.name] = cleaned if field.multi else cleaned[0]
+
+
+def entry_info(dn, attrs):
+    """What an entry holds that a change must know: object classes, plain and prefixed
+    description values, pharosField values, whether its RDN is uid (``attrs``: lower-cased
+    names)."""
+    description = attrs.get("description", ())
+    return {"classes": frozenset(c.lower() for c in attrs.get("objectclass", ())),
+            "plain": tuple(v for v in description if not v.startswith(LDAP_PREFIX)),
+            "prefixed": tuple(v for v in description if v.startswith(LDAP_PREFIX)),
+            "fields": tuple(attrs.get("pharosfield", ())),
+            "uid_rdn": split_dn(dn)[0][0] == "uid", "dn": dn}
+
+
+def entry_attrs(entry):
+    """{attribute lower-cased: [str]} of one ldap3 search response entry."""
+    return {name.lower(): [v.decode("utf-8", "replace") if type(v) is bytes else str(v)
+                           for v in values]
+            for name, values in entry["raw_attributes"].items()}
+
+
+class LdapStore(MemoryStore):
+    """Records in an LDAP directory, answered from the same in-memory index as the file
+    store: loaded with paged searches at start, kept fresh by polling, written through.
+
+    LDAP calls run in two one-thread executors (writes; the sync's reads), each with its
+    own connection; the index changes only on the event loop, when the directory has
+    confirmed a write or a poll has brought changes made by other tools.
+    """
+
+    kind = "ldap"
+
+    def __init__(self, schema, url, bind_dn=None, password=None, log=None,
+                 timeout=LDAP_TIMEOUT):
+        super().__init__(schema)
+        self.ldap3 = optional_import("ldap3")
+        self.url = url
+        self.server_url, base = parse_ldap_url(url)
+        self.layout = LdapLayout(schema, base)
+        self.bind_dn, self.password, self.timeout = bind_dn, password, timeout
+        self.log = log or (lambda msg: None)
+        self.ids = {}               # entryUUID -> record id
+        self.info = {}              # record id -> entry_info of its entry, plus its uuid
+        self.ignored = set()        # entryUUIDs of entries that are no valid record
+        self.down = None            # why the directory cannot be reached now, or None
+        self.seq = 0
+        self.inflight = {}          # DN lower-cased -> writes in flight to it
+        self.touched = set()        # DNs and uuids written since the running poll began
+        self.stamp = None           # newest entryCSN seen (finer than modifyTimestamp)
+        self.context = None         # the base entry's contextCSN when last looked
+        self.unreconciled = True    # something may have been deleted since the last listing
+        self.next_reconcile = 0.0
+        self.fresh = 0              # the last id given to an entry found in the directory
+        self.loop = self.task = None
+        self.conns = {}             # executor name -> its ldap3 connection
+        self.executors = {}
+
+    def describe(self):
+        """The storage as the start-up log names it: ldap and the URL."""
+        self.attach()
+        return f"ldap {self.url}"
+
+    def unwritable(self):
+        """Why writes would fail now (the directory unreachable), or None."""
+        if self.down:
+            return (f"the LDAP directory {self.url} is unreachable ({self.down}); "
+                    f"answers may be stale")
+        return self.readonly
+
+    # -- connections (inside the executors) --
+
+    def connect(self, timeout):
+        """A bound SAFE_SYNC connection, or a StoreError saying why not (a fresh Server
+        each time: ldap3 remembers an address that failed)."""
+        ldap3 = self.ldap3
+        server = ldap3.Server(self.server_url, get_info=ldap3.NONE, connect_timeout=timeout)
+        options = {"client_strategy": ldap3.SAFE_SYNC, "receive_timeout": timeout}
+        if self.bind_dn:
+            options.update(user=self.bind_dn, password=self.password or "")
+        elif self.server_url.startswith("ldapi"):
+            options.update(authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL,
+                           sasl_credentials="")
+        try:
+            conn = ldap3.Connection(server, **options)
+            ok, result, _, _ = conn.bind()
+        except ldap3.core.exceptions.LDAPException as e:
+            raise StoreError(f"cannot reach the LDAP directory {self.url}: {e}",
+                             code=475) from None
+        if not ok:
+            who = f" as {self.bind_dn}" if self.bind_dn else ""
+            raise StoreError(f"cannot bind to the LDAP directory {self.url}{who}: "
+                             f"{result.get('description')} {result.get('message') or ''}"
+                             .rstrip(), code=475)
+        return conn
+
+    def conn(self, name):
+        """The executor ``name``'s connection, connecting first if it has none."""
+        conn = self.conns.get(name)
+        if conn is None:
+            conn = self.conns[name] = self.connect(self.timeout)
+        return conn
+
+    def drop_conn(self, name):
+        """Forget (and unbind) the executor ``name``'s connection."""
+        conn = self.conns.pop(name, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.unbind()
+
+    def fetch(self, conn, filt, attrs=LDAP_READ_ATTRS, base=None, scope="SUBTREE"):
+        """Every entry matching ``filt`` as (dn, {attr lower: [str]}), page by page;
+        LdapFailure if the directory refuses or cuts the search short."""
+        cookie, out = None, []
+        while True:
+            ok, result, response, _ = conn.search(
+                base or self.layout.base, filt, scope, attributes=attrs,
+                paged_size=LDAP_PAGE, paged_cookie=cookie)
+            if result["result"] not in (0, 32):
+                raise LdapFailure(result, "a search (raise its size limit for paged "
+                                          "searches: size.prtotal=unlimited)")
+            out += [(e["dn"], entry_attrs(e)) for e in response or ()
+                    if e["type"] == "searchResEntry"]
+            control = (result.get("controls") or {}).get(PAGED_OID)
+            cookie = control and control["value"]["cookie"]
+            if not cookie:
+                return out
+
+    def context_csn(self, conn):
+        """The base entry's contextCSN (changes with every write when syncprov runs), or
+        None when the directory keeps none."""
+        found = self.fetch(conn, "(objectClass=*)", ["contextCSN"], scope="BASE")
+        values = found[0][1].get("contextcsn") if found else None
+        return "|".join(sorted(values)) if values else None
+
+    def has_pharos_schema(self, conn):
+        """Whether the directory's subschema has the pharosRecord object class."""
+        found = self.fetch(conn, "(objectClass=subschema)", ["objectClasses"],
+                           base="cn=subschema", scope="BASE")
+        return bool(found) and any("'pharosRecord'" in v
+                                   for v in found[0][1].get("objectclasses", ()))
+
+    # -- start-up --
+
+    def open(self):
+        """Bind, look for the pharos schema, load every entry with paged searches."""
+        try:
+            conn = self.connect(LDAP_LOAD_TIMEOUT)
+        except StoreError as e:
+            raise DataError(str(e)) from None
+        try:
+            self.layout.custom = self.has_pharos_schema(conn)
+            self.context = self.context_csn(conn)
+            found = self.fetch(conn, LDAP_ENTRY_FILTER)
+        except (self.ldap3.core.exceptions.LDAPException, LdapFailure) as e:
+            raise DataError(f"cannot load from the LDAP directory {self.url}: "
+                            f"{self.failure_text(e)}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                conn.unbind()
+        self.load_entries(found)
+        from concurrent.futures import ThreadPoolExecutor
+        self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"pharos-ldap-{name}")
+                          for name in ("write", "read")}
+        return self
+
+    def load_entries(self, found):
+        """Put the start-up load's entries into the index, ids in the order found."""
+        pairs = []
+        for uuid, record, info in self.convert(found):
+            op = self.place(uuid, record, info, {})
+            if op is not None:
+                pairs.append(op)
+        self.load_records(pairs, f"the LDAP directory {self.url}")
+
+    def convert(self, found):
+        """(entryUUID, record or None, entry_info) of each (dn, attrs); notes the newest
+        entryCSN."""
+        out = []
+        for dn, attrs in found:
+            uuid = (attrs.get("entryuuid") or [dn.lower()])[0]
+            stamp = (attrs.get("entrycsn") or [None])[0]
+            if stamp and (self.stamp is None or stamp > self.stamp):
+                self.stamp = stamp
+            record = self.layout.record(dn, attrs)
+            out.append((uuid, record, entry_info(dn, attrs)))
+        return out
+
+    def place(self, uuid, record, info, taken):
+        """The (id, record) op that puts one entry in the index, or None when it is no
+        record or its key belongs to another entry (logged once)."""
+        if record is None:
+            self.ignored.add(uuid)
+            return None
+        rid, scope = self.ids.get(uuid), key_scope(record)
+        owner = taken.get(scope)
+        if owner is None:
+            owner = self.directory.key_owner(record["type"], scope[2], scope[0])
+        if owner is not None and owner != rid:
+            if uuid not in self.ignored:
+                self.log(f"ldap: not serving {info['dn']}: {record[KEY_FIELD[record['type']]]} "
+                         f"is already the key of another entry")
+            self.ignored.add(uuid)
+            return None
+        self.ignored.discard(uuid)
+        if rid is None:
+            rid = self.fresh = max(self.pending.new_id(), self.fresh + 1)
+            self.ids[uuid] = rid
+        taken[scope] = rid
+        self.info[rid] = dict(info, uuid=uuid)
+        return rid, record
+
+    # -- keeping fresh: the sync task --
+
+    def attach(self):
+        """Start the sync task the first time the event loop calls in."""
+        if self.loop is not None or not self.executors:
+            return
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.task = self.loop.create_task(self.sync())
+
+    def select(self, selection, tenant=None):
+        """``MemoryStore.select`` (and the sync task started, if it is not)."""
+        self.attach()
+        return super().select(selection, tenant)
+
+    def search(self, selection, tenant=None, limit=None):
+        """``MemoryStore.search`` (and the sync task started, if it is not)."""
+        self.attach()
+        return super().search(selection, tenant, limit)
+
+    def metrics(self, out, now):
+        """The memory store's families, and whether the directory answers."""
+        super().metrics(out, now)
+        prom_family(out, "pharos_ldap_connected", "gauge",
+                    "1 while the LDAP directory answers, else 0.", [((), 0 if self.down else 1)])
+
+    async def sync(self):
+        """Poll for changes other tools made; when the directory is gone, retry with
+        backoff and catch up once it answers again."""
+        backoff = LDAP_POLL
+        while True:
+            await asyncio.sleep(LDAP_POLL if self.down is None else backoff)
+            try:
+                await self.sync_once()
+                backoff = LDAP_POLL
+            except (self.ldap3.core.exceptions.LDAPException, StoreError, LdapFailure,
+                    OSError) as e:
+                self.lost(self.failure_text(e))
+                backoff = min(backoff * 2, LDAP_BACKOFF_MAX)
+
+    async def sync_once(self):
+        """One look at the directory: changed entries in, deleted ones (when a listing is
+        due) out."""
+        loop, was_down = self.loop, self.down is not None
+        if was_down:
+            await loop.run_in_executor(self.executors["write"], self.conn, "write")
+        now = time.monotonic()
+        listing = was_down or (self.unreconciled and now >= self.next_reconcile)
+        known = {uuid: self.info[rid]["dn"].lower() for uuid, rid in self.ids.items()
+                 if rid in self.info} if listing else None
+        self.touched = set()
+        found, context, took = await loop.run_in_executor(
+            self.executors["read"], self.poll, self.stamp, self.context, known, self.ignored)
+        if context != self.context or context is None:
+            self.unreconciled = True
+        self.context = context
+        if known is not None:
+            self.unreconciled = False
+            self.next_reconcile = time.monotonic() + max(LDAP_RECONCILE_MIN,
+                                                         LDAP_RECONCILE_FACTOR * took)
+        if was_down:
+            self.down = None
+            self.log(f"ldap: the directory {self.url} answers again; caught up")
+        self.apply_found(found)
+
+    def poll(self, stamp, context, known, ignored):
+        """In the read executor: (changed or missed entries, contextCSN, seconds the
+        listing took). ``known`` ({uuid: dn}) asks for a full listing that finds deletes."""
+        conn = self.conn("read")
+        now_context, found, took = self.context_csn(conn), [], 0.0
+        if now_context is None or now_context != context or known is not None:
+            filt = LDAP_ENTRY_FILTER if stamp is None else (
+                f"(&{LDAP_ENTRY_FILTER}(entryCSN>={escape_filter_value(stamp)}))")
+            found = self.convert(self.fetch(conn, filt))
+        if known is not None:
+            started = time.monotonic()
+            listed = {(attrs.get("entryuuid") or [dn.lower()])[0]: dn.lower()
+                      for dn, attrs in self.fetch(conn, LDAP_ENTRY_FILTER, ["entryUUID"])}
+            took = time.monotonic() - started
+            seen = {uuid for uuid, _, _ in found}
+            missed = [u for u, dn in listed.items()
+                      if u not in seen and u not in ignored and known.get(u) != dn]
+            found += self.fetch_uuids(conn, missed)
+            found += [(uuid, None, {"dn": dn}) for uuid, dn in known.items()
+                      if uuid not in listed]
+        return found, now_context, took
+
+    def fetch_uuids(self, conn, uuids):
+        """The converted entries with these entryUUIDs (fetched 50 at a time)."""
+        found = []
+        for i in range(0, len(uuids), 50):
+            terms = "".join(f"(entryUUID={escape_filter_value(u)})" for u in uuids[i:i + 50])
+            found += self.convert(self.fetch(conn, f"(&{LDAP_ENTRY_FILTER}(|{terms}))"))
+        return found
+
+    def apply_found(self, found):
+        """On the loop: put entries the directory changed into the index, drop the gone.
+
+        Entries a write of ours touched since the poll began are left alone: the write
+        has put its own (newer) version in already.
+        """
+        ops, taken, touched = [], {}, self.touched
+        for uuid, record, info in found:
+            dn = info["dn"].lower()
+            rid = self.ids.get(uuid)
+            if uuid in touched or dn in touched or dn in self.inflight or (
+                    rid is not None and rid in self.pending.records):
+                continue
+            if record is None:
+                if rid is not None:
+                    ops.append((rid, None))
+                    del self.ids[uuid]
+                    self.info.pop(rid, None)
+                self.ignored.discard(uuid)
+                continue
+            op = self.place(uuid, record, info, taken)
+            if op is None and rid is not None:
+                ops.append((rid, None))
+                del self.ids[uuid]
+            elif op is not None and self.directory.records.get(op[0]) != record:
+                ops.append(op)
+        self.apply(ops)
+
+    def lost(self, reason):
+        """The directory stopped answering: refuse writes until the sync reconnects."""
+        if self.down is None:
+            self.log(f"ldap: lost the directory {self.url} ({reason}); serving reads from "
+                     f"memory, refusing writes until it is back")
+        self.down = reason
+        for name, executor in self.executors.items():
+            executor.submit(self.drop_conn, name)
+
+    def failure_text(self, error):
+        """One line saying what went wrong with the directory."""
+        if isinstance(error, LdapFailure):
+            result = error.result
+            return " ".join(f"{error.what}: {result.get('description')} "
+                            f"{result.get('message') or ''}".split())
+        return " ".join(str(error).split()) or type(error).__name__
+
+    # -- writes --
+
+    def commit(self, ops, audit=None):
+        """Make ``ops`` LDAP operations: a Later of None once the directory has confirmed
+        them all (and they are in the index), or of the StoreError that says why not."""
+        self.attach()
+        if self.readonly:
+            return Later.now(StoreError(self.readonly))
+        if self.down:
+            return Later.now(StoreError(f"Database unavailable: the LDAP directory is "
+                                        f"unreachable ({self.down}).", code=475))
+        actions = [self.action(rid, record) for rid, record in ops]
+        self.seq += 1
+        seq, later = self.seq, Later()
+        self.pending.hold(seq, ops)
+        dns = [dn.lower() for action in actions for dn in (action["dn"], action["new_dn"])]
+        for dn in dns:
+            self.inflight[dn] = self.inflight.get(dn, 0) + 1
+        future = self.loop.run_in_executor(self.executors["write"], self.write, actions)
+        future.add_done_callback(lambda f: self.written(f, seq, ops, dns, audit, later))
+        return later
+
+    def action(self, rid, record):
+        """What one (id, record) op asks of the directory: add, change (with a rename when
+        the key changes) or delete, with the DNs and ldap3 arguments it needs."""
+        layout, old = self.layout, self.pending.record(rid)
+        info = self.info.get(rid)
+        if old is not None and info is None:        # an add of ours still in flight
+            dn = layout.dn(old)
+            info = entry_info(dn, {"objectclass": layout.classes(old),
+                                   **{k.lower(): v for k, v in layout.attrs(old).items()}})
+        if old is None:
+            dn = layout.dn(record)
+            return {"kind": "add", "dn": dn, "new_dn": dn, "record": record,
+                    "classes": layout.classes(record), "attrs": layout.attrs(record),
+                    "parents": self.parents(record)}
+        if record is None:
+            return {"kind": "delete", "dn": info["dn"], "new_dn": info["dn"], "record": old}
+        dn, keyname, rdn = info["dn"], KEY_FIELD[record["type"]], None
+        rdn_attr = split_dn(dn)[0][0]
+        if record[keyname] != old[keyname] and rdn_attr == ("uid" if keyname == "alias" else "cn"):
+            rdn = f"{rdn_attr}={escape_dn_value(record[keyname])}"
+        new_dn = dn if rdn is None else f"{rdn},{rdn_parent(dn)[1]}"
+        return {"kind": "change", "dn": dn, "new_dn": new_dn, "rdn": rdn, "record": record,
+                "changes": layout.changes(old, record, info)}
+
+    def parents(self, record):
+        """(DN, ou value) of the containers a new record's entry needs, outermost first."""
+        tenant, layout = record.get("tenant", ""), self.layout
+        out = []
+        if tenant:
+            out += [(f"ou=tenants,{layout.base}", "tenants"), (layout.tenant_dn(tenant), tenant)]
+        container = layout.container(record["type"], tenant)
+        return out + [(container, "people" if record["type"] == PERSON else "hosts")]
+
+    def write(self, actions):
+        """In the write executor: perform ``actions`` in order; the entry_info of each.
+        LdapFailure (with ``done``) at the first the directory refuses or cannot answer."""
+        results = []
+        try:
+            conn = self.conn("write")
+            for action in actions:
+                results.append(self.perform(conn, action))
+        except (LdapFailure, StoreError, self.ldap3.core.exceptions.LDAPException) as e:
+            if not isinstance(e, LdapFailure):
+                self.drop_conn("write")
+                e = LdapFailure({}, self.failure_text(e))
+                e.lost = True
+            e.done, e.results = len(results), results
+            raise e from None
+        return results
+
+    def perform(self, conn, action):
+        """One action on ``conn``; the entry_info (and uuid) of the entry it leaves."""
+        dn, kind = action["dn"], action["kind"]
+        if kind == "delete":
+            ok, result, _, _ = conn.delete(dn)
+            if not ok and result["result"] != 32:        # gone already: so much the better
+                raise LdapFailure(result, f"deleting {dn}")
+            return None
+        if kind == "add":
+            ok, result, _, _ = conn.add(dn, action["classes"], action["attrs"])
+            if not ok and result["result"] == 32:         # the container is missing
+                for parent, ou in action["parents"]:
+                    conn.add(parent, ["organizationalUnit"], {"ou": ou})
+                ok, result, _, _ = conn.add(dn, action["classes"], action["attrs"])
+            if not ok:
+                raise LdapFailure(result, f"adding {dn}")
+        else:
+            if action["rdn"]:
+                ok, result, _, _ = conn.modify_dn(dn, action["rdn"])
+                if not ok:
+                    raise LdapFailure(result, f"renaming {dn}")
+                dn = action["new_dn"]
+            if action["changes"]:
+                ok, result, _, _ = conn.modify(dn, action["changes"])
+                if not ok:
+                    raise LdapFailure(result, f"changing {dn}")
+        found = self.fetch(conn, "(objectClass=*)", ["objectClass", "description",
+                                                       "pharosField", "entryUUID"],
+                           base=dn, scope="BASE")
+        if not found:
+            raise LdapFailure({"description": "noSuchObject"}, f"reading back {dn}")
+        found_dn, attrs = found[0]
+        return dict(entry_info(found_dn, attrs), uuid=attrs["entryuuid"][0])
+
+    def written(self, future, seq, ops, dns, audit, later):
+        """On the loop, once the directory has answered: the confirmed ops go into the
+        index, the write's reply is settled."""
+        for dn in dns:
+            self.inflight[dn] -= 1
+            if not self.inflight[dn]:
+                del self.inflight[dn]
+            self.touched.add(dn)
+        error = future.exception()
+        results = future.result() if error is None else getattr(error, "results", [])
+        confirmed = ops[:len(results)]
+        for (rid, record), info in zip(confirmed, results):
+            self.confirmed(rid, record, info)
+        undo = self.apply(confirmed)
+        undo += [(rid, self.directory.records.get(rid)) for rid, _ in ops[len(results):]]
+        self.pending.release(seq, ops, undo)
+        if error is None:
+            if audit is not None and self.audit_log is not None:
+                self.audit_log.append(AUDIT_JSON(audit).encode() + b"\n")
+            later.settle(None)
+        else:
+            later.settle(self.refusal(error, ops, len(results)))
+
+    def confirmed(self, rid, record, info):
+        """Note the entry behind record ``rid`` after a confirmed write (None: deleted)."""
+        old = self.info.pop(rid, None)
+        if old is not None:
+            self.ids.pop(old["uuid"], None)
+        if info is not None:
+            self.ids[info["uuid"]] = rid
+            self.info[rid] = info
+            self.touched.add(info["uuid"])
+
+    def refusal(self, error, ops, done):
+        """The StoreError a failed write is answered with."""
+        if not isinstance(error, LdapFailure):
+            return StoreError(f"Store failed: {error}.")
+        after = f" (after {done} of {len(ops)} records were written)" if done else ""
+        if getattr(error, "lost", False):
+            self.lost(error.what)
+            return StoreError(f"Database unavailable: the LDAP directory did not confirm "
+                              f"the write{after} ({error.what}).", code=475)
+        code = error.result.get("result")
+        record = ops[done][1] or {}
+        if code == 68 and record:
+            what = "Alias" if record["type"] == PERSON else "Hostname"
+            return StoreError(f"{what} {record[KEY_FIELD[record['type']]]} in use or is too "
+                              f"common a name{after}.", code=509)
+        return StoreError(f"{self.failure_text(error)}{after}.", code=LDAP_CODES.get(code, 400))
+
+    async def close(self):
+        """Stop the sync, finish the writes in flight, unbind."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        loop = asyncio.get_running_loop()
+        for name, executor in self.executors.items():
+            await loop.run_in_executor(None, executor.shutdown, True)
+            self.drop_conn(name)
+        await asyncio.sleep(0)                      # let the last writes settle
+
+
+def ldap_store_from_args(args, schema):
+    """An open LdapStore for `serve --storage ldap://...`; the password from
+    --ldap-password-file or $PHAROS_LDAP_PASSWORD, never the command line."""
+    password = os.environ.get("PHAROS_LDAP_PASSWORD")
+    if args.ldap_password_file:
+        try:
+            with open(args.ldap_password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --ldap-password-file "
+                             f"{args.ldap_password_file}: {getattr(e, 'strerror', e)}") from None
+    if args.ldap_bind_dn and password is None:
+        raise UsageError("--ldap-bind-dn needs a password: --ldap-password-file FILE or "
+                         "$PHAROS_LDAP_PASSWORD")
+    return LdapStore(schema, args.storage, args.ldap_bind_dn, password,
+                     log=log_to_stderr).open()
+
+
 # SECTION: SSH — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
 
 SSHSIG_NAMESPACE = "pharos"
@@ -4178,7 +5092,8 @@ class DirectoryService:
 
     def commit(self, caller, ops, outcome, now):
         """Make ``ops`` durable with ``outcome`` (the answer's last line) in the audit log:
-        a Later of None once they are, or of the ServiceError (400) why they are not."""
+        a Later of None once they are, or of the ServiceError (400, or the store's code) why
+        they are not."""
         audit = self.audit_entry(caller, outcome, now)
 
         def settled(error):
@@ -4186,7 +5101,7 @@ class DirectoryService:
                 return None
             if not isinstance(error, StoreError):
                 raise error
-            return ServiceError(400, str(error))
+            return ServiceError(error.code, str(error))
         return self.store.commit(ops, audit).map(settled)
 
     # -- whole requests, for MCP and the console (Ph goes a verb at a time) ------
@@ -8427,6 +9342,9 @@ def cmd_serve(args):
     schema = build_schema(args)
     if args.storage == "memory":
         store = MemoryStore(schema)
+    elif args.storage != "file":
+        with loading():
+            store = ldap_store_from_args(args, schema)
     else:
         with loading():
             store = FileStore(schema, args.data, args.compact_bytes, log=log_to_stderr,
@@ -9284,7 +10202,15 @@ def build_parser():
     serve_p = commands.add_parser("serve", help="run the server")
     serve_p.add_argument("--listen", metavar="HOST:PORT",
                          help="Ph address (default 0.0.0.0:2378; 127.0.0.1:2378 in the dev tier)")
-    serve_p.add_argument("--storage", choices=("memory", "file"), default="file")
+    serve_p.add_argument("--storage", type=storage_kind, default="file",
+                         metavar="memory|file|ldap://HOST[:PORT]/BASE-DN",
+                         help="where records live (default file; also ldaps:// and ldapi://)")
+    serve_p.add_argument("--ldap-bind-dn", metavar="DN",
+                         help="bind as DN (password from --ldap-password-file or "
+                              "$PHAROS_LDAP_PASSWORD); without it: SASL EXTERNAL on ldapi://, "
+                              "else anonymous")
+    serve_p.add_argument("--ldap-password-file", metavar="FILE",
+                         help="file holding the bind password")
     serve_p.add_argument("--data", default=data_default, metavar="DIR",
                          help="data dir (default ./pharos-data or $PHAROS_DATA)")
     serve_p.add_argument("--tier", choices=TIERS, default="lab",
@@ -9434,6 +10360,17 @@ def add_lookup_parser(commands, name, rtype):
         p.add_argument("--host", metavar="NAME",
                        help="Ansible inventory script: one host's variables")
     p.set_defaults(list=False, host=None, domain=None, port=9100)
+
+
+def storage_kind(text):
+    """An argparse type: memory, file or an ldap://, ldaps:// or ldapi:// URL."""
+    if text in ("memory", "file"):
+        return text
+    try:
+        parse_ldap_url(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def positive_int(text):

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Pharos on LDAP against Pharos on file and against slapd itself, on one generated dataset.
+
+    python3 bench/ldap.py --size 10000 --lookups 2000 --adds 500 --changes 50
+
+Measures: time until each server is ready; exact surname lookups (wall time per lookup
+and the server's CPU per lookup, from /proc/PID/stat) through Pharos-on-LDAP,
+Pharos-on-file and the equivalent `(sn=NAME)` search straight against slapd; adds per
+second through Ph; and how long an ldapmodify takes to be visible over Ph (p50/p99).
+Needs slapd, ldap-utils and ldap3; everything runs on 127.0.0.1 in a temp dir.
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+
+import dataset  # noqa: E402
+from conftest import PhClient, ServerProcess  # noqa: E402
+from ldap_fixture import ROOTDN, ROOTPW, SUFFIX, Slapd  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu(pid):
+    """Seconds of user+system CPU process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def timed_start(server):
+    started = time.perf_counter()
+    server.start(timeout=600)
+    return time.perf_counter() - started
+
+
+def ph_lookups(server, queries):
+    """(µs wall per lookup, µs server CPU per lookup) of `query name=SURNAME`."""
+    with PhClient("127.0.0.1", server.port, timeout=60) as c:
+        before, started = cpu(server.proc.pid), time.perf_counter()
+        for name, count in queries:
+            reply = c.cmd(f"query name={name} return alias")
+            assert len([r for r in reply if r.startswith("-200:") and "alias" in r]) >= count
+        wall = time.perf_counter() - started
+        used = cpu(server.proc.pid) - before
+    return wall / len(queries) * 1e6, used / len(queries) * 1e6
+
+
+def slapd_lookups(slapd, queries):
+    """The same lookups as `(sn=SURNAME)` searches straight against slapd (ldap3)."""
+    import ldap3
+    conn = ldap3.Connection(ldap3.Server(slapd.url, get_info=ldap3.NONE), ROOTDN, ROOTPW,
+                            client_strategy=ldap3.SAFE_SYNC, auto_bind=True)
+    before, started = cpu(slapd.pid()), time.perf_counter()
+    for name, count in queries:
+        _, _, response, _ = conn.search(f"ou=people,{SUFFIX}", f"(sn={name})",
+                                        attributes=["uid"])
+        assert len(response) >= count
+    wall = time.perf_counter() - started
+    used = cpu(slapd.pid()) - before
+    conn.unbind()
+    return wall / len(queries) * 1e6, used / len(queries) * 1e6
+
+
+def adds_per_second(server, n, prefix):
+    with PhClient("127.0.0.1", server.port, timeout=60) as c:
+        started = time.perf_counter()
+        for i in range(n):
+            assert c.cmd(f"add alias={prefix}{i} name=\"Bench {i}\"")[-1] == "200:Ok."
+    return n / (time.perf_counter() - started)
+
+
+def freshness(slapd, server, n):
+    """Seconds from an ldapmodify's answer to the change showing in a Ph query."""
+    import ldap3
+    conn = ldap3.Connection(ldap3.Server(slapd.url, get_info=ldap3.NONE), ROOTDN, ROOTPW,
+                            client_strategy=ldap3.SAFE_SYNC, auto_bind=True)
+    delays = []
+    with PhClient("127.0.0.1", server.port, timeout=60) as c:
+        for i in range(n):
+            title = f"fresh{i}x"
+            conn.modify(f"uid=ladd0,ou=people,{SUFFIX}",
+                        {"title": [(ldap3.MODIFY_REPLACE, [title])]})
+            started = time.perf_counter()
+            while not c.cmd(f"query title={title} return alias")[-1].startswith("200"):
+                time.sleep(0.005)
+            delays.append(time.perf_counter() - started)
+    conn.unbind()
+    delays.sort()
+    return delays[len(delays) // 2], delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=10_000, help="people, and as many machines")
+    ap.add_argument("--lookups", type=int, default=2000)
+    ap.add_argument("--adds", type=int, default=500)
+    ap.add_argument("--changes", type=int, default=50)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pharos-bench-ldap-"))
+    data = dataset.Dataset(args.size)
+    with open(work / "data.ldif", "w") as f:
+        data.write_ldif(f)
+    with open(work / "data.jsonl", "w") as f:
+        data.write_jsonl(f)
+    slapd = Slapd(work / "slapd", base=False)
+    slapd.configure()
+    slapd.slapadd("-b", SUFFIX, "-q", "-w", "-l", str(work / "data.ldif"))
+    slapd.start()
+    subprocess.run([sys.executable, str(ROOT / "pharos.py"), "load", str(work / "data.jsonl"),
+                    "--data", str(work / "file")], check=True, capture_output=True)
+    on_ldap = ServerProcess(work / "ldap-data", "--ldap-bind-dn", ROOTDN,
+                            storage=f"{slapd.url}/{SUFFIX}",
+                            env={"PHAROS_LDAP_PASSWORD": ROOTPW})
+    on_file = ServerProcess(work / "file")
+    try:
+        print(f"dataset: {args.size} people + {args.size} machines "
+              f"(OpenLDAP, ldap3 {__import__('ldap3').__version__})")
+        print(f"ready: pharos on ldap {timed_start(on_ldap):.2f} s, "
+              f"pharos on file {timed_start(on_file):.2f} s")
+        queries = data.exact_queries(args.lookups)
+        for label, run in (("pharos on ldap", lambda: ph_lookups(on_ldap, queries)),
+                           ("pharos on file", lambda: ph_lookups(on_file, queries)),
+                           ("slapd directly", lambda: slapd_lookups(slapd, queries))):
+            wall, used = run()
+            print(f"exact lookups, {label}: {wall:.0f} µs/lookup wall, "
+                  f"{used:.0f} µs server CPU/lookup")
+        print(f"adds through Ph: ldap {adds_per_second(on_ldap, args.adds, 'ladd'):.0f}/s, "
+              f"file {adds_per_second(on_file, args.adds, 'fadd'):.0f}/s")
+        p50, p99 = freshness(slapd, on_ldap, args.changes)
+        print(f"ldapmodify to visible over Ph: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+    finally:
+        on_ldap.kill()
+        on_file.kill()
+        slapd.stop()
+        subprocess.run(["rm", "-rf", str(work)])
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(60)
+    main()

@@ -1,0 +1,342 @@
+"""The LDAP store against a real slapd: mapping, freshness, escaping, faults, and the
+store contract and transcripts run on it."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import test_store
+from conftest import PHAROS, ServerProcess, wait_for
+from ldap_fixture import ROOTDN, ROOTPW, SUFFIX, Slapd, need_slapd, providers
+from test_store import (  # noqa: F401  (the store contract, run here on LdapStore)
+    test_a_changed_record_is_a_new_object, test_add_query_change_delete,
+    test_keys_are_unique_per_type_and_case, test_long_postings_agree_with_the_records_through_every_change,
+    test_wildcards_see_new_and_removed_keys)
+from test_transcripts import CASES, parse_case, replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pharos  # noqa: E402
+
+PEOPLE = f"ou=people,{SUFFIX}"
+HOSTS = f"ou=hosts,{SUFFIX}"
+
+
+@pytest.fixture
+def slapd(tmp_path):
+    """A fresh slapd for one test, stopped (by pid) at its end."""
+    need_slapd()
+    server = Slapd(tmp_path / "slapd").start()
+    yield server
+    server.stop()
+
+
+def ldap_server(slapd, tmp_path, *extra, metrics=False):
+    """A dev-tier Pharos on ``slapd`` (bound as the admin, password from the environment)."""
+    return ServerProcess(tmp_path / "data", "--ldap-bind-dn", ROOTDN, *extra,
+                         storage=f"{slapd.url}/{SUFFIX}", env={"PHAROS_LDAP_PASSWORD": ROOTPW},
+                         metrics=metrics).start()
+
+
+@pytest.fixture
+def pharos_on(slapd, tmp_path):
+    srv = ldap_server(slapd, tmp_path)
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture
+def make_store(slapd):
+    """test_store's factory, for LdapStore on a fresh slapd."""
+    test_store.LOOP = asyncio.new_event_loop()
+    opened = []
+
+    def make(**kw):
+        store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN,
+                                 ROOTPW).open()
+        opened.append(store)
+        return store
+    make.kind = "ldap"
+    yield make
+    for store in opened:
+        test_store.run(store.close())
+    test_store.LOOP.close()
+
+
+def values(lines, field):
+    """The values of ``field`` in a query reply's lines."""
+    out = []
+    for line in lines:
+        parts = line.split(":", 3)
+        if len(parts) == 4 and parts[2].strip() == field:
+            out.append(parts[3].strip())
+    return out
+
+
+def query(srv, text):
+    with srv.client() as c:
+        return c.cmd(f"query {text} return all")
+
+
+def test_records_written_through_ph_are_entries_with_standard_classes(pharos_on, slapd):
+    with pharos_on.client() as c:
+        assert c.cmd('add alias=jdoe name="John Q Doe" email=jdoe@example.org phone=555-0100 '
+                     'title=SRE department=ops office="B 204" url=https://example.org/jd '
+                     'notes="on call"')[-1] == "200:Ok."
+        assert c.cmd("add hostname=nas ip=10.0.0.5 mac=AA-BB-CC-DD-EE-01 owner=jdoe "
+                     "location=attic serial=S123 os=Debian role=nas tags=backup "
+                     "services=22/ssh")[-1] == "200:Ok."
+        assert c.cmd("add hostname=bare os=none")[-1] == "200:Ok."
+    person = slapd.search(f"uid=jdoe,{PEOPLE}", scope="base")[f"uid=jdoe,{PEOPLE}"]
+    assert person["objectClass"] == ["inetOrgPerson"]
+    assert (person["cn"], person["sn"], person["givenName"]) == (["John Q Doe"], ["Doe"],
+                                                                 ["John Q"])
+    assert person["mail"] == ["jdoe@example.org"] and person["telephoneNumber"] == ["555-0100"]
+    assert person["title"] == ["SRE"] and person["ou"] == ["ops"]
+    assert person["roomNumber"] == ["B 204"] and person["labeledURI"] == ["https://example.org/jd"]
+    assert "on call" in person["description"]
+    assert any(v.startswith("pharos:created=") for v in person["description"])
+    nas = slapd.search(f"cn=nas,{HOSTS}", scope="base")[f"cn=nas,{HOSTS}"]
+    assert set(nas["objectClass"]) == {"device", "ipHost", "ieee802Device"}
+    assert nas["ipHostNumber"] == ["10.0.0.5"] and nas["macAddress"] == ["aa:bb:cc:dd:ee:01"]
+    assert nas["owner"] == [f"uid=jdoe,{PEOPLE}"] and nas["l"] == ["attic"]
+    assert nas["serialNumber"] == ["S123"]
+    assert {"pharos:os=Debian", "pharos:role=nas", "pharos:tags=backup",
+            "pharos:services=22/ssh", "pharos:status=unknown"} <= set(nas["description"])
+    bare = slapd.search(f"cn=bare,{HOSTS}", scope="base")[f"cn=bare,{HOSTS}"]
+    assert bare["objectClass"] == ["device"]
+    with pharos_on.client() as c:                 # an IP makes it an ipHost; none, not
+        assert c.cmd("change hostname=bare make ip=10.0.0.9")[-1].startswith("200")
+        assert set(slapd.search(f"cn=bare,{HOSTS}", scope="base")[f"cn=bare,{HOSTS}"][
+            "objectClass"]) == {"device", "ipHost"}
+        assert c.cmd('change hostname=bare make ip=""')[-1].startswith("200")
+    assert slapd.search(f"cn=bare,{HOSTS}", scope="base")[f"cn=bare,{HOSTS}"][
+        "objectClass"] == ["device"]
+
+
+def test_a_restarted_server_reads_back_what_it_wrote(slapd, tmp_path):
+    srv = ldap_server(slapd, tmp_path)
+    with srv.client() as c:
+        c.cmd('add alias=ann name="Ann Lee" email=ann@example.org nickname=annie')
+        c.cmd("add hostname=web-1 ip=10.0.0.7 ip=fd00::7 mac=aa:bb:cc:dd:ee:02 tags=a tags=b")
+        before = c.cmd("query type=person type=machine return all")
+    srv.stop()
+    srv = ldap_server(slapd, tmp_path)
+    try:
+        with srv.client() as c:
+            assert c.cmd("query type=person type=machine return all") == before
+    finally:
+        srv.kill()
+
+
+def test_changes_made_by_other_tools_show_up_within_two_seconds(pharos_on, slapd):
+    with pharos_on.client() as c:
+        assert c.cmd("add alias=seed")[-1] == "200:Ok."      # makes ou=people
+    slapd.ldap("ldapadd", input=f"dn: uid=outside,{PEOPLE}\nobjectClass: inetOrgPerson\n"
+                                f"uid: outside\ncn: Out Side\nsn: Side\nmail: out@example.org\n")
+    wait_for(lambda: values(query(pharos_on, "alias=outside"), "email") == ["out@example.org"],
+             timeout=2, what="an ldapadd to show")
+    slapd.modify(f"dn: uid=outside,{PEOPLE}\nchangetype: modify\nreplace: mail\n"
+                 f"mail: new@example.org\n")
+    wait_for(lambda: values(query(pharos_on, "alias=outside"), "email") == ["new@example.org"],
+             timeout=2, what="an ldapmodify to show")
+    slapd.ldap("ldapmodrdn", f"uid=outside,{PEOPLE}", "uid=inside")
+    wait_for(lambda: values(query(pharos_on, "email=new@example.org"), "alias") == ["inside"],
+             timeout=2, what="a rename to show")
+    slapd.ldap("ldapdelete", f"uid=inside,{PEOPLE}")
+    wait_for(lambda: query(pharos_on, "email=new@example.org") == [
+        "501:No matches to your query."], timeout=2, what="an ldapdelete to show")
+
+
+FOREIGN = f"""dn: ou=staff,{SUFFIX}
+objectClass: organizationalUnit
+ou: staff
+
+dn: uid=mk,ou=staff,{SUFFIX}
+objectClass: inetOrgPerson
+objectClass: posixAccount
+uid: mk
+cn: Mary Kay
+cn: MK
+sn: Kay
+mail: mk@example.org
+telephoneNumber: +1 555 0101
+uidNumber: 1001
+gidNumber: 1001
+homeDirectory: /home/mk
+employeeNumber: 42
+description: keeps the keys
+
+dn: ou=machines,{SUFFIX}
+objectClass: organizationalUnit
+ou: machines
+
+dn: cn=printer,ou=machines,{SUFFIX}
+objectClass: device
+objectClass: ipHost
+objectClass: ieee802Device
+cn: printer
+cn: lp
+ipHostNumber: 10.0.0.20
+macAddress: 0:1a:2b:3c:4d:5e
+seeAlso: cn=mk,{SUFFIX}
+"""
+
+
+def test_a_directory_filled_by_others_is_served_and_keeps_what_pharos_does_not_know(
+        slapd, tmp_path):
+    slapd.ldap("ldapadd", input=FOREIGN)
+    before = slapd.search(SUFFIX)
+    srv = ldap_server(slapd, tmp_path)
+    try:
+        reply = query(srv, "email=mk@example.org")
+        assert values(reply, "alias") == ["mk"] and values(reply, "name") == ["Mary Kay"]
+        assert values(reply, "notes") == ["keeps the keys"]
+        printer = query(srv, "mac=00:1a:2b:3c:4d:5e")
+        assert values(printer, "hostname") == ["printer"]
+        assert values(printer, "ip") == ["10.0.0.20"]
+        assert slapd.search(SUFFIX) == before                   # serving changed nothing
+        with srv.client() as c:
+            assert c.cmd("change alias=mk make title=Boss")[-1].startswith("200")
+            assert c.cmd("change hostname=printer make location=hall")[-1].startswith("200")
+        mk = slapd.search(f"uid=mk,ou=staff,{SUFFIX}", scope="base")[f"uid=mk,ou=staff,{SUFFIX}"]
+        old = before[f"uid=mk,ou=staff,{SUFFIX}"]
+        for attr in ("uidNumber", "homeDirectory", "employeeNumber", "cn", "sn", "objectClass"):
+            assert mk[attr] == old[attr], attr
+        assert mk["title"] == ["Boss"] and "keeps the keys" in mk["description"]
+        lp = slapd.search(f"cn=printer,ou=machines,{SUFFIX}", scope="base")[
+            f"cn=printer,ou=machines,{SUFFIX}"]
+        assert lp["cn"] == ["printer", "lp"] and lp["seeAlso"] == [f"cn=mk,{SUFFIX}"]
+        assert lp["macAddress"] == ["0:1a:2b:3c:4d:5e"] and lp["l"] == ["hall"]
+    finally:
+        srv.kill()
+
+
+NASTY = ["*)(uid=*))(|(uid=*", "\\2a", "a\\b", 'Smith, "Jr" + <x>; #1=2', "Mül*ler"]
+
+
+def test_values_that_look_like_ldap_syntax_match_and_store_exactly(pharos_on, slapd):
+    with pharos_on.client() as c:
+        for n, text in enumerate(NASTY):
+            quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+            assert c.cmd(f'add alias=n{n} name="{quoted}" title="{quoted}"')[-1] == "200:Ok.", text
+        assert c.cmd("add alias=plain name=Plain")[-1] == "200:Ok."
+    people = slapd.search(PEOPLE, "(objectClass=inetOrgPerson)", "uid", "cn", "title")
+    stored = {e["uid"][0]: e["cn"][0] for e in people.values()}
+    assert stored == {**{f"n{n}": t for n, t in enumerate(NASTY)}, "plain": "Plain"}
+    found = slapd.search(PEOPLE, "(cn=Smith\\2c \\22Jr\\22 + <x>; #1=2)", "uid")
+    assert [e["uid"] for e in found.values()] == [["n3"]]
+    with pharos_on.client() as c:
+        for n, text in enumerate(NASTY):
+            quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+            reply = c.cmd(f'query title="{quoted}" return alias')
+            assert values(reply, "alias") == [f"n{n}"] or "*" in text, (text, reply)
+
+
+def test_a_hostile_key_in_a_dn_and_a_tenant_are_escaped():
+    layout = pharos.LdapLayout(pharos.Schema(), "dc=x")
+    dn = layout.dn({"type": "machine", "hostname": "a", "tenant": 'ev,il+"t"\\<>;#'})
+    assert dn == 'cn=a,ou=hosts,ou=ev\\,il\\+\\"t\\"\\\\\\<\\>\\;#,ou=tenants,dc=x'
+    assert pharos.split_dn(dn)[2] == ("ou", 'ev,il+"t"\\<>;#')
+    assert layout.tenant_of(pharos.split_dn(dn)) == 'ev,il+"t"\\<>;#'
+    assert pharos.escape_dn_value("#a ") == "\\#a\\ " and pharos.escape_dn_value("a\0") == "a\\00"
+    assert pharos.escape_filter_value("*)(uid=*\\\0") == "\\2a\\29\\28uid=\\2a\\5c\\00"
+    assert pharos.split_dn("cn=Smith\\2C Jane \\2B \\22QA\\22,dc=x")[0] == (
+        "cn", 'Smith, Jane + "QA"')
+
+
+def test_an_add_of_a_key_the_directory_has_is_refused_as_a_duplicate(pharos_on, slapd):
+    with pharos_on.client() as c:
+        assert c.cmd("add alias=seed")[-1] == "200:Ok."
+    # straight into the directory, then at once through Ph: whichever sees it first refuses
+    slapd.ldap("ldapadd", input=f"dn: uid=race,{PEOPLE}\nobjectClass: inetOrgPerson\n"
+                                f"uid: race\ncn: race\nsn: race\n")
+    with pharos_on.client() as c:
+        reply = c.cmd("add alias=race name=Second")
+    assert reply[-1].startswith(("509", "599")) and "race in use" in "".join(reply), reply
+    assert slapd.search(f"uid=race,{PEOPLE}", scope="base")[f"uid=race,{PEOPLE}"]["cn"] == ["race"]
+
+
+def readyz(srv):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/readyz",
+                                    timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_directory_going_away_keeps_reads_fails_writes_fast_and_recovers(slapd, tmp_path):
+    srv = ldap_server(slapd, tmp_path, metrics=True)
+    try:
+        with srv.client() as c:
+            assert c.cmd("add alias=kept name=Kept")[-1] == "200:Ok."
+            assert readyz(srv)[0] == 200
+            slapd.stop()
+            started = time.monotonic()
+            reply = c.cmd("add alias=lost name=Lost")
+            assert time.monotonic() - started < 1.0
+            assert reply[-1].startswith("475:Database unavailable"), reply
+            assert values(c.cmd("query alias=kept return name"), "name") == ["Kept"]
+            wait_for(lambda: readyz(srv)[0] == 503, timeout=5, what="/readyz to say so")
+            assert "unreachable" in readyz(srv)[1]
+            slapd.start()
+            wait_for(lambda: c.cmd("add alias=back name=Back")[-1] == "200:Ok.", timeout=10,
+                     interval=0.2, what="writes to come back")
+            assert readyz(srv)[0] == 200
+        people = slapd.search(PEOPLE, "(objectClass=inetOrgPerson)", "uid")
+        assert sorted(e["uid"][0] for e in people.values()) == ["back", "kept"]
+    finally:
+        srv.kill()
+
+
+def test_a_wrong_password_at_start_is_one_line_and_exit_3(slapd, tmp_path):
+    done = subprocess.run([sys.executable, str(PHAROS), "serve", "--tier", "dev", "--listen",
+                           "127.0.0.1:0", "--metrics", "off", "--data", str(tmp_path / "d"),
+                           "--storage", f"{slapd.url}/{SUFFIX}", "--ldap-bind-dn", ROOTDN],
+                          env=dict(os.environ, PHAROS_LDAP_PASSWORD="wrong"),
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3
+    assert done.stderr.count("\n") == 1 and "invalidCredentials" in done.stderr, done.stderr
+
+
+def test_two_pharos_servers_over_two_replicating_providers_see_each_others_writes(tmp_path):
+    need_slapd()
+    first, second = providers(tmp_path)
+    started = []
+    try:
+        for slapd in (first, second):
+            started.append(slapd.start())
+        a = ldap_server(first, tmp_path / "a")
+        b = ldap_server(second, tmp_path / "b")
+        started += [a, b]
+        with a.client() as c:
+            assert c.cmd("add alias=from-a name=Alpha")[-1] == "200:Ok."
+        wait_for(lambda: values(query(b, "alias=from-a"), "name") == ["Alpha"], timeout=5,
+                 what="a write on A to reach B")
+        with b.client() as c:
+            assert c.cmd("change alias=from-a make title=Both")[-1].startswith("200")
+            assert c.cmd("add hostname=from-b ip=10.9.0.1")[-1] == "200:Ok."
+        wait_for(lambda: values(query(a, "alias=from-a"), "title") == ["Both"], timeout=5,
+                 what="a change on B to reach A")
+        wait_for(lambda: values(query(a, "hostname=from-b"), "ip") == ["10.9.0.1"], timeout=5,
+                 what="an add on B to reach A")
+    finally:
+        for thing in reversed(started):
+            thing.kill() if isinstance(thing, ServerProcess) else thing.stop()
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_transcript_on_ldap(path, slapd, tmp_path):
+    args, steps = parse_case(path)
+    srv = ldap_server(slapd, tmp_path, *args)
+    try:
+        with srv.client() as client:
+            replay(path, client, steps)
+    finally:
+        srv.kill()
