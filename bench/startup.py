@@ -3,6 +3,7 @@
 
     python3 bench/startup.py              # 21 runs of each command, medians
     python3 bench/startup.py --runs 51    # steadier figures on a busy machine
+    python3 bench/startup.py --pharos OLD/pharos.py   # another version, for before and after
 
 Builds the zipapp into a temporary directory, warms its compile cache (a temporary
 XDG_CACHE_HOME), starts one memory-storage dev-tier server on 127.0.0.1 with a few records,
@@ -10,11 +11,14 @@ then runs every command in turn, round after round (so a change in the machine's
 on all of them alike), and prints each one's median wall time and its ratio to
 `python3 -c pass`. `python3 pharos.py` compiles the module on every start (a script's
 bytecode is never cached); `python3 -m pharos` is shown with and without a cached .pyc.
+The `-S` rows skip the site module, whose .pth files can import much on their own (on one
+machine, certifi: 30 ms), and compare with `python3 -S -c pass`.
 The server is stopped by pid before the script exits.
 """
 
 import argparse
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -26,6 +30,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+sys.path.insert(0, ROOT)
+import build_zipapp  # noqa: E402
+
 LISTEN_RE = re.compile(rb"Ph listening on \S+:(\d+)")
 RECORDS = [["alias=ada", "name=Ada Lovelace", "email=ada@example.org"],
            ["alias=alan", "name=Alan Turing", "email=alan@example.org"],
@@ -85,6 +92,8 @@ def commands(work, port):
             ("python3 -S -c pass", [PY, "-S", "-c", "pass"], {}, work),
             ("pharos.pyz --version", [pyz, "--version"], {}, work),
             ("pharos.pyz ph QUERY", [pyz, *query], {}, work),
+            ("python3 -S pharos.pyz --version", [PY, "-S", pyz, "--version"], {}, work),
+            ("python3 -S pharos.pyz ph QUERY", [PY, "-S", pyz, *query], {}, work),
             ("python3 pharos.py --version", [PY, "pharos.py", "--version"], {}, plain),
             ("python3 pharos.py ph QUERY", [PY, "pharos.py", *query], {}, plain),
             ("python3 -m pharos ph QUERY (no .pyc)", [PY, "-m", "pharos", *query], nopyc, plain),
@@ -92,14 +101,15 @@ def commands(work, port):
             ("python3 -m pharos ph QUERY (.pyc)", [PY, "-m", "pharos", *query], pyc, cached)]
 
 
-def prepare(work, env):
-    """Copy pharos.py into ``work``/plain and /cached and build the zipapp in ``work``."""
+def prepare(source, work, env):
+    """Copy ``source`` into ``work``/plain and /cached, build the zipapp of it in ``work``
+    and warm the zipapp's compile cache."""
     for copy in ("plain", "cached"):
         os.mkdir(os.path.join(work, copy))
-        shutil.copy(os.path.join(ROOT, "pharos.py"), os.path.join(work, copy))
-    subprocess.run([PY, os.path.join(ROOT, "build_zipapp.py"), "--output",
-                    os.path.join(work, "pharos.pyz")], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+        shutil.copy(source, os.path.join(work, copy, "pharos.py"))
+    pyz = os.path.join(work, "pharos.pyz")
+    build_zipapp.build(pathlib.Path(source), pathlib.Path(pyz))
+    run([pyz, "--version"], env, work)
 
 
 def measure(cmds, env, runs):
@@ -114,14 +124,16 @@ def measure(cmds, env, runs):
 
 
 def table(times):
-    """The result table: median and fastest run in ms, and median / `python3 -c pass`."""
+    """The result table: median and fastest run in ms, and the median over those of
+    `python3 -c pass` and of `python3 -S -c pass`."""
     base = statistics.median(times["python3 -c pass"])
+    bare = statistics.median(times["python3 -S -c pass"])
     width = max(map(len, times))
-    lines = [f"{'command':<{width}}  median ms  fastest ms  x python3 -c pass"]
+    lines = [f"{'command':<{width}}  median ms  fastest ms  x python3 -c pass  x python3 -S"]
     for label, walls in times.items():
         median = statistics.median(walls)
         lines.append(f"{label:<{width}}  {median * 1000:9.1f}  {min(walls) * 1000:10.1f}  "
-                     f"{median / base:17.2f}")
+                     f"{median / base:17.2f}  {median / bare:12.2f}")
     return "\n".join(lines)
 
 
@@ -129,10 +141,12 @@ def main():
     """Build, start the server, add the records, measure, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21, help="rounds of runs (default 21)")
+    parser.add_argument("--pharos", default=os.path.join(ROOT, "pharos.py"), metavar="FILE",
+                        help="the pharos.py to measure (default: this checkout's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pharos-startup-") as work:
         env = dict(os.environ, XDG_CACHE_HOME=os.path.join(work, "cache"), NO_COLOR="1")
-        prepare(work, env)
+        prepare(args.pharos, work, env)
         proc, port = start_server(env)
         try:
             for words in RECORDS:
@@ -141,7 +155,7 @@ def main():
             times = measure(commands(work, port), env, args.runs)
         finally:
             stop(proc)
-    print(f"Python {sys.version.split()[0]}, {args.runs} runs each, "
+    print(f"{args.pharos}: Python {sys.version.split()[0]}, {args.runs} runs each, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(table(times))
 
