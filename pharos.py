@@ -29,24 +29,18 @@ from __future__ import annotations
 # SECTION: Constants — version, limits, defaults; optional-package helper
 
 import argparse
-import array
-import base64
 import bisect
 import contextlib
 import errno
 import fnmatch
 import functools
-import hashlib
-import hmac
 import ipaddress
 import itertools
 import json
 import marshal
 import os
 import re
-import secrets
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -106,6 +100,9 @@ class LazyModule:
 
 
 asyncio = LazyModule("asyncio")
+# Only some commands need these (the server, logins, key lists); a lookup imports none.
+array, base64, hashlib = LazyModule("array"), LazyModule("base64"), LazyModule("hashlib")
+hmac, secrets, signal = LazyModule("hmac"), LazyModule("secrets"), LazyModule("signal")
 
 
 def optional_import(name):
@@ -6019,7 +6016,7 @@ REPLY_MEANINGS = {
 AUTH_CONTEXTS = frozenset(("login", "answer"))
 # qi's detail lines (-5xx) in words for people: (code, pattern, wording; None drops a line
 # that only repeats another).
-DETAIL_WORDING = [(code, re.compile(pattern), wording) for code, pattern, wording in (
+DETAIL_WORDING = (
     (507, r"(.*):unknown field\.", 'unknown field "{0}"'),
     (509, r"(\w+) (.*) (?:in use or is too common a name|conflicts with other entries)\.",
      "{0} {1} is already taken"),
@@ -6032,13 +6029,13 @@ DETAIL_WORDING = [(code, re.compile(pattern), wording) for code, pattern, wordin
     (599, r"Argument \d+ \(begins (.*)\): must be field=value pair\.", '"{0}" is not field=value'),
     (599, r"Argument (\d+): must be field name\.", "word {0} after return is not a field name"),
     (521, r"Field has a value\.", "the field has a value already (addonly is on)"),
-)]
+)
 
 
 def detail_words(code, text):
     """One detail line of an error reply in words for people ('' to drop it)."""
     for known, pattern, wording in DETAIL_WORDING:
-        match = pattern.fullmatch(text) if known == code else None
+        match = re.fullmatch(pattern, text) if known == code else None  # compiled when met
         if match:
             return wording.format(*match.groups()) if wording else ""
     return text
