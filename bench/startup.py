@@ -3,7 +3,7 @@
 
     python3 bench/startup.py              # 21 runs of each command, medians
     python3 bench/startup.py --runs 51    # steadier figures on a busy machine
-    python3 bench/startup.py --pharos OLD/pharos.py   # another version, for before and after
+    python3 bench/startup.py --pharos OLD/pharos.py --pharos pharos.py   # before and after
 
 Builds the zipapp into a temporary directory, warms its compile cache (a temporary
 XDG_CACHE_HOME), starts one memory-storage dev-tier server on 127.0.0.1 with a few records,
@@ -81,16 +81,26 @@ def run(cmd, env, cwd):
     return wall
 
 
-def commands(work, port):
+def commands(work, port, tag=""):
     """(label, argv, extra environment, directory) of every command measured; `-m pharos`
     with and without a .pyc runs from two copies, so the one never reads the other's."""
+    return [(label + tag, argv, extra, cwd) for label, argv, extra, cwd in pharos_commands(
+        work, port)]
+
+
+def bare_commands(work):
+    """The bare interpreter, with and without site."""
+    return [("python3 -c pass", [PY, "-c", "pass"], {}, work),
+            ("python3 -S -c pass", [PY, "-S", "-c", "pass"], {}, work)]
+
+
+def pharos_commands(work, port):
+    """The commands of one pharos.py, built in ``work``."""
     pyz, server = os.path.join(work, "pharos.pyz"), f"127.0.0.1:{port}"
     query = ["ph", "--server", server, "ada"]
     plain, cached = os.path.join(work, "plain"), os.path.join(work, "cached")
     nopyc, pyc = {"PYTHONDONTWRITEBYTECODE": "1"}, {"PYTHONDONTWRITEBYTECODE": ""}
-    return [("python3 -c pass", [PY, "-c", "pass"], {}, work),
-            ("python3 -S -c pass", [PY, "-S", "-c", "pass"], {}, work),
-            ("pharos.pyz --version", [pyz, "--version"], {}, work),
+    return [("pharos.pyz --version", [pyz, "--version"], {}, work),
             ("pharos.pyz ph QUERY", [pyz, *query], {}, work),
             ("python3 -S pharos.pyz --version", [PY, "-S", pyz, "--version"], {}, work),
             ("python3 -S pharos.pyz ph QUERY", [PY, "-S", pyz, *query], {}, work),
@@ -141,21 +151,31 @@ def main():
     """Build, start the server, add the records, measure, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21, help="rounds of runs (default 21)")
-    parser.add_argument("--pharos", default=os.path.join(ROOT, "pharos.py"), metavar="FILE",
-                        help="the pharos.py to measure (default: this checkout's)")
+    parser.add_argument("--pharos", action="append", metavar="FILE",
+                        help="a pharos.py to measure (default: this checkout's); given "
+                             "more than once, their runs take turns and rows are tagged [N]")
     args = parser.parse_args()
+    sources = args.pharos or [os.path.join(ROOT, "pharos.py")]
     with tempfile.TemporaryDirectory(prefix="pharos-startup-") as work:
         env = dict(os.environ, XDG_CACHE_HOME=os.path.join(work, "cache"), NO_COLOR="1")
-        prepare(args.pharos, work, env)
+        dirs = [os.path.join(work, str(n)) for n in range(1, len(sources) + 1)]
+        for source, where in zip(sources, dirs):
+            os.mkdir(where)
+            prepare(source, where, env)
         proc, port = start_server(env)
         try:
             for words in RECORDS:
                 run([PY, "pharos.py", "ph", "--server", f"127.0.0.1:{port}", "add", *words],
-                    env, os.path.join(work, "plain"))
-            times = measure(commands(work, port), env, args.runs)
+                    env, os.path.join(dirs[-1], "plain"))
+            cmds = bare_commands(work)
+            for n, where in enumerate(dirs, 1):
+                cmds += commands(where, port, f" [{n}]" if len(dirs) > 1 else "")
+            times = measure(cmds, env, args.runs)
         finally:
             stop(proc)
-    print(f"{args.pharos}: Python {sys.version.split()[0]}, {args.runs} runs each, "
+    for n, source in enumerate(sources, 1):
+        print(f"[{n}] {source}" if len(sources) > 1 else source)
+    print(f"Python {sys.version.split()[0]}, {args.runs} runs each, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(table(times))
 
