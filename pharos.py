@@ -6112,6 +6112,18 @@ def too_long_line():
     return PhError(400, f"the server sent a reply line over {MAX_REPLY_READ} bytes")
 
 
+def resolver_name(host):
+    """``host`` as getaddrinfo takes it: IDNA bytes (so an ASCII name skips the idna codec,
+    which takes a millisecond to import and raises UnicodeError for an empty label);
+    OSError for a name that has no IDNA form."""
+    if host.isascii():
+        return host.encode()
+    try:
+        return host.encode("idna")
+    except UnicodeError:
+        raise OSError(f"{host} is not a valid host name") from None
+
+
 def unreachable(host, port, error):
     """PhError 421 for a connection that could not be made, worded alike on either link
     (asyncio words a refusal "Connect call failed", the socket module "Connection refused")."""
@@ -6284,7 +6296,8 @@ class PhClient:
     async def connect(self):
         """Open the connection (PhError 421 if unreachable) and send `id` when set; self."""
         try:
-            self.link = await self.link_class.open(self.host, self.port, self.timeout)
+            name = resolver_name(self.host)
+            self.link = await self.link_class.open(name, self.port, self.timeout)
         except OSError as e:
             raise unreachable(self.host, self.port, e) from None
         if self.client_id:

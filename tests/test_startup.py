@@ -91,11 +91,11 @@ def read_line(sock):
     return data
 
 
-def outcome(link, port, steps, timeout=5.0):
+def outcome(link, port, steps, timeout=5.0, host="127.0.0.1"):
     """Run ``steps(client)`` on a PhClient over ``link``; (result or (code, text) of the
     PhError it raised)."""
     async def go():
-        client = pharos.PhClient("127.0.0.1", port, timeout=timeout, link=link)
+        client = pharos.PhClient(host, port, timeout=timeout, link=link)
         try:
             return await steps(client)
         except pharos.PhError as e:
@@ -156,6 +156,12 @@ def test_both_links_word_an_unreachable_server_alike():
         port = taken.getsockname()[1]
     seen = [outcome(link, port, status_of) for link in LINKS]
     assert seen == [(421, f"cannot reach 127.0.0.1:{port}: Connection refused")] * 2
+
+
+def test_a_host_name_with_no_idna_form_is_unreachable_not_a_traceback():
+    host = "ü" * 64 + ".example"        # a label over 63 bytes: the idna codec refuses it
+    seen = [outcome(link, 2378, status_of, host=host) for link in LINKS]
+    assert seen == [(421, f"cannot reach {host}:2378: {host} is not a valid host name")] * 2
 
 
 def test_both_links_give_the_same_records_and_refusals(mem_server):
