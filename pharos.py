@@ -19,7 +19,7 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Auth        — the key list, logins, tiers, roles, tenants and the audit log
     Server      — PhSession (one ph_<verb> per command), connection loop, serve
     HTTP        — metrics, health and readiness: one reader with limits, one dispatch
-    Client      — the asyncio Ph client core shared by every command-line tool
+    Client      — the Ph client core shared by every command-line tool (asyncio or blocking)
     Formats     — vCard, CSV, JSON and the machine exports (pure: text in, text out)
     Discovery   — scan targets, port lists, the probe engine, banners, neighbours
     CLI         — cmd_<name> handlers, argument parsing and main()
@@ -30,24 +30,18 @@ from __future__ import annotations
 # SECTION: Constants — version, limits, defaults; optional-package helper
 
 import argparse
-import array
-import base64
 import bisect
 import contextlib
 import errno
 import fnmatch
 import functools
-import hashlib
-import hmac
 import ipaddress
 import itertools
 import json
 import marshal
 import os
 import re
-import secrets
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -107,6 +101,9 @@ class LazyModule:
 
 
 asyncio = LazyModule("asyncio")
+# Only some commands need these (the server, logins, key lists); a lookup imports none.
+array, base64, hashlib = LazyModule("array"), LazyModule("base64"), LazyModule("hashlib")
+hmac, secrets, signal = LazyModule("hmac"), LazyModule("secrets"), LazyModule("signal")
 
 
 def optional_import(name):
@@ -6786,7 +6783,7 @@ def start_http(app, host, port, log):
     return HttpListener(sock, app, log).start()
 
 
-# SECTION: Client — the asyncio Ph client core shared by every command-line tool
+# SECTION: Client — the Ph client core shared by every command-line tool (asyncio or blocking)
 
 REPLY_RE = re.compile(r"(-?)([0-9]{3}):(?:([0-9]{1,18}):)?(.*)\Z", re.S)
 ENTRY_RE = re.compile(r"\s*([A-Za-z_-]*): ?(.*)\Z", re.S)
@@ -6934,7 +6931,7 @@ REPLY_MEANINGS = {
 AUTH_CONTEXTS = frozenset(("login", "answer"))
 # qi's detail lines (-5xx) in words for people: (code, pattern, wording; None drops a line
 # that only repeats another).
-DETAIL_WORDING = [(code, re.compile(pattern), wording) for code, pattern, wording in (
+DETAIL_WORDING = (
     (507, r"(.*):unknown field\.", 'unknown field "{0}"'),
     (509, r"(\w+) (.*) (?:in use or is too common a name|conflicts with other entries)\.",
      "{0} {1} is already taken"),
@@ -6947,13 +6944,13 @@ DETAIL_WORDING = [(code, re.compile(pattern), wording) for code, pattern, wordin
     (599, r"Argument \d+ \(begins (.*)\): must be field=value pair\.", '"{0}" is not field=value'),
     (599, r"Argument (\d+): must be field name\.", "word {0} after return is not a field name"),
     (521, r"Field has a value\.", "the field has a value already (addonly is on)"),
-)]
+)
 
 
 def detail_words(code, text):
     """One detail line of an error reply in words for people ('' to drop it)."""
     for known, pattern, wording in DETAIL_WORDING:
-        match = pattern.fullmatch(text) if known == code else None
+        match = re.fullmatch(pattern, text) if known == code else None  # compiled when met
         if match:
             return wording.format(*match.groups()) if wording else ""
     return text
@@ -7004,6 +7001,182 @@ def login_needed(tier, verb):
 
 
 BUILTIN_MULTI = frozenset(row[1] for row in BUILTIN_FIELDS if row[6].get("multi"))
+MAX_REPLY_READ = 1 << 20        # bytes one reply line may take before the client gives up
+
+
+def reply_done(text):
+    """Whether ``text`` is the final line of a reply (not a -continuation, code >= 200)."""
+    return not text.startswith("-") and text[:3] >= "200"
+
+
+async def reply_lines(readline):
+    """The decoded lines of one reply, up to its final line, read with ``readline``."""
+    lines = []
+    while True:
+        raw = await readline()
+        if not raw:
+            raise ConnectionResetError("server closed the connection")
+        text = raw.decode("utf-8", "replace").rstrip("\r\n")
+        lines.append(text)
+        if reply_done(text):
+            return lines
+
+
+def too_long_line():
+    """The PhError for a reply line past MAX_REPLY_READ bytes."""
+    return PhError(400, f"the server sent a reply line over {MAX_REPLY_READ} bytes")
+
+
+def resolver_name(host):
+    """``host`` as getaddrinfo takes it: IDNA bytes (so an ASCII name skips the idna codec,
+    which takes a millisecond to import and raises UnicodeError for an empty label);
+    OSError for a name that has no IDNA form."""
+    if host.isascii():
+        return host.encode()
+    try:
+        return host.encode("idna")
+    except UnicodeError:
+        raise OSError(f"{host} is not a valid host name") from None
+
+
+def unreachable(host, port, error):
+    """PhError 421 for a connection that could not be made, worded alike on either link
+    (asyncio words a refusal "Connect call failed", the socket module "Connection refused")."""
+    if isinstance(error, TimeoutError):
+        reason = "timed out"
+    elif isinstance(error.errno, int) and error.errno > 0:
+        reason = os.strerror(error.errno)
+    else:
+        reason = error.strerror or str(error)
+    return PhError(421, f"cannot reach {format_address(host, port)}: {reason}")
+
+
+class StreamLink:
+    """A Ph connection on asyncio streams, for commands that keep several going at once.
+
+    Like SocketLink it raises ConnectionError for a lost connection and TimeoutError for
+    a reply that did not come in time, so PhClient handles both links alike.
+    """
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    @staticmethod
+    def run(main):
+        """Run coroutine ``main`` (a command's body) on an event loop; its result."""
+        return asyncio.run(main)
+
+    @classmethod
+    async def open(cls, host, port, timeout):
+        """A link to HOST:PORT within ``timeout`` seconds (OSError if none)."""
+        try:
+            return cls(*await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=MAX_REPLY_READ), timeout))
+        except asyncio.TimeoutError:
+            raise TimeoutError("timed out") from None
+
+    def send(self, data):
+        """Queue ``data``; it goes out while the replies are read."""
+        self.writer.write(data)
+
+    async def read_reply(self, timeout):
+        """The lines of one reply, all read within ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(reply_lines(self.readline), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError("no reply") from None
+
+    async def readline(self):
+        """One line, b'' at the end."""
+        try:
+            return await self.reader.readline()
+        except ValueError:              # asyncio's words for a line past the limit
+            raise too_long_line() from None
+
+    async def call(self, function, *args):
+        """``function(*args)`` in a thread, so a slow signer does not stall other links."""
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def close(self):
+        """Close the connection."""
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+class SocketLink:
+    """A Ph connection on a blocking socket, for commands that use one connection.
+
+    Its coroutines never wait on a future, so SocketLink.run drives them to the end
+    without an event loop, and a lookup never imports asyncio (its import is most of the
+    start-up time of `ph QUERY`). Timeouts and errors are StreamLink's.
+    """
+
+    def __init__(self, sock, timeout):
+        self.sock, self.timeout = sock, timeout
+        self.buffer, self.start = b"", 0        # bytes read; where the next line starts
+        self.deadline = 0.0
+
+    @staticmethod
+    def run(main):
+        """Run coroutine ``main`` to its end without an event loop; its result."""
+        try:
+            main.send(None)
+        except StopIteration as done:
+            return done.value
+        main.close()
+        raise RuntimeError("SocketLink.run: the coroutine waited on a future")
+
+    @classmethod
+    async def open(cls, host, port, timeout):
+        """A link to HOST:PORT within ``timeout`` seconds (OSError if none)."""
+        return cls(socket.create_connection((host, port), timeout=timeout), timeout)
+
+    def send(self, data):
+        """Send ``data`` whole, within the timeout."""
+        self.sock.settimeout(self.timeout)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise TimeoutError("no reply") from None
+
+    async def read_reply(self, timeout):
+        """The lines of one reply, all read within ``timeout`` seconds."""
+        self.deadline = time.monotonic() + timeout
+        return await reply_lines(self.readline)
+
+    async def readline(self):
+        """One line, b'' at the end; the reply's deadline bounds each wait for data."""
+        while (end := self.buffer.find(b"\n", self.start)) < 0:
+            if len(self.buffer) - self.start > MAX_REPLY_READ:
+                raise too_long_line()
+            chunk = self.receive()
+            if not chunk:
+                line, self.buffer, self.start = self.buffer[self.start:], b"", 0
+                return line
+            self.buffer, self.start = self.buffer[self.start:] + chunk, 0
+        if end - self.start >= MAX_REPLY_READ:
+            raise too_long_line()
+        line, self.start = self.buffer[self.start:end + 1], end + 1
+        return line
+
+    def receive(self):
+        """The next bytes from the server (b'' at its end) before the reply's deadline."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no reply")
+        self.sock.settimeout(left)
+        return self.sock.recv(1 << 16)
+
+    async def call(self, function, *args):
+        """``function(*args)``, here: nothing else waits on this process."""
+        return function(*args)
+
+    async def close(self):
+        """Close the connection."""
+        self.sock.close()
 
 
 class PhClient:
@@ -7011,13 +7184,15 @@ class PhClient:
 
     Replies are (code, text, body) with body the (code, index, text) of every line before
     the final one; errors the caller should not see as data raise PhError (code 421 for
-    an unreachable server, a lost connection or no reply in time).
+    an unreachable server, a lost connection or no reply in time). ``link`` is StreamLink
+    (asyncio) or SocketLink (a blocking socket; run the coroutines with SocketLink.run).
     """
 
-    def __init__(self, host, port, timeout=10.0, client_id=None, user=None, key_path=None):
+    def __init__(self, host, port, timeout=10.0, client_id=None, user=None, key_path=None,
+                 link=StreamLink):
         self.host, self.port, self.timeout, self.client_id = host, port, timeout, client_id
-        self.user, self.key_path = user, key_path
-        self.reader = self.writer = None
+        self.user, self.key_path, self.link_class = user, key_path, link
+        self.link = None                # the open connection
         self.logged_in = False
         self.login_wanted = False       # once logged in, every (re)connection logs in again
         self.tier = None                # the server's tier from siteinfo, once asked
@@ -7028,7 +7203,7 @@ class PhClient:
         """Another connection to the same server as the same user, sharing what this one
         learnt (schema, tier) and logging in before its first request when this one did."""
         other = PhClient(self.host, self.port, self.timeout, self.client_id, self.user,
-                         self.key_path)
+                         self.key_path, self.link_class)
         other.login_wanted, other.tier = self.login_wanted, self.tier
         other.schema, other.multi = self.schema, self.multi
         return other
@@ -7036,12 +7211,10 @@ class PhClient:
     async def connect(self):
         """Open the connection (PhError 421 if unreachable) and send `id` when set; self."""
         try:
-            self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=1 << 20), self.timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            reason = getattr(e, "strerror", None) or "timed out"
-            raise PhError(421, f"cannot reach {format_address(self.host, self.port)}: "
-                               f"{reason}") from None
+            name = resolver_name(self.host)
+            self.link = await self.link_class.open(name, self.port, self.timeout)
+        except OSError as e:
+            raise unreachable(self.host, self.port, e) from None
         if self.client_id:
             await self.exchange(f"id {self.client_id}")
         if self.login_wanted:
@@ -7050,23 +7223,11 @@ class PhClient:
 
     async def read_reply(self):
         """Read one whole reply within the timeout; return (code, text, body)."""
-        return await asyncio.wait_for(self.read_lines(), self.timeout)
-
-    async def read_lines(self):
-        """The lines of one reply, up to its final line, parsed."""
-        lines, readline = [], self.reader.readline
-        while True:
-            raw = await readline()
-            if not raw:
-                raise ConnectionResetError("server closed the connection")
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            lines.append(text)
-            if not text.startswith("-") and text[:3] >= "200":
-                return parse_reply(lines)
+        return parse_reply(await self.link.read_reply(self.timeout))
 
     async def exchange(self, request):
         """Send one request on the open connection; return (code, text, body)."""
-        self.writer.write(wire_bytes([request]))
+        self.link.send(wire_bytes([request]))
         return await self.read_reply()
 
     async def pipeline(self, requests):
@@ -7075,17 +7236,17 @@ class PhClient:
         replies = []
         for attempt in (1, 2):
             try:
-                if self.writer is None:
+                if self.link is None:
                     await self.connect()
-                self.writer.write(wire_bytes(requests[len(replies):]))
+                self.link.send(wire_bytes(requests[len(replies):]))
                 while len(replies) < len(requests):
                     replies.append(await self.read_reply())
                 return replies
-            except (ConnectionError, asyncio.IncompleteReadError) as e:
+            except ConnectionError as e:
                 await self.close()
                 if attempt == 2:
                     raise PhError(421, f"connection lost: {e}") from None
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self.close()
                 raise PhError(421, f"no reply within {self.timeout:g}s") from None
 
@@ -7173,11 +7334,11 @@ class PhClient:
         if self.logged_in or not self.user:
             return False
         self.login_wanted = True
-        if self.writer is not None:
+        if self.link is not None:
             try:
                 await self.login()
                 return True
-            except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            except (ConnectionError, TimeoutError):
                 await self.close()
         await self.pipeline([])         # (re)connects, and connect() logs in
         return True
@@ -7188,8 +7349,7 @@ class PhClient:
         Keys are tried in client_signers' order (ssh-agent, ssh-keygen, asyncssh); a key
         the server refuses costs a delay there, so the agent's keys come first.
         """
-        loop = asyncio.get_running_loop()
-        signers = await loop.run_in_executor(None, client_signers, self.key_path)
+        signers = await self.link.call(client_signers, self.key_path)
         if not signers:
             raise PhError(NEEDS_LOGIN, "the server wants an SSH-key login and no key was found: "
                                        "add one to ssh-agent (ssh-add) or pass --key FILE")
@@ -7199,7 +7359,7 @@ class PhClient:
             if code != 301:
                 raise reply_error(code, challenge, body, "login")
             try:
-                blob = await loop.run_in_executor(None, sign, challenge.encode())
+                blob = await self.link.call(sign, challenge.encode())
             except SSHFormatError as e:
                 problem = str(e)
                 continue
@@ -7212,14 +7372,9 @@ class PhClient:
 
     async def close(self):
         """Close the connection, if open; the next command reconnects, logged out."""
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except OSError:
-                pass
-            self.reader = self.writer = None
-            self.logged_in = False
+        if self.link is not None:
+            link, self.link, self.logged_in = self.link, None, False
+            await link.close()
 
 
 # SECTION: Formats — vCard, CSV, JSON and the machine exports (pure: text in, text out)
@@ -9568,6 +9723,7 @@ def advertised_port(site):
 
 PROGRAM_KIND = {"ph": PERSON, "mdb": MACHINE}
 LOOKUP_VERBS = ("query", "show", "add", "change", "delete", "fields", "import", "export")
+CONCURRENT_VERBS = frozenset(("import",))  # several connections at once: asyncio; others block
 EXPORT_FORMATS = {PERSON: ("vcard", "csv", "json", "jsonl"),
                   MACHINE: ("ansible", "hosts", "dnsmasq", "prometheus-sd", "csv", "json", "jsonl")}
 IMPORT_FORMATS = {PERSON: ("vcard", "csv", "json", "jsonl"), MACHINE: ("csv", "json", "jsonl")}
@@ -9767,7 +9923,8 @@ def cmd_lookup(args):
         if args.command != "mdb":
             raise UsageError(f"{args.command}: --list and --host are for mdb (Ansible inventory)")
         verb, args.format = "export", "ansible"
-    return asyncio.run(run_lookup(args, host, port, verb, words))
+    link = StreamLink if verb in CONCURRENT_VERBS else SocketLink
+    return link.run(run_lookup(args, host, port, verb, words, link))
 
 
 def login_name(args):
@@ -9779,10 +9936,11 @@ def login_name(args):
         return None
 
 
-async def run_lookup(args, host, port, verb, words):
-    """Run one ph/mdb verb on its own connection."""
+async def run_lookup(args, host, port, verb, words, link):
+    """Run one ph/mdb verb on its own connection (import: several) over ``link``."""
     client = PhClient(host, port, timeout=args.timeout, client_id=args.command,
-                      user=login_name(args), key_path=args.key or os.environ.get("PHAROS_KEY"))
+                      user=login_name(args), key_path=args.key or os.environ.get("PHAROS_KEY"),
+                      link=link)
     try:
         return await LOOKUP_HANDLERS[verb](client, args, PROGRAM_KIND[args.command], words)
     finally:

@@ -90,7 +90,7 @@ def test_client_core_parses_records_pages_and_errors(mem_server):
                 await client.write("add hostname=alpha")
             assert e.value.code == 599 and "already taken" in e.value.text
             assert await client.ensure_login() is False
-            client.writer.transport.abort()              # lost connection: one reconnect
+            client.link.writer.transport.abort()         # lost connection: one reconnect
             await asyncio.sleep(0)
             assert len(await client.query("hostname=alpha")) == 1
         finally:
