@@ -638,8 +638,8 @@ def tokenize(text):
         return [Token(*word.partition("=")[::2]) if "=" in word else Token(None, word)
                 for word in text.replace("\t", " ").split(" ") if word]
     tokens = []
-    for name, op, quote, quoted_value, value, word_quote, quoted_word, word in \
-            TOKEN_RE.findall(text):
+    for (name, op, quote, quoted_value, value, word_quote, quoted_word,
+         word) in TOKEN_RE.findall(text):
         if op:
             tokens.append(Token(name, unescape(quoted_value), True) if quote
                           else Token(name, value))
@@ -739,8 +739,8 @@ def format_fields(fields):
     out = []
     for f in fields:
         out.append(f"-200:{f.id}:{f.name}:max {f.max} {f.properties()}\n")
-        types = "people and machines" if len(f.types) == 2 else \
-            ("people" if PERSON in f.types else "machines")
+        types = ("people and machines" if len(f.types) == 2
+                 else "people" if PERSON in f.types else "machines")
         desc = f"{f.desc} ({types}{', multi-valued' if f.multi else ''})"
         out.extend(f"-200:{f.id}:{f.name}:{part}\n" for part in desc.split("\n"))
     return out
@@ -773,8 +773,8 @@ class Term:
             cut = min(i for i, c in enumerate(self.pattern) if c in META_CHARS)
             self.prefix = self.pattern[:cut]
             self.prefix_only = self.pattern == self.prefix + "*" and bool(self.prefix)
-            self.regex = PrefixMatch(self.prefix) if self.prefix_only else \
-                wildcard_regex(self.pattern)
+            self.regex = (PrefixMatch(self.prefix) if self.prefix_only
+                          else wildcard_regex(self.pattern))
 
     def is_key(self):
         """qi's rule for a usable key: two or more characters, not all wildcards."""
@@ -1818,8 +1818,8 @@ def decode_journal(raw):
 def check_op(op):
     """One journal op as (id, record or None); ValueError if its shape is wrong."""
     rid, record = op
-    if type(rid) is not int or not 0 < rid < 1 << 32 or \
-            (record is not None and not valid_record(record)):
+    if (type(rid) is not int or not 0 < rid < 1 << 32
+            or (record is not None and not valid_record(record))):
         raise ValueError(f"bad operation {str(op)[:80]}")
     return rid, record
 
@@ -2068,9 +2068,9 @@ def image_header_or_why(path):
         header = read_checked_line(raw)
     except (ValueError, TypeError):
         return None, "its header is damaged or from an older version"
-    if header.get("format") != IMAGE_FORMAT or \
-            header != dict(header, version=2, python=list(sys.version_info[:2]),
-                           marshal=marshal.version, snapshot=snapshot_signature(path)):
+    if (header.get("format") != IMAGE_FORMAT
+            or header != dict(header, version=2, python=list(sys.version_info[:2]),
+                              marshal=marshal.version, snapshot=snapshot_signature(path))):
         return None, "it was written for another snapshot or Python"
     if header.get("seq") != snapshot_header(path).get("seq"):
         return None, f"its seq {header.get('seq')} is not the snapshot's"
@@ -2105,10 +2105,10 @@ def read_image(path, directory):
                     return None, "it is damaged"
             finally:
                 body.release()
-    if type(records) is not dict or type(keys) is not dict or type(next_id) is not int or \
-            type(postings) is not dict or postings.keys() != directory.index.keys() or \
-            any(type(table) is not dict for table in postings.values()) or \
-            set(map(type, records)) - {int} or set(map(type, records.values())) - {dict}:
+    if (type(records) is not dict or type(keys) is not dict or type(next_id) is not int
+            or type(postings) is not dict or postings.keys() != directory.index.keys()
+            or any(type(table) is not dict for table in postings.values())
+            or set(map(type, records)) - {int} or set(map(type, records.values())) - {dict}):
         return None, "it is damaged"
     for name, fidx in directory.index.items():
         fidx.postings = table = postings[name]
@@ -3993,8 +3993,8 @@ class PublicKey:
             r, s = inner.mpint(), inner.mpint()
             inner.end()
             if self.fast is not None:
-                return 1 <= r < self.curve.n and 1 <= s < self.curve.n and \
-                    self.fast.verify(data, sigblob)
+                return (1 <= r < self.curve.n and 1 <= s < self.curve.n
+                        and self.fast.verify(data, sigblob))
             return ecdsa_verify(self.curve, self.point, data, r, s)
         except SSHFormatError:
             return False
@@ -4002,8 +4002,8 @@ class PublicKey:
     def verify_ed25519(self, data, sig, sigblob):
         """Check an Ed25519 signature: through asyncssh when loaded, else pure Python."""
         if self.fast is not None:
-            return len(sig) == 64 and int.from_bytes(sig[32:], "little") < ED_L and \
-                self.fast.verify(data, sigblob)
+            return (len(sig) == 64 and int.from_bytes(sig[32:], "little") < ED_L
+                    and self.fast.verify(data, sigblob))
         return self.ed25519.verify(sig, data)
 
     def verify_rsa(self, hashname, data, sig, sigblob):
@@ -7831,8 +7831,8 @@ def json_array_items(f, chunk=1 << 16):
             except ValueError as e:
                 if state["eof"] or len(state["buf"]) - state["pos"] > MAX_JSON_ITEM:
                     where = max(getattr(e, "pos", state["pos"]), state["pos"])
-                    raise FormatError(line_at(where), f"not JSON: {getattr(e, 'msg', e)}") \
-                        from None
+                    reason = getattr(e, "msg", e)
+                    raise FormatError(line_at(where), f"not JSON: {reason}") from None
                 fill()
         yield line_at(state["pos"]), item
         state["pos"] = end
