@@ -4171,6 +4171,8 @@ def client_signers(key_path=None):
     """
     import shutil
     wanted = None
+    if key_path and not (os.path.exists(key_path) or os.path.exists(key_path + ".pub")):
+        raise UsageError(f"--key {key_path}: no such file")
     if key_path:
         try:
             with open(key_path + ".pub" if not key_path.endswith(".pub") else key_path) as f:
@@ -4215,6 +4217,8 @@ SESSION_ONLY_OPTIONS = frozenset((      # OpenSSH options about shell sessions: 
 KEY_OPTIONS = frozenset(("role", "tenant", "valid-after", "valid-before", "expiry-time", "from",
                          "namespaces"))
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
+PLAIN_NAME_RE = re.compile(r"[^*?!,\s]{1,64}\Z")     # one user name, no pattern
+HOST_PATTERN_RE = re.compile(r"[A-Za-z0-9.:*?_%-]{1,255}\Z")   # from="..." hosts
 FREE_VERBS = frozenset(("status", "siteinfo", "fields", "id", "login", "answer", "clear",
                         "email", "logout", "xlogin", "klogin", "help", "quit", "exit", "stop"))
 WRITE_VERBS = frozenset(("add", "change", "delete", "merge"))
@@ -4381,6 +4385,22 @@ def check_key_options(options):
             raise SSHFormatError(f"tenant {value!r} must be letters, digits, '.', '_', '-' or *")
         if name in ("valid-after", "valid-before", "expiry-time"):
             parse_ssh_time(value)
+        if name == "from":
+            check_from_patterns(value)
+
+
+def check_from_patterns(value):
+    """Refuse a from="..." list with a pattern OpenSSH would not read: each (after an
+    optional !) is a CIDR block ipaddress accepts, or an address or host name pattern."""
+    for pattern in value.split(","):
+        body = pattern[1:] if pattern.startswith("!") else pattern
+        if "/" in body:
+            try:
+                ipaddress.ip_network(body, strict=False)
+            except ValueError:
+                raise SSHFormatError(f"from: {body[:64]!r} is not a CIDR block") from None
+        elif not HOST_PATTERN_RE.match(body):
+            raise SSHFormatError(f"from: {body[:64]!r} is not an address or host name pattern")
 
 
 def match_pattern(text, pattern):
@@ -4523,15 +4543,25 @@ class KeyFile:
         """Read the file into a new KeyRing (on a read error keep the old one); return it."""
         self.stamp = self.stat()
         try:
-            with open(self.path, encoding="utf-8", newline="") as f:
-                text = f.read(MAX_KEYS_FILE + 1)
-            if len(text) > MAX_KEYS_FILE:
-                raise OSError(errno.EFBIG, f"larger than {MAX_KEYS_FILE} bytes")
-        except FileNotFoundError:
-            text = ""
+            text = self.read_text()
         except (OSError, UnicodeDecodeError) as e:
             self.log(f"cannot read {self.path}: {e}; keeping the keys loaded before")
             return self.ring
+        return self.load(text)
+
+    def read_text(self):
+        """The file's text ("" when there is none); OSError when it cannot be read whole."""
+        try:
+            with open(self.path, encoding="utf-8", newline="") as f:
+                text = f.read(MAX_KEYS_FILE + 1)
+        except FileNotFoundError:
+            return ""
+        if len(text) > MAX_KEYS_FILE:
+            raise OSError(errno.EFBIG, f"larger than {MAX_KEYS_FILE} bytes")
+        return text
+
+    def load(self, text):
+        """Make ``text`` the key ring in use (its skipped lines logged); the ring."""
         ring = KeyRing(text, self.path)
         for warning in ring.warnings:
             self.log(warning)
@@ -4540,29 +4570,57 @@ class KeyFile:
         self.ring = ring
         return ring
 
+    def edit(self, change):
+        """Apply ``change`` to the file as it is now, under an exclusive lock; its result.
+
+        ``change(ring)`` gets a ring read afresh under the lock and returns (the new lines,
+        or None to leave the file alone, and a result). The server and `pharos keys --data`
+        both edit through here, each holding DATA/authorized_keys.lock from its reading to
+        its rename, so neither writes over an edit it did not see: an acknowledged removal
+        stays removed and an acknowledged add stays added.
+        """
+        import fcntl
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.stamp = self.stat()
+            lines, result = change(KeyRing(self.read_text(), self.path))
+            if lines is not None:
+                self.write_locked(lines)
+            return result
+        finally:
+            os.close(fd)            # closing the descriptor releases the lock
+
     def write_lines(self, lines):
-        """Replace the file's lines atomically and load the result."""
+        """Replace the file's lines (under the lock) and load the result."""
+        return self.edit(lambda ring: (lines, None))
+
+    def write_locked(self, lines):
+        """Replace the file atomically: a temp file of its own, fsync, rename, fsync the
+        directory; then load what was written. The caller holds the lock."""
         if any("\n" in x.rstrip("\n") for x in lines):
             raise ValueError("a key list line holds a line break")
-        tmp = self.path + ".tmp"
+        text = "".join(x.rstrip("\n") + "\n" for x in lines)
+        tmp = f"{self.path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         mode = os.stat(self.path).st_mode & 0o777 if os.path.exists(self.path) else 0o600
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        os.fchmod(fd, mode)             # who may read the roles: the owner, unless set wider
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write("".join(x.rstrip("\n") + "\n" for x in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(os.path.dirname(self.path) or ".")
-        return self.reload()
-
-    def lines(self):
-        """The file's lines as text ([] when there is no file)."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            with open(self.path, encoding="utf-8", newline="") as f:
-                return key_file_lines(f.read())
-        except FileNotFoundError:
-            return []
+            os.fchmod(fd, mode)         # who may read the roles: the owner, unless set wider
+            with open(fd, "w", encoding="utf-8", closefd=False) as f:
+                f.write(text)
+                f.flush()
+                os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(self.path) or ".")
+        self.stamp = self.stat()
+        return self.load(text)
 
 
 def starting_users_keys():
@@ -4643,6 +4701,21 @@ def grant_refusal(role, tenant, entry):
         return f"You may not grant role {entry.role} (yours is {role})."
     if tenant is not None and entry.tenant != tenant:
         return f"You may only add keys of tenant {tenant or 'none'}."
+    return None
+
+
+def principal_refusal(tenant, entry, others):
+    """None when an admin of ``tenant`` (None: every tenant) may add ``entry`` beside the
+    lines ``others``, else why not: a tenant admin names one plain user (no pattern, no
+    list) that no other tenant's line admits, so a key it adds logs in only as a name of
+    its own tenant. A global admin may give patterns."""
+    if tenant is None:
+        return None
+    if not PLAIN_NAME_RE.match(entry.principals):
+        return "A tenant admin adds keys for one plain user name (no *, ?, ! or list)."
+    if any(other.tenant != tenant and match_pattern_list(entry.principals, other.principals)
+           for other in others):
+        return f"The user name {entry.principals} belongs to another tenant."
     return None
 
 
@@ -5423,25 +5496,41 @@ class PhAuthVerbs:
         refusal = grant_refusal(self.user.role, self.tenant, entry)
         if refusal:
             return line(510, refusal)
-        ring = self.server.keys.reload()        # the lines written are the lines checked
-        for other in ring.entries:
+        return self.edit_keys(lambda ring: self.add_to(ring, entry))
+
+    def add_to(self, ring, entry):
+        """(new lines, reply) for adding ``entry`` to ``ring``, read under the lock: the
+        checks that depend on the other lines are made on this reading."""
+        refusal = principal_refusal(self.tenant, entry, ring.entries)
+        if refusal:
+            return None, line(510, refusal)
+        for other in self.visible_keys(ring):
             if other.key.blob == entry.key.blob and other.principals == entry.principals:
-                return line(509, f"That key is already listed for {entry.principals}.")
-        self.server.keys.write_lines(ring.lines + [entry.text])
-        return line(200, "Ok.")
+                return None, line(509, f"That key is already listed for {entry.principals}.")
+        return ring.lines + [entry.text], line(200, "Ok.")
 
     def keys_remove(self, which):
         """keys remove <fingerprint|user>: drop the matching keys, never the last admin."""
-        ring = self.server.keys.reload()        # line numbers and lines from one reading
+        return self.edit_keys(lambda ring: self.remove_from(ring, which))
+
+    def remove_from(self, ring, which):
+        """(new lines, reply) for removing the visible keys ``which`` names from ``ring``."""
         mine = {e.lineno for e in self.visible_keys(ring)
                 if which in (e.key.fingerprint, e.principals)}
         if not mine:
-            return line(501, "No matching keys.")
+            return None, line(501, "No matching keys.")
         if not any(e.role == "admin" for e in ring.entries if e.lineno not in mine):
-            return line(510, "That would remove the last admin key.")
+            return None, line(510, "That would remove the last admin key.")
         kept = [text for n, text in enumerate(ring.lines, 1) if n not in mine]
-        self.server.keys.write_lines(kept)
-        return line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
+        return kept, line(200, f"{plural(len(mine), 'key', 'keys')} removed.")
+
+    def edit_keys(self, change):
+        """Run ``change`` on the key list under its lock (KeyFile.edit); the reply."""
+        try:
+            return self.server.keys.edit(change)
+        except (OSError, UnicodeDecodeError) as e:
+            self.server.log(f"cannot edit {self.server.keys.path}: {e}")
+            return line(475, "The key list cannot be edited now; try later.")
 
 
 class DumpCursor:
@@ -10711,21 +10800,27 @@ def keys_local(keyfile, action, line_text, args):
         print_key_table([(e.principals, e.role, e.tenant, f"{e.key.keytype} {e.key.fingerprint}",
                           e.comment) for e in ring.entries])
         return EXIT_OK
+    which = args.what[0] if action == "remove" else None
+    try:
+        status, text = keyfile.edit(lambda ring: local_change(ring, action, line_text, which))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"keys {action}: cannot edit {keyfile.path}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+    print(f"{text} {keyfile.path}" if status == EXIT_OK else f"keys: {text}",
+          file=sys.stdout if status == EXIT_OK else sys.stderr)
+    return status
+
+
+def local_change(ring, action, line_text, which):
+    """(new lines, (exit status, what to say)) for `keys add|remove` on ``ring``, the
+    file as read under its lock."""
     if action == "add":
-        try:
-            os.makedirs(os.path.dirname(keyfile.path) or ".", exist_ok=True)
-            keyfile.write_lines(keyfile.lines() + [line_text])
-        except OSError as e:
-            raise UsageError(f"keys add: cannot write {keyfile.path}: {e.strerror}") from None
-        print(f"added to {keyfile.path}")
-        return EXIT_OK
-    gone = {e.lineno for e in ring.entries if args.what[0] in (e.key.fingerprint, e.principals)}
+        return ring.lines + [line_text], (EXIT_OK, "added to")
+    gone = {e.lineno for e in ring.entries if which in (e.key.fingerprint, e.principals)}
     if not gone:
-        print(f"keys: no key matches {args.what[0]}", file=sys.stderr)
-        return EXIT_NOMATCH
-    keyfile.write_lines([t for n, t in enumerate(keyfile.lines(), 1) if n not in gone])
-    print(f"removed {plural(len(gone), 'key', 'keys')} from {keyfile.path}")
-    return EXIT_OK
+        return None, (EXIT_NOMATCH, f"no key matches {which}")
+    kept = [t for n, t in enumerate(ring.lines, 1) if n not in gone]
+    return kept, (EXIT_OK, f"removed {plural(len(gone), 'key', 'keys')} from")
 
 
 async def keys_remote(args, host, port, action, line_text):
