@@ -29,7 +29,6 @@ from __future__ import annotations
 
 # SECTION: Constants — version, limits, defaults; optional-package helper
 
-import argparse
 import bisect
 import contextlib
 import errno
@@ -37,12 +36,9 @@ import fnmatch
 import functools
 import ipaddress
 import itertools
-import json
 import marshal
 import os
 import re
-import selectors
-import socket
 import struct
 import sys
 import time
@@ -104,6 +100,8 @@ asyncio = LazyModule("asyncio")
 # Only some commands need these (the server, logins, key lists); a lookup imports none.
 array, base64, hashlib = LazyModule("array"), LazyModule("base64"), LazyModule("hashlib")
 hmac, secrets, signal = LazyModule("hmac"), LazyModule("secrets"), LazyModule("signal")
+argparse, json = LazyModule("argparse"), LazyModule("json")
+selectors, socket = LazyModule("selectors"), LazyModule("socket")
 
 
 def optional_import(name):
@@ -1679,7 +1677,7 @@ class MemoryStore:
             return Later.now(StoreError(self.readonly))
         self.apply(ops)
         if audit is not None and self.audit_log is not None:
-            self.audit_log.append(AUDIT_JSON(audit).encode() + b"\n")
+            self.audit_log.append(audit_json(audit).encode() + b"\n")
         return Later.now(None)
 
     def attach_audit(self, log):
@@ -1778,8 +1776,21 @@ def journal_name(first_seq):
     return f"journal-{first_seq:016d}.jsonl"
 
 
-JOURNAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # and snapshot
-AUDIT_JSON = json.JSONEncoder(ensure_ascii=False).encode
+@functools.cache
+def json_encoder(compact):
+    """The JSON encoder of journal and snapshot lines (compact) or of audit lines, made once."""
+    separators = (",", ":") if compact else None
+    return json.JSONEncoder(ensure_ascii=False, separators=separators).encode
+
+
+def journal_json(value):
+    """``value`` as one compact JSON text, as journal and snapshot lines hold it."""
+    return json_encoder(True)(value)
+
+
+def audit_json(value):
+    """``value`` as one JSON text, as the audit log holds it."""
+    return json_encoder(False)(value)
 
 
 def encode_journal(seq, ops, audit=None, batch=None):
@@ -1795,7 +1806,7 @@ def encode_journal(seq, ops, audit=None, batch=None):
         entry["batch"] = batch
     if audit is not None:
         entry["audit"] = audit
-    body = JOURNAL_JSON(entry).encode()
+    body = journal_json(entry).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -1874,7 +1885,7 @@ def write_snapshot(path, seq, next_id, records):
         f.write(checked_line(header))
         chunk, crc32 = [], zlib.crc32
         for rid, record in records.items():
-            body = JOURNAL_JSON([rid, record]).encode()
+            body = journal_json([rid, record]).encode()
             chunk.append(b"%08x %s\n" % (crc32(body), body))
             if len(chunk) >= 4096:
                 f.write(b"".join(chunk))
@@ -2524,7 +2535,7 @@ class FileStore(MemoryStore):
         line_text = None
         if audit is not None and self.audit_log is not None:
             audit["seq"] = self.seq
-            line_text = AUDIT_JSON(audit)
+            line_text = audit_json(audit)
         batch = self.writer.next_batch(self.seq)
         return self.writer.submit(encode_journal(self.seq, ops, line_text, batch),
                                   (self.seq, ops), line_text and (line_text + "\n").encode(),
@@ -2885,7 +2896,7 @@ class LdapLayout:
             elif field is not None and type(value) is str:
                 out.append(f"{name}={value}")
             else:
-                out.append(f"{name}:json={JOURNAL_JSON(value)}")
+                out.append(f"{name}:json={journal_json(value)}")
         return out
 
     def classes(self, record):
@@ -3559,7 +3570,7 @@ class LdapStore(MemoryStore):
         self.pending.release(seq, ops, undo)
         if error is None:
             if audit is not None and self.audit_log is not None:
-                self.audit_log.append(AUDIT_JSON(audit).encode() + b"\n")
+                self.audit_log.append(audit_json(audit).encode() + b"\n")
             later.settle(None)
         else:
             later.settle(self.refusal(error, ops, len(results)))
@@ -4838,7 +4849,7 @@ class AuditLog:
     def record(self, now, user, peer, request, reply):
         """Append a refused or failed write (nothing was committed: no fsync needed)."""
         entry = self.entry(now, user, peer, request, reply)
-        self.append(AUDIT_JSON(entry).encode() + b"\n")
+        self.append(audit_json(entry).encode() + b"\n")
 
     def close(self):
         """Close the audit log file (a second close does nothing)."""
@@ -6368,9 +6379,9 @@ class LoopErrors:
                  f"(repeats of this are not logged for a minute)")
 
 
-class PollingSelector(selectors.DefaultSelector):
-    """The server loop's selector: before it sleeps, it keeps looking for ``window``
-    seconds.
+class PollingSelectorCore:
+    """The server loop's selector (made by polling_selector_class on the platform's default
+    selector): before it sleeps, it keeps looking for ``window`` seconds.
 
     A CPU that has gone idle takes tens of µs to wake, far more on a virtual machine, and
     a client with one request outstanding (every Ph client) sends its next one a few tens
@@ -6400,6 +6411,12 @@ class PollingSelector(selectors.DefaultSelector):
         return super().select(timeout)
 
 
+@functools.cache
+def polling_selector_class():
+    """PollingSelector: PollingSelectorCore on selectors.DefaultSelector, made on first use."""
+    return type("PollingSelector", (PollingSelectorCore, selectors.DefaultSelector), {})
+
+
 def run_loop(main, busy_poll):
     """Run coroutine ``main`` like asyncio.run, on a loop that polls for ``busy_poll``
     seconds before it sleeps. Polling needs a second CPU (on one it only delays the
@@ -6408,7 +6425,7 @@ def run_loop(main, busy_poll):
     if busy_poll <= 0 or (cpus or 1) < 2 or not hasattr(asyncio, "Runner"):
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(
-            PollingSelector(busy_poll))) as runner:
+            polling_selector_class()(busy_poll))) as runner:
         return runner.run(main)
 
 
@@ -9531,12 +9548,19 @@ async def serve(store, config, log, keys=None, audit=None, tokens=None):
 
 # SECTION: CLI — cmd_<name> handlers, argument parsing and main()
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (UsageError) instead of exiting."""
+class ArgParserCore:
+    """What ArgParser adds to argparse: a usage error is one line (UsageError), not an exit."""
 
     def error(self, message):
         """Raise the message as a UsageError instead of printing usage and exiting."""
         raise UsageError(f"{self.prog}: {message}")
+
+
+@functools.cache
+def arg_parser_class():
+    """ArgParser: argparse.ArgumentParser with ArgParserCore's errors, made on first use
+    (``--version`` answers without argparse)."""
+    return type("ArgParser", (ArgParserCore, argparse.ArgumentParser), {})
 
 
 def log_to_stderr(message):
@@ -10440,6 +10464,7 @@ LOOKUP_HANDLERS = {"query": cmd_query, "show": cmd_show, "add": cmd_add, "change
 
 def build_parser():
     """The argument parser: serve, load, doctor, keys, ph and mdb."""
+    ArgParser = arg_parser_class()
     parser = ArgParser(prog="pharos", description="A directory of people and machines "
                                                   "that speaks CCSO Ph (RFC 2378).")
     parser.add_argument("--version", action="version", version=f"pharos {__version__}")
