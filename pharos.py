@@ -5131,8 +5131,8 @@ class PhConnectionCore:
         server.metrics.connections_total += 1
         if len(server.connections) >= cap or server.closing:
             server.metrics.connections_refused += 1
-            transport.write(line(400, f"Too many connections (limit {cap}); "
-                                      f"try again later.").encode())
+            transport.write(line(BUSY_CODE, f"Too many connections (limit {cap}); "
+                                            f"try again later.").encode())
             transport.close()
             return
         self.session = PhSession(server, transport.get_extra_info("peername"))
