@@ -4815,12 +4815,6 @@ class PhSession(PhAuthVerbs):
             self.search = None
             self.server.release_search(self.prefix)
 
-    @property
-    def abandonable(self):
-        """Whether the request waiting needs no answer once the client has gone: a refused
-        login's delayed answer or a search (a write still goes on to its answer)."""
-        return self.timer is not None or self.search is not None
-
     def ph_dump(self, args):
         """Extension: a query answered in pages of max_results entries, for exports.
 
@@ -5129,6 +5123,8 @@ class PhConnectionCore:
         server, cap = self.server, self.server.config.max_connections
         self.transport = transport
         server.metrics.connections_total += 1
+        if len(server.connections) >= cap and server.departed:
+            server.evict_departed()
         if len(server.connections) >= cap or server.closing:
             server.metrics.connections_refused += 1
             transport.write(line(BUSY_CODE, f"Too many connections (limit {cap}); "
@@ -5143,6 +5139,7 @@ class PhConnectionCore:
         """Forget the connection; the server is idle once the last one is gone."""
         connections = self.server.connections
         connections.discard(self)
+        self.server.departed.pop(self, None)
         if self.session is not None:
             self.session.close()
         if not connections:
@@ -5166,12 +5163,15 @@ class PhConnectionCore:
             self.transport.pause_reading()
 
     def eof_received(self):
-        """The client is done sending: answer what is complete, then close. A refused
-        login's delayed answer or a search under way is not waited for (qi, too, stops at
-        the end of its input): the client may have gone, and neither may keep its slot."""
+        """The client is done sending: answer what is complete, then close. A search under
+        way is abandoned (qi, too, stops at the end of its input); a refused login's delayed
+        answer still goes to a client that waits for it, but its slot goes to the next
+        client that finds the server full (see PhServer.evict_departed)."""
         self.eof = True
-        if self.busy and self.session.abandonable:
+        if self.busy and self.session.search is not None:
             self.transport.abort()
+        elif self.busy and self.session.timer is not None:
+            self.server.departed[self] = None
         elif not self.busy and not self.stalled:
             self.run_requests()
         return True
@@ -5309,11 +5309,21 @@ class PhServer:
         self.connections = set()
         self.dumps = weakref.WeakSet()          # the DumpCursors alive (see max_dumps)
         self.searching = {}                     # network prefix -> its searches under way
+        self.departed = {}                      # connections at EOF awaiting a login refusal
         self.listener = None
         self.sweeper = None
         self.closing = False
         self.idle = asyncio.Event()
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
+
+    def evict_departed(self):
+        """Free the slot of the oldest connection whose client ended its side while a
+        refused login waits out its delay: the client has likely gone."""
+        conn = next(iter(self.departed))
+        del self.departed[conn]
+        self.connections.discard(conn)
+        conn.session.close()
+        conn.transport.abort()
 
     def admit_search(self, prefix):
         """Count a search from ``prefix`` that needs more turns: None, or the refusal text

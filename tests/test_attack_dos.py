@@ -60,9 +60,9 @@ def reply_of(outcome):
 # -- 1. a refused login's delayed answer does not keep the slot of a client gone ------------
 
 def test_failed_logins_of_clients_gone_free_their_slots_at_once():
-    """Clients that send a wrong answer and close at once: their connections leave the
-    server's set and their delayed answers are cancelled, so a new client gets in while
-    the delays (30 s) still run."""
+    """Clients that send a wrong answer and close at once: a new client that finds the
+    server full takes the slot of one of them (its delayed answer cancelled), while the
+    delays (30 s) still run; twice as many such clients as the cap all get in."""
     async def go():
         server = server_on(small_store(), max_connections=5, login_delay=30.0)
         host, port = await server.start("127.0.0.1", 0)
@@ -73,16 +73,34 @@ def test_failed_logins_of_clients_gone_free_their_slots_at_once():
             writer.write(b"answer U1NIU0lHAAAAAQ==\n")
             await writer.drain()
             writer.close()
-        gone = await until(lambda: not server.connections)
+        departed = await until(lambda: len(server.departed) == 5)
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"status\n")
         probe = await reader.readline()
         writer.close()
         await server.shutdown(1)
-        return gone, probe
-    gone, probe = asyncio.run(go())
-    assert gone, "connections of clients gone still held their slots"
+        return departed, probe
+    departed, probe = asyncio.run(go())
+    assert departed
     assert probe == b"200:Database ready.\n"
+
+
+def test_a_client_that_ends_its_side_still_gets_the_delayed_refusal():
+    """A half-close (printf ... | nc) is no hang-up: with room on the server, the refusal
+    still comes after its delay, then the requests after it are answered."""
+    async def go():
+        server = server_on(small_store(), login_delay=0.2)
+        host, port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"login root\n")
+        await reader.readline()
+        writer.write(b"answer U1NIU0lHAAAAAQ==\nstatus\n")
+        writer.write_eof()
+        replies = await asyncio.wait_for(reader.read(), DEADLINE)
+        writer.close()
+        await server.shutdown(1)
+        return replies
+    assert asyncio.run(go()) == b"500:Login failed.\n200:Database ready.\n"
 
 
 def test_a_client_that_waits_still_gets_the_delayed_refusal():
