@@ -56,7 +56,7 @@ MAX_REPLY_LINE = 1023           # Lynx truncates longer reply lines
 MAX_VALUES = 64                 # values one multi-valued field may hold
 MAX_QUERY_TERMS = 16
 DEFAULT_MAX_RESULTS = 1000      # over this a query gets 502
-SEARCH_STEPS = 2048             # candidates (or wildcard keys) a search examines per loop turn
+SEARCH_STEPS = 2048             # term checks (candidates × terms) a search makes per loop turn
 DEFAULT_MAX_DUMPS = 64          # dumps open at once on one server (one per connection)
 DEFAULT_CHANGE_LIMIT = 2        # qi's `set limit` default for change/delete
 MAX_CHANGE_LIMIT = 1_000_000
@@ -1254,8 +1254,10 @@ class Search:
                     yield from posting_ids((fidx.postings.get(key),))
 
     def run(self, steps=SEARCH_STEPS):
-        """Examine up to ``steps`` candidates; True once the search is over."""
+        """Spend about ``steps`` term checks (a candidate costs one per term, so a turn of
+        many wildcard terms stays short); True once the search is over."""
         hits, limit, holds, n = self.hits, self.limit, self.holds, 0
+        steps = max(1, steps // max(1, len(self.terms)))
         for n, rid in enumerate(itertools.islice(self.source, steps), 1):
             if rid is not None and holds(rid):
                 hits.append(rid)
@@ -5293,6 +5295,12 @@ class DirectoryService:
 
 # SECTION: Server — PhSession (one ph_<verb> per command), connection loop, serve
 
+MAX_SEARCHES = 8                # searches over one turn of the loop in progress on one server
+MAX_SEARCHES_PER_PREFIX = 2     # ... and from one /24 (IPv4) or /64 (IPv6) network
+MAX_DUMPS_PER_PREFIX = 4        # dumps open from one network (the server holds max_dumps)
+DUMP_IDLE_EVICT = 30.0          # seconds unused after which a dump may give way to a new one
+BUSY_CODE = 400                 # qi's "try again later": too many connections, searches, dumps
+
 class ServerConfig:
     """Settings of one server, from the command line; plain attributes."""
 
@@ -5323,7 +5331,10 @@ HELP_TOPICS = {
     "query": "query [field=]value ... [return field ... | return all]\n"
              "ph is a synonym. Terms are ANDed; matching ignores case and is word by word;\n"
              "a quoted value may hold spaces; wildcards * ? [a-z]. Bare words search\n"
-             "name and nickname (people) and hostname (machines).",
+             "name and nickname (people) and hostname (machines).\n"
+             f"A search long enough to take turns is refused with {BUSY_CODE} (try again later)\n"
+             f"while {MAX_SEARCHES} are under way, or {MAX_SEARCHES_PER_PREFIX} from your network "
+             "(a /24 or /64).",
     "add": "add field=value ...\nAdds a person (alias=...) or a machine (hostname=...).\n"
            "Repeat a multi-valued field (ip, mac, services, tags, ssh_key) for more values.",
     "change": "change selection ... make field=value ...\n"
@@ -5344,7 +5355,9 @@ HELP_TOPICS = {
              "logout ends the session.",
     "dump": "dump selection [return field ... | return all]\n"
             "Like query, but pages of at most max-results entries numbered through the\n"
-            "whole answer (the 102 line gives its size); a bare dump sends the next page.",
+            "whole answer (the 102 line gives its size); a bare dump sends the next page.\n"
+            f"A network may hold {MAX_DUMPS_PER_PREFIX} dumps open; when the server is full, "
+            f"one unused for\n{DUMP_IDLE_EVICT:.0f} s expires ({BUSY_CODE}:Dump expired ...).",
     "keys": "keys [list] | keys add <allowed_signers line> | keys remove <fingerprint|user>\n"
             "Manage the authorized SSH keys (admin keys only). A line looks like:\n"
             "alice role=\"writer\",tenant=\"teama\" ssh-ed25519 AAAA... comment",
@@ -5413,14 +5426,21 @@ class PhAuthVerbs:
         if verified is None:
             self.server.metrics.logins["failed"] += 1
             self.server.log(f"login as {printable(alias)} from {address} refused: {reason}")
-            delay = self.server.guard.failed(address, now)
-            refused = Later()
-            asyncio.get_running_loop().call_later(delay, refused.settle,
-                                                  line(500, "Login failed."))
-            return refused
+            return self.refuse_later(self.server.guard.failed(address, now))
         self.server.metrics.logins["ok"] += 1
         self.set_identity(verified)
         return line(200, f"{alias}:Hi how are you?")
+
+    def refuse_later(self, delay):
+        """A Later of 500:Login failed. settled after ``delay`` seconds; its timer is
+        cancelled if the connection goes first (see close)."""
+        refused = Later()
+
+        def answer():
+            self.timer = None
+            refused.settle(line(500, "Login failed."))
+        self.timer = asyncio.get_running_loop().call_later(delay, answer)
+        return refused
 
     def ph_clear(self, args):
         """clear <password>: refused with 599 (only signature logins are allowed)."""
@@ -5546,12 +5566,14 @@ class PhAuthVerbs:
 
 class DumpCursor:
     """A dump in progress: the ids of its answer in order (4 bytes each), the next to send,
-    the return fields. The server counts the cursors alive (a weak set of them)."""
+    the return fields, the network it serves and when it last sent a page. The server
+    counts the cursors alive (a weak set of them) and may expire one long unused."""
 
-    __slots__ = ("ids", "next", "returned", "__weakref__")
+    __slots__ = ("ids", "next", "returned", "prefix", "used", "expired", "__weakref__")
 
-    def __init__(self, returned):
+    def __init__(self, returned, prefix, now):
         self.ids, self.next, self.returned = array.array("I"), 0, returned
+        self.prefix, self.used, self.expired = prefix, now, False
 
     def fill(self, ids):
         """Take the answer's ids; the cursor itself."""
@@ -5569,6 +5591,7 @@ class PhSession(PhAuthVerbs):
         self.schema = server.store.schema
         self.config = server.config
         self.peer = peer
+        self.prefix = login_prefix(peer[0] if peer else None)   # what the caps count by
         self.client_id = None
         self.type_hint = None
         self.options = dict(SESSION_OPTIONS)
@@ -5588,7 +5611,8 @@ class PhSession(PhAuthVerbs):
             "keys": self.ph_keys, "dump": self.ph_dump, "merge": self.ph_merge,
         }
         self.cursor = None                      # the one dump in progress: a DumpCursor
-        self.closed = False
+        self.search = None                      # a search running over turns of the loop
+        self.timer = None                       # the timer of a refused login's answer
 
     def begin(self, text, now=None):
         """Start one request that came in at ``now``: (reply, close, verb) when the reply is
@@ -5772,16 +5796,20 @@ class PhSession(PhAuthVerbs):
 
     def searched(self, search, finish):
         """``finish()`` once ``search`` is over: at once when one run does it, else a Later
-        settled on a later turn, so that other connections are served between runs."""
+        settled on a later turn, so that other connections are served between runs. Such
+        searches are capped per server and per network: one over a cap is refused at once."""
         if search.run():
             return finish()
-        later = Later()
+        refusal = self.server.admit_search(self.prefix)
+        if refusal:
+            return line(BUSY_CODE, refusal)
+        self.search, later = search, Later()
         asyncio.get_running_loop().call_soon(self.resume, search, finish, later)
         return later
 
     def resume(self, search, finish, later):
-        """One more run of a search answered later (see searched); none once closed."""
-        if self.closed:
+        """One more run of a search answered later (see searched); none once abandoned."""
+        if search is not self.search:
             return
         try:
             if not search.run():
@@ -5790,7 +5818,14 @@ class PhSession(PhAuthVerbs):
             value = finish()
         except Exception as e:
             value = e
+        self.end_search()
         later.settle(value)
+
+    def end_search(self):
+        """Stop this session's search (over or abandoned) and its count against the caps."""
+        if self.search is not None:
+            self.search = None
+            self.server.release_search(self.prefix)
 
     def ph_dump(self, args):
         """Extension: a query answered in pages of max_results entries, for exports.
@@ -5798,31 +5833,45 @@ class PhSession(PhAuthVerbs):
         `dump selection [return ...]` answers the first page; each bare `dump` the next.
         Entries are numbered through the whole answer (the 102 line gives its size),
         so the page holding entry N (the last) is the end; after it `dump` gives 501.
-        A connection has one dump open (a new one replaces it), the server max_dumps.
+        A connection has one dump open (a new one replaces it), a network
+        MAX_DUMPS_PER_PREFIX, the server max_dumps (see PhServer.dump_refusal).
         """
         if args:
             selection, returned, errors = self.parse_query(args)
             if errors:
                 return "".join(errors) + line(500, "Did not understand query.")
-            self.cursor = None
-            dumps, cap = self.server.dumps, self.config.max_dumps
-            if len(dumps) >= cap:
-                return line(400, f"Too many dumps open (limit {cap}); try again later.")
-            cursor = self.cursor = DumpCursor(returned)
-            dumps.add(cursor)
+            self.drop_cursor()
+            refusal = self.server.dump_refusal(self.prefix, self.now)
+            if refusal:
+                return line(BUSY_CODE, refusal)
+            cursor = self.cursor = DumpCursor(returned, self.prefix, self.now)
+            self.server.dumps.add(cursor)
             search = self.service.search(self.caller(), selection)
-            return self.searched(search, lambda: self.dump_page(cursor.fill(search.ordered())))
+            reply = self.searched(search, lambda: self.dump_page(cursor.fill(search.ordered())))
+            if not search.done and self.search is not search:   # refused: no dump opened
+                self.drop_cursor()
+            return reply
         return self.dump_page(self.cursor)
+
+    def drop_cursor(self):
+        """Close this session's dump, if any, and stop the server counting it."""
+        if self.cursor is not None:
+            self.server.dumps.discard(self.cursor)
+            self.cursor = None
 
     def dump_page(self, cursor):
         """The next page of ``cursor`` (501 past its end); records gone since are skipped,
         changed ones shown as they are now, none outside the session's tenant."""
+        if cursor is not None and cursor.expired:
+            self.cursor = None
+            return line(BUSY_CODE, f"Dump expired (unused for over {DUMP_IDLE_EVICT:.0f} s "
+                                   f"while the server was full); start it again.")
         if cursor is None or cursor is not self.cursor or cursor.next >= len(cursor.ids):
             self.cursor = None
             return line(501, "No matches to your query.")
         start, tenant = cursor.next, self.tenant
         page = cursor.ids[start:start + self.config.max_results]
-        cursor.next = start + len(page)
+        cursor.next, cursor.used = start + len(page), self.now
         if tenant is not None:
             get = self.store.get
             # id 0 is no record: an entry not to show is skipped, its number kept
@@ -5830,8 +5879,13 @@ class PhSession(PhAuthVerbs):
         return self.format_entries(page, len(cursor.ids), start + 1, cursor.returned)
 
     def close(self):
-        """The connection is gone: release its dump and stop its search."""
-        self.closed, self.cursor = True, None
+        """The connection is gone: release its dump, stop its search, drop the answer of
+        a refused login still waiting out its delay."""
+        self.drop_cursor()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.end_search()
 
     def return_fields(self, tokens, has_return, errors):
         """(fields or 'default'/'all', label width, explicit) for a query's return clause."""
@@ -6081,10 +6135,12 @@ class PhConnectionCore:
         server, cap = self.server, self.server.config.max_connections
         self.transport = transport
         server.metrics.connections_total += 1
+        if len(server.connections) >= cap and server.departed:
+            server.evict_departed()
         if len(server.connections) >= cap or server.closing:
             server.metrics.connections_refused += 1
-            transport.write(line(400, f"Too many connections (limit {cap}); "
-                                      f"try again later.").encode())
+            transport.write(line(BUSY_CODE, f"Too many connections (limit {cap}); "
+                                            f"try again later.").encode())
             transport.close()
             return
         self.session = PhSession(server, transport.get_extra_info("peername"))
@@ -6095,6 +6151,7 @@ class PhConnectionCore:
         """Forget the connection; the server is idle once the last one is gone."""
         connections = self.server.connections
         connections.discard(self)
+        self.server.departed.pop(self, None)
         if self.session is not None:
             self.session.close()
         if not connections:
@@ -6118,9 +6175,16 @@ class PhConnectionCore:
             self.transport.pause_reading()
 
     def eof_received(self):
-        """The client is done sending: answer what is complete, then close."""
+        """The client is done sending: answer what is complete, then close. A search under
+        way is abandoned (qi, too, stops at the end of its input); a refused login's delayed
+        answer still goes to a client that waits for it, but its slot goes to the next
+        client that finds the server full (see PhServer.evict_departed)."""
         self.eof = True
-        if not self.busy and not self.stalled:
+        if self.busy and self.session.search is not None:
+            self.transport.abort()
+        elif self.busy and self.session.timer is not None:
+            self.server.departed[self] = None
+        elif not self.busy and not self.stalled:
             self.run_requests()
         return True
 
@@ -6256,11 +6320,55 @@ class PhServer:
         self.guard = LoginGuard(config.login_delay)
         self.connections = set()
         self.dumps = weakref.WeakSet()          # the DumpCursors alive (see max_dumps)
+        self.searching = {}                     # network prefix -> its searches under way
+        self.departed = {}                      # connections at EOF awaiting a login refusal
         self.listener = None
         self.sweeper = None
         self.closing = False
         self.idle = asyncio.Event()
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
+
+    def evict_departed(self):
+        """Free the slot of the oldest connection whose client ended its side while a
+        refused login waits out its delay: the client has likely gone."""
+        conn = next(iter(self.departed))
+        del self.departed[conn]
+        self.connections.discard(conn)
+        conn.session.close()
+        conn.transport.abort()
+
+    def admit_search(self, prefix):
+        """Count a search from ``prefix`` that needs more turns: None, or the refusal text
+        when the server or that network has its most under way already."""
+        if sum(self.searching.values()) >= MAX_SEARCHES:
+            return f"Too many searches under way (limit {MAX_SEARCHES}); try again later."
+        if self.searching.get(prefix, 0) >= MAX_SEARCHES_PER_PREFIX:
+            return (f"Too many searches under way from your network "
+                    f"(limit {MAX_SEARCHES_PER_PREFIX}); try again later.")
+        self.searching[prefix] = self.searching.get(prefix, 0) + 1
+        return None
+
+    def release_search(self, prefix):
+        """A search admitted by admit_search is over or abandoned."""
+        left = self.searching.pop(prefix) - 1
+        if left:
+            self.searching[prefix] = left
+
+    def dump_refusal(self, prefix, now):
+        """None when a dump from ``prefix`` may open at ``now``, else the refusal text. A
+        full server expires its least recently used dump if unused for DUMP_IDLE_EVICT, so
+        idle dumps never keep an active export out."""
+        dumps, cap = self.dumps, self.config.max_dumps
+        if sum(1 for c in dumps if c.prefix == prefix) >= MAX_DUMPS_PER_PREFIX:
+            return (f"Too many dumps open from your network (limit {MAX_DUMPS_PER_PREFIX}); "
+                    f"try again later.")
+        if len(dumps) >= cap:
+            oldest = min(dumps, key=lambda c: c.used)
+            if now - oldest.used <= DUMP_IDLE_EVICT:
+                return f"Too many dumps open (limit {cap}); try again later."
+            oldest.expired = True
+            dumps.discard(oldest)
+        return None
 
     def verify_login(self, alias, challenge, answer, peer):
         """(Identity, None) for a correct signed answer to ``challenge``, else (None, reason)."""

@@ -70,6 +70,8 @@ S: -200:1: query [field=]value ... [return field ... | return all]
 S: -200:1: ph is a synonym. Terms are ANDed; matching ignores case and is word by word;
 S: -200:1: a quoted value may hold spaces; wildcards * ? [a-z]. Bare words search
 S: -200:1: name and nickname (people) and hostname (machines).
+S: -200:1: A search long enough to take turns is refused with 400 (try again later)
+S: -200:1: while 8 are under way, or 2 from your network (a /24 or /64).
 S: 200:Ok.
 C: help native add id
 S: -101: help native add id
