@@ -2145,8 +2145,8 @@ def read_journal(name, first_seq, newest=True):
             try:
                 entry = decode_journal(raw)
             except (ValueError, TypeError, KeyError) as e:
-                torn = only_same_write_follows(f, before + 1) and ends_in_zero(f)
-                return entries, offset, (lineno, str(e), torn)
+                where, why = not_a_torn_write([raw, *f], lineno, offset, before + 1)
+                return entries, offset, (where, f"{e}; {why}" if why else str(e), not why)
             if entry[0] <= before:
                 return entries, offset, (lineno, f"seq {entry[0]} after seq {before}", False)
             entries.append(entry)
@@ -2157,22 +2157,42 @@ def read_journal(name, first_seq, newest=True):
     return entries, offset, None
 
 
-def ends_in_zero(f):
-    """Whether the open file's last byte is a zero (its fill, after the data)."""
-    size = os.fstat(f.fileno()).st_size
-    return size > 0 and os.pread(f.fileno(), 1, size - 1) == b"\0"
+def not_a_torn_write(tail, lineno, start, damaged_seq):
+    """(line, why not) if bad line ``tail[0]`` (line ``lineno`` at byte ``start``) and
+    the lines after it cannot be the last write cut short by a crash, else (lineno, None).
+
+    Our writer writes only where the data ends, so a torn write is the very end of the
+    data: after it comes the zero fill, and before that only lines of the same write
+    (its blocks may reach the disk in any order) or lines holding its unwritten, still
+    zero blocks. A later write, a damaged line with no zeros in it, or non-zero bytes
+    inside the fill that reach no line end are damage.
+    """
+    data = b"".join(tail)
+    end = len(data.rstrip(b"\0"))
+    if end == len(data):
+        return lineno, "the file does not end in its zero fill: not a torn write"
+    stray = data.rfind(b"\0", 0, end) + 1
+    if stray and data[end - 1:end] != b"\n":
+        return (lineno + data.count(b"\n", 0, stray),
+                f"non-zero bytes inside the zero fill at byte {start + stray}: "
+                f"not a write of ours")
+    for n, raw in enumerate(tail[1:], lineno + 1):
+        why = later_or_damaged(raw, damaged_seq)
+        if why:
+            return lineno, f"line {n} after it {why}: not a torn write"
+    return lineno, None
 
 
-def only_same_write_follows(lines, damaged_seq):
-    """Whether every valid line left belongs to the write holding seq ``damaged_seq``."""
-    for raw in lines:
-        try:
-            batch = decode_journal(raw)[3]
-        except (ValueError, TypeError, KeyError):
-            continue
-        if batch > damaged_seq:
-            return False
-    return True
+def later_or_damaged(raw, damaged_seq):
+    """Why journal line ``raw``, after a bad one, cannot be part of the torn write that
+    holds seq ``damaged_seq``; None if it can."""
+    if b"\0" in raw:
+        return None                         # zeros: blocks of the write that never landed
+    try:
+        seq, _, _, batch = decode_journal(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"is damaged too ({e})"
+    return f"holds a later write (seq {seq})" if batch > damaged_seq else None
 
 
 class JournalWriter:
@@ -7054,6 +7074,8 @@ MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
 def parse_target(text):
     """One TARGET as ("range", first, last) addresses, or ("name", host name)."""
     text = text.strip()
+    if text[:1] == "[" and text[-1:] == "]":    # [::1], as in a URL: an IPv6 address only
+        text = text[1:-1] if ":" in text else text
     try:
         if "/" in text:
             net = ipaddress.ip_network(text, strict=False)
@@ -7094,7 +7116,7 @@ def parse_targets(texts, force=False):
     total = sum(target_size(t) for t in targets)
     limit = SCAN_FORCE_MAX_ADDRESSES if force else SCAN_MAX_ADDRESSES
     if total > limit:
-        more = "" if force else " (--force allows up to a /8)"
+        more = "" if force else " (a /16, or an IPv6 /112; --force allows up to a /8 or a /104)"
         raise UsageError(f"scan: the targets hold {total:,} addresses, more than {limit:,}{more}")
     return targets
 
@@ -7104,11 +7126,12 @@ def parse_ports(text):
     ports = set()
     for item in text.split(","):
         item = item.strip().lower()
-        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", item)
+        first, dash, last = item.partition("-")
+        first, last = parse_count(first, 1, 65535), parse_count(last if dash else first, 1, 65535)
         if item in ("top100", "all"):
             ports.update(TOP100_PORTS if item == "top100" else range(1, 65536))
-        elif match and 0 < int(match.group(1)) <= int(match.group(2) or match.group(1)) < 65536:
-            ports.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+        elif first is not None and last is not None and first <= last:
+            ports.update(range(first, last + 1))
         else:
             raise UsageError(f"scan: bad --ports item {item!r}: say ports and ranges from 1 to "
                              f"65535 like 22,80,8000-8100, or top100, or all")
@@ -7160,8 +7183,8 @@ def resolve_targets(targets):
         if target[0] == "name":
             pairs = [(a, target[1]) for a in resolve_name(target[1])]
         else:
-            pairs = ((ipaddress.ip_address(n), None)
-                     for n in range(int(target[1]), int(target[2]) + 1))
+            # first + n keeps the first address's version: ip_address(1) would be 0.0.0.1
+            pairs = ((target[1] + n, None) for n in range(target_size(target)))
         for address, name in pairs:
             if address not in seen:
                 seen.add(address)
