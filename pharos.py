@@ -9829,14 +9829,88 @@ def parse_command_line(argv):
     return args
 
 
+EXIT_PIPE = 141                     # 128 + SIGPIPE, as a shell reports a closed pipe
+
+
+class OutputError(PharosError):
+    """Standard output cannot be written: its reader went away, or the disk is full."""
+
+    def __init__(self, error):
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+class GuardedStream:
+    """A command's stdout (or its buffer): a failed write or flush raises OutputError, so
+    main() can tell it from the other OSErrors a command meets."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data):
+        """Write ``data``; OutputError if the stream fails."""
+        return self.guarded(self.stream.write, data)
+
+    def flush(self):
+        """Flush; OutputError if the stream fails."""
+        return self.guarded(self.stream.flush)
+
+    @property
+    def buffer(self):
+        """The binary stream below, guarded the same way."""
+        return GuardedStream(self.stream.buffer)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    @staticmethod
+    def guarded(call, *args):
+        """call(*args), with an OSError turned into OutputError."""
+        try:
+            return call(*args)
+        except OSError as e:
+            raise OutputError(e) from None
+
+
+def output_failed(error, stdout):
+    """The exit status once stdout failed: quiet for a closed pipe, one line otherwise.
+
+    stdout then points at /dev/null, so the interpreter's last flush of what is still
+    buffered cannot fail again and print a complaint of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass                            # not a real file (a test's capture): nothing to flush
+    if isinstance(error, BrokenPipeError):
+        return EXIT_PIPE
+    print(f"pharos: cannot write output: {error.strerror or error}", file=sys.stderr)
+    return EXIT_FAIL
+
+
 def main(argv=None):
-    """Run one command; return the exit status (0 ok, 1 no match, 2 usage, 3 failure)."""
+    """Run one command; return the exit status (0 ok, 1 no match, 2 usage, 3 failure,
+    141 stdout's reader went away)."""
     if argv is None:
         argv = sys.argv[1:]
         program = os.path.basename(sys.argv[0] or "pharos")
         program = re.sub(r"\.(py|pyz)$", "", program)
         if program in PROGRAM_NAMES:
             argv = [PROGRAM_NAMES[program]] + argv
+    stdout, sys.stdout = sys.stdout, GuardedStream(sys.stdout)
+    try:
+        status = run_command(argv)
+        sys.stdout.flush()
+        return status
+    except OutputError as e:
+        return output_failed(e.error, stdout)
+    finally:
+        sys.stdout = stdout
+
+
+def run_command(argv):
+    """Parse ``argv`` and run its command's handler; errors become a line and a status."""
     if argv[-1:] == ["--version"] and len(argv) <= 2:
         print(f"pharos {__version__}")          # before the parser: this is all it needs
         return EXIT_OK

@@ -144,3 +144,48 @@ def test_scan_ports_must_be_ascii_digits(ports):
         pharos.parse_ports(ports)
     code, out, err = scan("--ports", ports, "127.0.0.1")
     assert code == 2 and err.count("\n") == 1 and "bad --ports item" in err, err
+
+
+# -- a failing stdout: a closed pipe ends quietly, a full disk is one line ---------
+
+@pytest.fixture(scope="module")
+def ben_server():
+    """A memory server holding person ben and machine nas."""
+    srv = ServerProcess(None, storage="memory").start()
+    where = ["--server", f"127.0.0.1:{srv.port}"]
+    for verb, words in (("ph", ["alias=ben", "name=Ben Bell"]), ("mdb", ["hostname=nas"])):
+        done = subprocess.run([sys.executable, str(PHAROS), verb, *where, "add", *words],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    yield where
+    srv.kill()
+
+
+def run_into(stdout, *args):
+    done = subprocess.run([sys.executable, str(PHAROS), *args], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    return done.returncode, done.stderr
+
+
+COMMANDS = [["ph", "name=ben"], ["mdb", "export", "--format", "jsonl"],
+            ["mdb", "export", "--format", "csv"], ["ph", "name=ben", "--json"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_closed_pipe_ends_quietly_with_141(ben_server, command):
+    read, write = os.pipe()
+    os.close(read)                      # the reader is gone before the first write
+    try:
+        code, err = run_into(write, command[0], *ben_server, *command[1:])
+    finally:
+        os.close(write)
+    assert code == 141 and err == "", (code, err)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_full_disk_under_stdout_is_one_line_and_exit_3(ben_server, command):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    with open("/dev/full", "w") as full:
+        code, err = run_into(full, command[0], *ben_server, *command[1:])
+    assert (code, err) == (3, "pharos: cannot write output: No space left on device\n")
