@@ -8409,14 +8409,37 @@ def log_to_stderr(message):
 
 
 def server_address(args):
-    """The server to talk to: --server, PHAROS_SERVER, the client config file, localhost."""
-    text = (args.server or os.environ.get("PHAROS_SERVER")
-            or read_client_config(client_config_path()).get("server") or f"localhost:{PH_PORT}")
+    """The server to talk to: --server, PHAROS_SERVER, the client config file, localhost;
+    UsageError naming where a malformed one came from."""
+    text, what = server_setting(args)
     if not utf8_text(text):
-        raise UsageError("--server: not UTF-8 text")
-    if text.count(":") > 1 and not text.startswith("["):
-        text = f"[{text}]"              # a bare IPv6 address, on the default port
-    return parse_hostport(text, PH_PORT, "--server")
+        raise UsageError(f"{what}: not UTF-8 text")
+    bare_v6 = text.count(":") > 1 and not text.startswith("[")
+    host, port = parse_hostport(f"[{text}]" if bare_v6 else text, PH_PORT, what)
+    if ":" in host and not is_ipv6_address(host):     # 1.2.3.4:5:6 is no host name
+        raise UsageError(f"{what} {printable(text, 64)!r}: expected HOST:PORT")
+    return host, port
+
+
+def server_setting(args):
+    """(the server's HOST:PORT text, what to call it in an error) by precedence."""
+    if args.server:
+        return args.server, "--server"
+    if os.environ.get("PHAROS_SERVER"):
+        return os.environ["PHAROS_SERVER"], "PHAROS_SERVER"
+    path = client_config_path()
+    value, lineno = read_client_config(path).get("server", (None, 0))
+    if value is not None:
+        return value, f"{path} line {lineno}: server"
+    return f"localhost:{PH_PORT}", "--server"
+
+
+def is_ipv6_address(text):
+    """Whether ``text`` is an IPv6 address (a %scope allowed)."""
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def build_schema(args):
@@ -8692,11 +8715,15 @@ def client_config_path():
     return os.path.join(base, "pharos", "client.ini")
 
 
+CLIENT_CONFIG_KEYS = ("server",)
+
+
 def read_client_config(path):
-    """The [client] settings of an INI file ({} when there is no file); UsageError naming
-    the line that is not a [section], a comment or NAME = VALUE."""
+    """The [client] settings of an INI file as {name: (value, line)} ({} when there is no
+    file); UsageError naming the line that is not a [section], a comment or NAME = VALUE,
+    or that repeats [client] or one of its names, or names an unknown setting."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:     # an editor's BOM is no text
             text = f.read(MAX_CLIENT_CONFIG + 1)
     except FileNotFoundError:
         return {}
@@ -8704,21 +8731,36 @@ def read_client_config(path):
         raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if len(text) > MAX_CLIENT_CONFIG:
         raise UsageError(f"{path}: larger than {MAX_CLIENT_CONFIG} bytes")
-    settings, section = {}, None
+    settings, section, seen = {}, None, set()
     for lineno, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
+        where, stripped = f"{path} line {lineno}", raw.strip()
         if not stripped or stripped[0] in "#;":
             continue
         if stripped.startswith("[") and stripped.endswith("]"):
             section = stripped[1:-1].strip().lower()
+            if section == "client" and section in seen:
+                raise UsageError(f"{where}: a second [client] section")
+            seen.add(section)
             continue
         name, eq, value = stripped.partition("=")
-        if not eq or not name.strip():
-            raise UsageError(f"{path} line {lineno}: expected NAME = VALUE, [SECTION] or a # "
+        name = name.strip().lower()
+        if not eq or not name:
+            raise UsageError(f"{where}: expected NAME = VALUE, [SECTION] or a # "
                              f"comment, not {printable(stripped, 40)!r}")
         if section == "client":
-            settings[name.strip().lower()] = value.strip()
+            check_client_setting(settings, name, where)
+            settings[name] = (value.strip(), lineno)
     return settings
+
+
+def check_client_setting(settings, name, where):
+    """UsageError unless [client] may say ``name`` at ``where``: known, and said once."""
+    if name not in CLIENT_CONFIG_KEYS:
+        raise UsageError(f"{where}: unknown setting {printable(name, 40)!r} in [client]; "
+                         f"known: {', '.join(CLIENT_CONFIG_KEYS)}")
+    if name in settings:
+        raise UsageError(f"{where}: {name} is set a second time (first on line "
+                         f"{settings[name][1]})")
 
 
 def colour_on(stream):

@@ -189,3 +189,46 @@ def test_a_full_disk_under_stdout_is_one_line_and_exit_3(ben_server, command):
     with open("/dev/full", "w") as full:
         code, err = run_into(full, command[0], *ben_server, *command[1:])
     assert (code, err) == (3, "pharos: cannot write output: No space left on device\n")
+
+
+# -- client.ini and PHAROS_SERVER: errors say where the setting came from ----------
+
+def ph_with(tmp_path, ini=None, server=None):
+    """`pharos ph nobody` with ``ini`` as the client.ini and PHAROS_SERVER ``server``."""
+    conf = tmp_path / "xdg" / "pharos" / "client.ini"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    if ini is not None:
+        conf.write_bytes(ini.encode())
+    env = {k: v for k, v in os.environ.items() if k not in ("PHAROS_SERVER", "HOME")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path))
+    if server is not None:
+        env["PHAROS_SERVER"] = server
+    done = subprocess.run([sys.executable, str(PHAROS), "ph", "--timeout", "2", "nobody"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    return done.returncode, done.stderr, conf
+
+
+@pytest.mark.parametrize("ini, line, says", [
+    ("[client]\nserver = 127.0.0.1:23800 ; comment\n", 2, "server '127.0.0.1:23800 ; comment'"),
+    ("[client]\nsrever = 127.0.0.1:1\n", 2, "unknown setting 'srever' in [client]; known: server"),
+    ("[client]\nserver = 127.0.0.1:1\nserver = 127.0.0.1:2\n", 3, "server is set a second time"),
+    ("[client]\nserver = 127.0.0.1:1\n[other]\nx = 1\n[client]\nserver = 127.0.0.1:2\n", 5,
+     "a second [client] section"),
+    ("[client]\nserver = 1.2.3.4:5:6\n", 2, "server '1.2.3.4:5:6': expected HOST:PORT"),
+], ids=["inline-comment", "misspelled", "duplicate-key", "duplicate-section", "colons"])
+def test_a_bad_client_ini_is_refused_naming_file_and_line(tmp_path, ini, line, says):
+    code, err, conf = ph_with(tmp_path, ini)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"pharos: {conf} line {line}: ") and says in err, err
+    assert "--server" not in err
+
+
+def test_a_client_ini_with_a_bom_is_read(mem_server, tmp_path):
+    code, err, _ = ph_with(tmp_path, f"\ufeff[client]\nserver = 127.0.0.1:{mem_server.port}\n")
+    assert (code, err) == (1, "ph: no match\n")
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:23800:1", "127.0.0.1:99999", "host:port"])
+def test_pharos_server_is_checked_like_the_option(tmp_path, value):
+    code, err, _ = ph_with(tmp_path, server=value)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("pharos: PHAROS_SERVER "), err
