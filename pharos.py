@@ -2156,8 +2156,8 @@ def read_journal(name, first_seq, newest=True):
             try:
                 entry = decode_journal(raw)
             except (ValueError, TypeError, KeyError) as e:
-                torn = only_same_write_follows(f, before + 1) and ends_in_zero(f)
-                return entries, offset, (lineno, str(e), torn)
+                where, why = not_a_torn_write([raw, *f], lineno, offset, before + 1)
+                return entries, offset, (where, f"{e}; {why}" if why else str(e), not why)
             if entry[0] <= before:
                 return entries, offset, (lineno, f"seq {entry[0]} after seq {before}", False)
             entries.append(entry)
@@ -2168,22 +2168,42 @@ def read_journal(name, first_seq, newest=True):
     return entries, offset, None
 
 
-def ends_in_zero(f):
-    """Whether the open file's last byte is a zero (its fill, after the data)."""
-    size = os.fstat(f.fileno()).st_size
-    return size > 0 and os.pread(f.fileno(), 1, size - 1) == b"\0"
+def not_a_torn_write(tail, lineno, start, damaged_seq):
+    """(line, why not) if bad line ``tail[0]`` (line ``lineno`` at byte ``start``) and
+    the lines after it cannot be the last write cut short by a crash, else (lineno, None).
+
+    Our writer writes only where the data ends, so a torn write is the very end of the
+    data: after it comes the zero fill, and before that only lines of the same write
+    (its blocks may reach the disk in any order) or lines holding its unwritten, still
+    zero blocks. A later write, a damaged line with no zeros in it, or non-zero bytes
+    inside the fill that reach no line end are damage.
+    """
+    data = b"".join(tail)
+    end = len(data.rstrip(b"\0"))
+    if end == len(data):
+        return lineno, "the file does not end in its zero fill: not a torn write"
+    stray = data.rfind(b"\0", 0, end) + 1
+    if stray and data[end - 1:end] != b"\n":
+        return (lineno + data.count(b"\n", 0, stray),
+                f"non-zero bytes inside the zero fill at byte {start + stray}: "
+                f"not a write of ours")
+    for n, raw in enumerate(tail[1:], lineno + 1):
+        why = later_or_damaged(raw, damaged_seq)
+        if why:
+            return lineno, f"line {n} after it {why}: not a torn write"
+    return lineno, None
 
 
-def only_same_write_follows(lines, damaged_seq):
-    """Whether every valid line left belongs to the write holding seq ``damaged_seq``."""
-    for raw in lines:
-        try:
-            batch = decode_journal(raw)[3]
-        except (ValueError, TypeError, KeyError):
-            continue
-        if batch > damaged_seq:
-            return False
-    return True
+def later_or_damaged(raw, damaged_seq):
+    """Why journal line ``raw``, after a bad one, cannot be part of the torn write that
+    holds seq ``damaged_seq``; None if it can."""
+    if b"\0" in raw:
+        return None                         # zeros: blocks of the write that never landed
+    try:
+        seq, _, _, batch = decode_journal(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"is damaged too ({e})"
+    return f"holds a later write (seq {seq})" if batch > damaged_seq else None
 
 
 class JournalWriter:
@@ -8338,6 +8358,8 @@ MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
 def parse_target(text):
     """One TARGET as ("range", first, last) addresses, or ("name", host name)."""
     text = text.strip()
+    if text[:1] == "[" and text[-1:] == "]":    # [::1], as in a URL: an IPv6 address only
+        text = text[1:-1] if ":" in text else text
     try:
         if "/" in text:
             net = ipaddress.ip_network(text, strict=False)
@@ -8378,7 +8400,7 @@ def parse_targets(texts, force=False):
     total = sum(target_size(t) for t in targets)
     limit = SCAN_FORCE_MAX_ADDRESSES if force else SCAN_MAX_ADDRESSES
     if total > limit:
-        more = "" if force else " (--force allows up to a /8)"
+        more = "" if force else " (a /16, or an IPv6 /112; --force allows up to a /8 or a /104)"
         raise UsageError(f"scan: the targets hold {total:,} addresses, more than {limit:,}{more}")
     return targets
 
@@ -8388,11 +8410,12 @@ def parse_ports(text):
     ports = set()
     for item in text.split(","):
         item = item.strip().lower()
-        match = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", item)
+        first, dash, last = item.partition("-")
+        first, last = parse_count(first, 1, 65535), parse_count(last if dash else first, 1, 65535)
         if item in ("top100", "all"):
             ports.update(TOP100_PORTS if item == "top100" else range(1, 65536))
-        elif match and 0 < int(match.group(1)) <= int(match.group(2) or match.group(1)) < 65536:
-            ports.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+        elif first is not None and last is not None and first <= last:
+            ports.update(range(first, last + 1))
         else:
             raise UsageError(f"scan: bad --ports item {item!r}: say ports and ranges from 1 to "
                              f"65535 like 22,80,8000-8100, or top100, or all")
@@ -8444,8 +8467,8 @@ def resolve_targets(targets):
         if target[0] == "name":
             pairs = [(a, target[1]) for a in resolve_name(target[1])]
         else:
-            pairs = ((ipaddress.ip_address(n), None)
-                     for n in range(int(target[1]), int(target[2]) + 1))
+            # first + n keeps the first address's version: ip_address(1) would be 0.0.0.1
+            pairs = ((target[1] + n, None) for n in range(target_size(target)))
         for address, name in pairs:
             if address not in seen:
                 seen.add(address)
@@ -9677,14 +9700,37 @@ def log_to_stderr(message):
 
 
 def server_address(args):
-    """The server to talk to: --server, PHAROS_SERVER, the client config file, localhost."""
-    text = (args.server or os.environ.get("PHAROS_SERVER")
-            or read_client_config(client_config_path()).get("server") or f"localhost:{PH_PORT}")
+    """The server to talk to: --server, PHAROS_SERVER, the client config file, localhost;
+    UsageError naming where a malformed one came from."""
+    text, what = server_setting(args)
     if not utf8_text(text):
-        raise UsageError("--server: not UTF-8 text")
-    if text.count(":") > 1 and not text.startswith("["):
-        text = f"[{text}]"              # a bare IPv6 address, on the default port
-    return parse_hostport(text, PH_PORT, "--server")
+        raise UsageError(f"{what}: not UTF-8 text")
+    bare_v6 = text.count(":") > 1 and not text.startswith("[")
+    host, port = parse_hostport(f"[{text}]" if bare_v6 else text, PH_PORT, what)
+    if ":" in host and not is_ipv6_address(host):     # 1.2.3.4:5:6 is no host name
+        raise UsageError(f"{what} {printable(text, 64)!r}: expected HOST:PORT")
+    return host, port
+
+
+def server_setting(args):
+    """(the server's HOST:PORT text, what to call it in an error) by precedence."""
+    if args.server:
+        return args.server, "--server"
+    if os.environ.get("PHAROS_SERVER"):
+        return os.environ["PHAROS_SERVER"], "PHAROS_SERVER"
+    path = client_config_path()
+    value, lineno = read_client_config(path).get("server", (None, 0))
+    if value is not None:
+        return value, f"{path} line {lineno}: server"
+    return f"localhost:{PH_PORT}", "--server"
+
+
+def is_ipv6_address(text):
+    """Whether ``text`` is an IPv6 address (a %scope allowed)."""
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def build_schema(args):
@@ -9964,11 +10010,15 @@ def client_config_path():
     return os.path.join(base, "pharos", "client.ini")
 
 
+CLIENT_CONFIG_KEYS = ("server",)
+
+
 def read_client_config(path):
-    """The [client] settings of an INI file ({} when there is no file); UsageError naming
-    the line that is not a [section], a comment or NAME = VALUE."""
+    """The [client] settings of an INI file as {name: (value, line)} ({} when there is no
+    file); UsageError naming the line that is not a [section], a comment or NAME = VALUE,
+    or that repeats [client] or one of its names, or names an unknown setting."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:     # an editor's BOM is no text
             text = f.read(MAX_CLIENT_CONFIG + 1)
     except FileNotFoundError:
         return {}
@@ -9976,21 +10026,36 @@ def read_client_config(path):
         raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if len(text) > MAX_CLIENT_CONFIG:
         raise UsageError(f"{path}: larger than {MAX_CLIENT_CONFIG} bytes")
-    settings, section = {}, None
+    settings, section, seen = {}, None, set()
     for lineno, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
+        where, stripped = f"{path} line {lineno}", raw.strip()
         if not stripped or stripped[0] in "#;":
             continue
         if stripped.startswith("[") and stripped.endswith("]"):
             section = stripped[1:-1].strip().lower()
+            if section == "client" and section in seen:
+                raise UsageError(f"{where}: a second [client] section")
+            seen.add(section)
             continue
         name, eq, value = stripped.partition("=")
-        if not eq or not name.strip():
-            raise UsageError(f"{path} line {lineno}: expected NAME = VALUE, [SECTION] or a # "
+        name = name.strip().lower()
+        if not eq or not name:
+            raise UsageError(f"{where}: expected NAME = VALUE, [SECTION] or a # "
                              f"comment, not {printable(stripped, 40)!r}")
         if section == "client":
-            settings[name.strip().lower()] = value.strip()
+            check_client_setting(settings, name, where)
+            settings[name] = (value.strip(), lineno)
     return settings
+
+
+def check_client_setting(settings, name, where):
+    """UsageError unless [client] may say ``name`` at ``where``: known, and said once."""
+    if name not in CLIENT_CONFIG_KEYS:
+        raise UsageError(f"{where}: unknown setting {printable(name, 40)!r} in [client]; "
+                         f"known: {', '.join(CLIENT_CONFIG_KEYS)}")
+    if name in settings:
+        raise UsageError(f"{where}: {name} is set a second time (first on line "
+                         f"{settings[name][1]})")
 
 
 def colour_on(stream):
@@ -11129,14 +11194,88 @@ def parse_command_line(argv):
     return args
 
 
+EXIT_PIPE = 141                     # 128 + SIGPIPE, as a shell reports a closed pipe
+
+
+class OutputError(PharosError):
+    """Standard output cannot be written: its reader went away, or the disk is full."""
+
+    def __init__(self, error):
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+class GuardedStream:
+    """A command's stdout (or its buffer): a failed write or flush raises OutputError, so
+    main() can tell it from the other OSErrors a command meets."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data):
+        """Write ``data``; OutputError if the stream fails."""
+        return self.guarded(self.stream.write, data)
+
+    def flush(self):
+        """Flush; OutputError if the stream fails."""
+        return self.guarded(self.stream.flush)
+
+    @property
+    def buffer(self):
+        """The binary stream below, guarded the same way."""
+        return GuardedStream(self.stream.buffer)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    @staticmethod
+    def guarded(call, *args):
+        """call(*args), with an OSError turned into OutputError."""
+        try:
+            return call(*args)
+        except OSError as e:
+            raise OutputError(e) from None
+
+
+def output_failed(error, stdout):
+    """The exit status once stdout failed: quiet for a closed pipe, one line otherwise.
+
+    stdout then points at /dev/null, so the interpreter's last flush of what is still
+    buffered cannot fail again and print a complaint of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass                            # not a real file (a test's capture): nothing to flush
+    if isinstance(error, BrokenPipeError):
+        return EXIT_PIPE
+    print(f"pharos: cannot write output: {error.strerror or error}", file=sys.stderr)
+    return EXIT_FAIL
+
+
 def main(argv=None):
-    """Run one command; return the exit status (0 ok, 1 no match, 2 usage, 3 failure)."""
+    """Run one command; return the exit status (0 ok, 1 no match, 2 usage, 3 failure,
+    141 stdout's reader went away)."""
     if argv is None:
         argv = sys.argv[1:]
         program = os.path.basename(sys.argv[0] or "pharos")
         program = re.sub(r"\.(py|pyz)$", "", program)
         if program in PROGRAM_NAMES:
             argv = [PROGRAM_NAMES[program]] + argv
+    stdout, sys.stdout = sys.stdout, GuardedStream(sys.stdout)
+    try:
+        status = run_command(argv)
+        sys.stdout.flush()
+        return status
+    except OutputError as e:
+        return output_failed(e.error, stdout)
+    finally:
+        sys.stdout = stdout
+
+
+def run_command(argv):
+    """Parse ``argv`` and run its command's handler; errors become a line and a status."""
     if argv[-1:] == ["--version"] and len(argv) <= 2:
         print(f"pharos {__version__}")          # before the parser: this is all it needs
         return EXIT_OK
