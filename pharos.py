@@ -7717,8 +7717,11 @@ class McpTool:
 
 def mcp_check(schema, value, where="arguments"):
     """None when ``value`` fits ``schema`` (a JSON Schema subset), else why not."""
+    if "anyOf" in schema:
+        return mcp_check_any(schema["anyOf"], value, where)
     kind = schema.get("type")
-    checks = {"object": dict, "array": list, "string": str, "boolean": bool}
+    checks = {"object": dict, "array": list, "string": str, "boolean": bool,
+              "null": type(None)}
     if kind == "integer":
         if type(value) is not int:
             return f"{where} must be an integer"
@@ -7740,6 +7743,17 @@ def mcp_check(schema, value, where="arguments"):
     if kind == "object":
         return mcp_check_object(schema, value, where)
     return None
+
+
+def mcp_check_any(choices, value, where):
+    """mcp_check for anyOf: None when one of ``choices`` fits, else what each wants."""
+    problems = [mcp_check(choice, value, where) for choice in choices]
+    if None in problems:
+        return None
+    kinds = [choice.get("type", "?") for choice in choices]
+    fitting = [p for p, choice in zip(problems, choices) if choice.get("type") == (
+        "array" if type(value) is list else "string" if type(value) is str else None)]
+    return fitting[0] if fitting else f"{where} must be one of: {', '.join(kinds)}"
 
 
 def mcp_check_object(schema, value, where):
@@ -7955,8 +7969,8 @@ def mcp_tools(schema):
 class McpServer:
     """The MCP method table over a directory service (local or remote) and a caller."""
 
-    def __init__(self, service, schema, version=__version__):
-        self.service = service
+    def __init__(self, service, schema, log, version=__version__):
+        self.service, self.log = service, log
         self.tools = {tool.name: tool for tool in mcp_tools(schema)}
         self.server_info = {"name": "pharos", "version": version}
 
@@ -7983,6 +7997,9 @@ class McpServer:
             result = await self.dispatch(message["method"], params, caller, now, modern)
         except McpError as e:
             return (e.status if modern else 200), mcp_error_reply(ident, e)
+        except Exception as e:      # a bug must cost one request, not the stdio session
+            self.log(f"mcp: {printable(str(message['method']), 64)}: {type(e).__name__}: {e}")
+            return (500 if modern else 200), mcp_error_reply(ident, McpError(-32603, "internal error"))
         if modern:
             result = dict(result, resultType="complete")
             result.setdefault("_meta", {})[MCP_META + "serverInfo"] = self.server_info
@@ -8088,9 +8105,20 @@ class McpHttp:
     writes need one, in enterprise every request needs one. No sessions are kept.
     """
 
-    def __init__(self, mcp, bridge, tokens, tier, hosts, origins, log):
-        self.mcp, self.bridge, self.tokens, self.tier = mcp, bridge, tokens, tier
-        self.hosts, self.origins, self.log = hosts, origins, log
+    def __init__(self, mcp, bridge, tokens, config, log):
+        self.mcp, self.bridge, self.tokens, self.tier = mcp, bridge, tokens, config.tier
+        self.config, self.log = config, log
+        self.bound, self.hosts, self.origins = None, set(), set()
+
+    def names(self):
+        """(Hosts, Origins) /mcp answers to, from the address the listener is bound to:
+        config.http names port 0 until the listener has one, so they are made late."""
+        bound = self.config.http
+        if bound != self.bound:
+            hosts = mcp_hosts(*bound)
+            self.hosts, self.origins = hosts, mcp_origins(hosts, self.config.mcp_origins)
+            self.bound = bound
+        return self.hosts, self.origins
 
     def post(self, request, now):
         """The answer to one POST /mcp."""
@@ -8116,11 +8144,12 @@ class McpHttp:
 
     def transport_refusal(self, headers):
         """403/421/415 for a request from a place or in a shape /mcp does not take."""
+        hosts, origins = self.names()
         host = headers.get("host", "").lower()
-        if host not in self.hosts:
+        if host not in hosts:
             return 421, "text/plain", b"this server does not answer for that Host\n"
         origin = headers.get("origin")
-        if origin is not None and origin.lower() not in self.origins:
+        if origin is not None and origin.lower() not in origins:
             return mcp_http_error(403, None, McpError(-32600, "Origin not allowed"))
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
@@ -8323,11 +8352,8 @@ def http_app(server, store, tokens, config, loop, log):
     app, bridge = HttpApp(), LoopBridge(loop)
     metrics_routes(app, bridge, server, store)
     if config.mcp:
-        host, port = config.http
-        hosts = mcp_hosts(host, port)
-        mcp = McpServer(server.service, store.schema)
-        mcp_routes(app, McpHttp(mcp, bridge, tokens, config.tier, hosts,
-                                mcp_origins(hosts, config.mcp_origins), log))
+        mcp = McpServer(server.service, store.schema, log)
+        mcp_routes(app, McpHttp(mcp, bridge, tokens, config, log))
     return app
 
 
@@ -9522,7 +9548,7 @@ async def run_mcp_stdio(args, host, port):
         except PhError as e:
             log_to_stderr(f"pharos mcp: {e.text}; the tools will say so until it answers")
             schema = Schema()
-        mcp = McpServer(RemoteService(client), schema)
+        mcp = McpServer(RemoteService(client), schema, log_to_stderr)
         loop = asyncio.get_running_loop()
 
         def send(data):

@@ -1,0 +1,283 @@
+"""MCP with real clients: the official Python SDK over Streamable HTTP and over stdio
+(`pharos mcp` logged in with an SSH key), the MCP Inspector CLI, and what /mcp refuses
+(tokens, roles, tenants, Origin, Host, sizes, malformed JSON-RPC)."""
+
+import asyncio
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PHAROS, ServerProcess, need, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ["search", "get", "add_person", "add_machine", "update", "delete", "stats"]
+
+
+def pharos(*args, **env):
+    """Run the pharos CLI; the CompletedProcess."""
+    return subprocess.run([sys.executable, str(PHAROS), *args], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=60)
+
+
+def make_token(data, name, role="reader", tenant="", ttl=None):
+    """A new bearer token's secret, made by `pharos tokens add`."""
+    extra = ["--ttl", ttl] if ttl else []
+    made = pharos("tokens", "add", name, "--role", role, "--tenant", tenant, "--data", str(data),
+                  *extra)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+class Mcp:
+    """A running server with /mcp, its data dir and tokens by name."""
+
+    def __init__(self, server, data, tokens):
+        self.server, self.data, self.tokens = server, data, tokens
+        self.url = f"http://127.0.0.1:{server.metrics_port}/mcp"
+
+    def post(self, body, token=None, **headers):
+        """(status, headers, decoded JSON or raw bytes) of one POST /mcp."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.metrics_port, timeout=10)
+        sent = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if token:
+            sent["Authorization"] = f"Bearer {self.tokens.get(token, token)}"
+        sent.update({name.replace("_", "-"): value for name, value in headers.items()})
+        conn.request("POST", "/mcp", body if type(body) is bytes else json.dumps(body).encode(), sent)
+        answer = conn.getresponse()
+        raw = answer.read()
+        conn.close()
+        try:
+            return answer.status, dict(answer.getheaders()), json.loads(raw)
+        except ValueError:
+            return answer.status, dict(answer.getheaders()), raw
+
+    def call(self, tool, arguments, token=None, ident=1):
+        """(status, JSON-RPC reply) of a legacy-era tools/call."""
+        status, _, reply = self.post({"jsonrpc": "2.0", "id": ident, "method": "tools/call",
+                                      "params": {"name": tool, "arguments": arguments}}, token)
+        return status, reply
+
+    def result(self, tool, arguments, token=None):
+        """The CallToolResult of a tools/call that must succeed at the JSON-RPC level."""
+        status, reply = self.call(tool, arguments, token)
+        assert status == 200 and "result" in reply, reply
+        return reply["result"]
+
+
+def start(tmp_path, tier, tokens=(), keys=None, extra=()):
+    """A file-storage server of ``tier`` with /mcp on 127.0.0.1:0 and the tokens
+    (name, role, tenant) made before it starts."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    if keys:
+        (data / "authorized_keys").write_text(keys)
+    made = {name: make_token(data, name, role, tenant) for name, role, tenant in tokens}
+    server = ServerProcess(data, "--tier", tier, "--login-delay", "0.01", *extra,
+                           metrics=True).start()
+    return Mcp(server, data, made)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A lab server with a writer token w and a reader token r."""
+    mcp = start(tmp_path, "lab", [("w", "writer", ""), ("r", "reader", "")])
+    yield mcp
+    mcp.server.kill()
+
+
+@pytest.fixture
+def enterprise(tmp_path):
+    """An enterprise server: writer tokens of tenants a and b, and an admin of every tenant."""
+    mcp = start(tmp_path, "enterprise", [("wa", "writer", "a"), ("wb", "writer", "b"),
+                                         ("all", "admin", "*")])
+    yield mcp
+    mcp.server.kill()
+
+
+# -- the official Python SDK -------------------------------------------------------
+
+def sdk():
+    """The mcp package (the official Python SDK), or a skip (a failure in CI)."""
+    need(importlib.util.find_spec("mcp") is not None, "the MCP Python SDK (pip install mcp)")
+    import mcp
+    return mcp
+
+
+def dumped(model):
+    """An SDK model as the JSON it stands for (camelCase names)."""
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+async def sdk_session(target, calls, mode="auto", token=None):
+    """Open an SDK Client on ``target`` (a URL or StdioServerParameters), list the tools,
+    run ``calls`` [(tool, arguments)]: (era, tools listing, [CallToolResult as JSON])."""
+    from contextlib import AsyncExitStack
+
+    from mcp import Client
+    async with AsyncExitStack() as stack:
+        if token:
+            from mcp.client.streamable_http import create_mcp_http_client, streamable_http_client
+            http = await stack.enter_async_context(
+                create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}))
+            target = streamable_http_client(target, http_client=http)
+        client = await stack.enter_async_context(Client(target, mode=mode,
+                                                        read_timeout_seconds=20))
+        era = "modern" if client.session.discover_result is not None else "legacy"
+        listing = [dumped(t) for t in (await client.list_tools()).tools]
+        results = [dumped(await client.call_tool(name, args)) for name, args in calls]
+        return era, client.protocol_version, listing, results
+
+
+def run_sdk(target, calls, mode="auto", token=None):
+    """sdk_session in a fresh event loop, with a deadline."""
+    sdk()
+    return asyncio.run(asyncio.wait_for(sdk_session(target, calls, mode, token), 90))
+
+
+def workout(prefix):
+    """Calls through every tool, writing records named ``prefix``-…; with what each must do."""
+    return [
+        ("add_machine", {"hostname": f"{prefix}-web", "ip": ["10.9.0.7"], "role": "web"}),
+        ("add_person", {"alias": f"{prefix}jo", "name": "Jo Bloggs", "email": "jo@example.org"}),
+        ("search", {"query": f"hostname={prefix}-web"}),
+        ("get", {"key": f"{prefix}jo"}),
+        ("update", {"selection": f"hostname={prefix}-web", "changes": {"os": "debian",
+                                                                       "role": None}}),
+        ("stats", {}),
+        ("delete", {"selection": f"alias={prefix}jo", "expected_count": 1}),
+        ("get", {"key": "nobody-here"}),
+        ("delete", {"selection": f"hostname={prefix}-*", "expected_count": 5}),
+    ]
+
+
+def check_workout(results, prefix, ph):
+    """The workout's results match what the directory holds, seen over Ph too."""
+    ok = [r for r in results[:7]]
+    assert all(r.get("isError") is False for r in ok), ok
+    added = ok[0]["structuredContent"]["record"]
+    assert (added["hostname"], added["ip"], added["role"]) == (f"{prefix}-web", ["10.9.0.7"], "web")
+    assert ok[1]["structuredContent"]["record"]["alias"] == f"{prefix}jo"
+    found = ok[2]["structuredContent"]
+    assert found["total"] == 1 and found["records"][0]["hostname"] == f"{prefix}-web"
+    got = ok[3]["structuredContent"]
+    assert got["record"]["email"] == "jo@example.org" and got["sources"]["email"] == "manual"
+    changed = ok[4]["structuredContent"]
+    assert changed["changed"] == 1 and changed["records"][0]["os"] == "debian"
+    assert "role" not in changed["records"][0]
+    assert ok[5]["structuredContent"]["machines"] >= 1
+    assert ok[6]["structuredContent"]["keys"] == [f"{prefix}jo"]
+    missing, loose = results[7], results[8]
+    assert missing["isError"] is True and "nobody-here" in missing["content"][0]["text"]
+    assert loose["isError"] is True and "not 5" in loose["content"][0]["text"]
+    assert json.loads(ok[0]["content"][0]["text"]) == ok[0]["structuredContent"]
+    with ph as client:
+        reply = client.cmd(f"query hostname={prefix}-web return os role")
+        assert any(line.endswith("os: debian") for line in reply), reply
+        assert any("role: Not present" in line for line in reply), reply
+        assert client.cmd(f"query alias={prefix}jo")[-1].startswith("501:")
+
+
+def check_listing(listing):
+    """tools/list: every tool, each with an object inputSchema and an outputSchema."""
+    assert [t["name"] for t in listing] == TOOLS
+    for tool in listing:
+        assert tool["inputSchema"]["type"] == "object" and tool["outputSchema"]["type"] == "object"
+        assert set(tool["annotations"]) >= {"readOnlyHint", "destructiveHint", "idempotentHint"}
+    by_name = {t["name"]: t for t in listing}
+    assert by_name["get"]["inputSchema"]["required"] == ["key"]
+    assert by_name["delete"]["annotations"]["destructiveHint"] is True
+    assert by_name["search"]["annotations"]["readOnlyHint"] is True
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_sdk_over_http_runs_every_tool(lab, mode):
+    era, version, listing, results = run_sdk(lab.url, workout(mode[:3]), mode,
+                                             lab.tokens["w"])
+    assert (era, version) == (("modern", "2026-07-28") if mode == "auto"
+                              else ("legacy", "2025-11-25"))
+    check_listing(listing)
+    check_workout(results, mode[:3], lab.server.client())
+
+
+def test_sdk_without_a_token_reads_in_lab_and_a_write_is_refused(lab):
+    with pytest.raises(BaseException) as refused:
+        run_sdk(lab.url, [("add_person", {"alias": "x1"})], "legacy")
+    assert "needs a bearer token" in repr(refused.value)
+    _, _, _, results = run_sdk(lab.url, [("stats", {})], "legacy")
+    assert results[0]["isError"] is False
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    """A lab server that knows alice's SSH key (a writer), and the key file."""
+    need(shutil.which("ssh-keygen"), "ssh-keygen")
+    key = tmp_path / "id_alice"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice", "-f", str(key)],
+                   check=True)
+    pub = key.with_suffix(".pub").read_text().split()
+    mcp = start(tmp_path, "lab", [("r", "reader", "")],
+                keys=f'alice role="writer" {pub[0]} {pub[1]}\n')
+    yield mcp, key
+    mcp.server.kill()
+
+
+def stdio_params(server, key, tmp_path, user="alice"):
+    """How the SDK launches `pharos mcp` against ``server``, logging in as ``user``."""
+    from mcp import StdioServerParameters
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return StdioServerParameters(
+        command=sys.executable, args=[str(PHAROS), "mcp", "--server", f"127.0.0.1:{server.port}"],
+        env={"PHAROS_USER": user, "PHAROS_KEY": str(key), "HOME": str(home)})
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_sdk_over_stdio_runs_every_tool_with_a_key_login(keyed, tmp_path, mode):
+    sdk()
+    mcp, key = keyed
+    era, _, listing, results = run_sdk(stdio_params(mcp.server, key, tmp_path),
+                                       workout("s" + mode[:3]), mode)
+    assert era == ("modern" if mode == "auto" else "legacy")
+    check_listing(listing)
+    check_workout(results, "s" + mode[:3], mcp.server.client())
+    audit = [json.loads(line) for line in (mcp.data / "audit.log").read_text().splitlines()]
+    assert {entry["user"] for entry in audit} == {"alice"}
+
+
+def test_stdio_refusals_are_tool_errors_with_the_servers_words(keyed, tmp_path):
+    sdk()
+    mcp, key = keyed
+    stranger = tmp_path / "id_bob"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    calls = [("add_person", {"alias": "bob1"}), ("search", {"query": "alias=zzz"}),
+             ("stats", {})]
+    _, _, _, results = run_sdk(stdio_params(mcp.server, stranger, tmp_path, "bob"), calls)
+    refused, none, stats = results
+    assert refused["isError"] is True and "not authorized" in refused["content"][0]["text"]
+    assert none["isError"] is False and none["structuredContent"]["total"] == 0
+    assert stats["isError"] is False and stats["structuredContent"]["people"] == 0
+
+
+def test_stdio_update_over_the_limit_changes_nothing(keyed, tmp_path):
+    sdk()
+    mcp, key = keyed
+    calls = [("add_machine", {"hostname": f"lim-{n}"}) for n in range(3)]
+    calls += [("update", {"selection": "hostname=lim-*", "changes": {"os": "x"}}),
+              ("update", {"selection": "hostname=lim-*", "changes": {"os": "y"}, "limit": 3}),
+              ("delete", {"selection": "hostname=lim-*", "expected_count": 3})]
+    _, _, _, results = run_sdk(stdio_params(mcp.server, key, tmp_path), calls, "legacy")
+    loose, wide, gone = results[3:]
+    assert loose["isError"] is True and "limit is 1" in loose["content"][0]["text"]
+    assert wide["structuredContent"]["changed"] == 3
+    assert {r["os"] for r in wide["structuredContent"]["records"]} == {"y"}
+    assert gone["structuredContent"]["deleted"] == 3
+    with mcp.server.client() as client:
+        assert client.cmd("query hostname=lim-*")[-1].startswith("501:")
