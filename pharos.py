@@ -4248,6 +4248,7 @@ class DirectoryService:
         {matched, changed, records as they end up}."""
         self.allowed("change", caller, now)
         self.check_writable()
+        make = self.settable(make)
         ids = self.select_for_write(caller, self.parse(text, rtype), limit)
         if not ids:
             raise ServiceError(501, "No matches to specification.")
@@ -4261,6 +4262,22 @@ class DirectoryService:
         changed = dict(ops)
         return {"matched": len(ids), "changed": len(ops),
                 "records": [changed.get(rid) or self.store.planned(rid) for rid in ids]}
+
+    def settable(self, make):
+        """``make`` by the fields' own names; ServiceError 599 with a 507 or 505 line for
+        each name that is no field or one a change may not set (as Ph's change refuses)."""
+        out, refusals = {}, []
+        for name, values in make.items():
+            field = self.schema.field(name)
+            if field is None:
+                refusals.append((507, f"{printable(name, 40)}:unknown field."))
+            elif field.server or field.name == "type":
+                refusals.append((505, f"{field.name}:you may not change this field."))
+            else:
+                out.setdefault(field.name, []).extend(values)
+        if refusals:
+            raise ServiceError(599, "Did not understand change command.", refusals)
+        return out
 
     async def delete(self, caller, text, rtype, now, expected, dry_run=False):
         """Delete what ``text`` selects, only when that is exactly ``expected`` records:
@@ -8297,6 +8314,22 @@ class RemoteService:
             await self.ask(self.client.write(f"change {narrowed} make {sets}"))
             after = await self.query(caller, text, rtype, now) or after
         return {"matched": len(before), "changed": len(before), "records": after}
+
+    def settable(self, make):
+        """``make`` by the fields' own names; ServiceError 599 with a 507 or 505 line for
+        each name that is no field or one a change may not set (as Ph's change refuses)."""
+        out, refusals = {}, []
+        for name, values in make.items():
+            field = self.schema.field(name)
+            if field is None:
+                refusals.append((507, f"{printable(name, 40)}:unknown field."))
+            elif field.server or field.name == "type":
+                refusals.append((505, f"{field.name}:you may not change this field."))
+            else:
+                out.setdefault(field.name, []).extend(values)
+        if refusals:
+            raise ServiceError(599, "Did not understand change command.", refusals)
+        return out
 
     async def delete(self, caller, text, rtype, now, expected, dry_run=False):
         """Delete what ``text`` selects, only when that is exactly ``expected`` records."""

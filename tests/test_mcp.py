@@ -281,3 +281,189 @@ def test_stdio_update_over_the_limit_changes_nothing(keyed, tmp_path):
     assert gone["structuredContent"]["deleted"] == 3
     with mcp.server.client() as client:
         assert client.cmd("query hostname=lim-*")[-1].startswith("501:")
+
+
+# -- tokens, roles and tenants -------------------------------------------------------
+
+def text(result):
+    """The text block of a CallToolResult."""
+    return result["content"][0]["text"]
+
+
+def test_lab_writes_need_a_token_with_a_challenge_and_readers_cannot_write(lab):
+    status, headers, reply = lab.post({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                       "params": {"name": "add_person",
+                                                  "arguments": {"alias": "x1"}}})
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert lab.result("search", {"query": "alias=x1"})["structuredContent"]["total"] == 0
+    refused = lab.result("add_person", {"alias": "x1"}, token="r")
+    assert refused["isError"] is True and "role is reader" in text(refused)
+    assert lab.result("add_person", {"alias": "x1"}, token="w")["isError"] is False
+
+
+def test_enterprise_needs_a_token_for_everything(enterprise):
+    for body in ({"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                 {"jsonrpc": "2.0", "id": 2, "method": "initialize",
+                  "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                             "clientInfo": {"name": "t", "version": "1"}}}):
+        status, headers, _ = enterprise.post(body)
+        assert status == 401 and "Bearer" in headers["WWW-Authenticate"]
+    assert enterprise.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, "wa")[0] == 200
+
+
+def test_a_tenant_token_sees_and_touches_only_its_tenant(enterprise):
+    mcp = enterprise
+    for tenant in ("a", "b"):
+        for n in range(2):
+            assert mcp.result("add_machine", {"hostname": f"h{tenant}{n}"}, f"w{tenant}")[
+                "isError"] is False
+    found = mcp.result("search", {"query": "hostname=h*"}, "wa")["structuredContent"]
+    assert sorted(r["hostname"] for r in found["records"]) == ["ha0", "ha1"]
+    assert mcp.result("get", {"key": "hb0"}, "wa")["isError"] is True
+    wild = mcp.result("update", {"selection": "hostname=h*", "changes": {"os": "x"},
+                                 "limit": 10}, "wa")["structuredContent"]
+    assert sorted(r["hostname"] for r in wild["records"]) == ["ha0", "ha1"]
+    assert mcp.result("update", {"selection": "hostname=hb0", "changes": {"os": "x"}},
+                      "wa")["isError"] is True
+    assert mcp.result("delete", {"selection": "hostname=hb*", "expected_count": 2},
+                      "wa")["isError"] is True
+    stats = mcp.result("stats", {}, "wa")["structuredContent"]
+    assert stats["machines"] == 2 and {r["hostname"] for r in stats["recent"]} == {"ha0", "ha1"}
+    everyone = mcp.result("search", {"query": "hostname=h*", "fields": "all"}, "all")
+    records = everyone["structuredContent"]["records"]
+    assert {(r["hostname"], r.get("os")) for r in records} == {
+        ("ha0", "x"), ("ha1", "x"), ("hb0", None), ("hb1", None)}
+
+
+def test_revoked_and_expired_tokens_are_refused(lab):
+    assert lab.result("add_person", {"alias": "t1"}, token="w")["isError"] is False
+    assert pharos("tokens", "remove", "w", "--data", str(lab.data)).returncode == 0
+    assert lab.call("add_person", {"alias": "t2"}, token="w")[0] == 401
+    brief = make_token(lab.data, "brief", "writer", ttl="1")
+    wait_for(lambda: lab.call("stats", {}, token=brief)[0] == 401,
+             timeout=10, interval=0.2, what="the 1 s token to expire")
+    assert lab.call("add_person", {"alias": "t3"}, token=brief)[0] == 401
+    old = make_token(lab.data, "old", "writer")
+    with open(lab.data / "tokens") as f:
+        lines = [json.loads(line) for line in f]
+    for entry in lines:
+        if entry["name"] == "old":
+            entry["expires"] = int(time.time()) - 60
+    (lab.data / "tokens").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert lab.call("add_person", {"alias": "t4"}, token=old)[0] == 401
+    assert lab.result("search", {"query": "alias=t*"})["structuredContent"][
+        "total"] == 1
+
+
+def test_audit_log_names_the_token_of_every_mcp_write(lab):
+    lab.result("add_machine", {"hostname": "aud-1"}, token="w")
+    lab.result("update", {"selection": "hostname=aud-1", "changes": {"os": "x"}}, token="w")
+    lab.result("delete", {"selection": "hostname=aud-1", "expected_count": 1}, token="w")
+    lab.result("add_person", {"alias": "aud2"}, token="r")
+    audit = [json.loads(line) for line in (lab.data / "audit.log").read_text().splitlines()]
+    assert len(audit) == 4, audit
+    assert {(e["user"], e["key"]) for e in audit} == {("w", "token:w"), ("r", "token:r")}
+    assert [e["request"].split()[:2] for e in audit] == [
+        ["mcp", "add_machine"], ["mcp", "update"], ["mcp", "delete"], ["mcp", "add_person"]]
+    assert audit[-1]["reply"].startswith("511:")
+
+
+# -- the transport's refusals: each an answer, the server unharmed ---------------------
+
+def rpc(method, params=None, ident=1):
+    """A JSON-RPC request object."""
+    return {"jsonrpc": "2.0", "id": ident, "method": method, "params": params or {}}
+
+
+def test_foreign_origin_and_host_are_refused(lab):
+    assert lab.post(rpc("tools/list"), Origin="http://evil.example")[0] == 403
+    assert lab.post(rpc("tools/list"), Host="evil.example")[0] == 421
+    port = lab.server.metrics_port
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        assert lab.post(rpc("tools/list"), Origin=origin)[0] == 200
+    assert lab.post(rpc("tools/list"), Host=f"localhost:{port}")[0] == 200
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, -32700),
+    (b"[]", 400, -32600),
+    (json.dumps([rpc("tools/list")]).encode(), 400, -32600),
+    (b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}', 400, -32600),
+    (b'{"jsonrpc": "2.0", "id": {"a": 1}, "method": "ping"}', 400, -32600),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": []}', 200, -32602),
+    (json.dumps(rpc("resources/list")).encode(), 200, -32601),
+    (json.dumps(rpc("tools/call", {"name": "nope", "arguments": {}})).encode(), 200, -32602),
+    (json.dumps(rpc("tools/call", {"name": "search", "arguments": []})).encode(), 200, None),
+])
+def test_malformed_requests_get_json_rpc_errors(lab, body, status, code):
+    got, _, reply = lab.post(body)
+    assert got == status, reply
+    if code is None:
+        assert reply["result"]["isError"] is True
+    else:
+        assert reply["error"]["code"] == code
+    assert lab.result("stats", {})["isError"] is False
+
+
+@pytest.mark.parametrize("arguments, words", [
+    ({"query": 5}, "query must be a string"),
+    ({"query": "x", "limit": 0}, "limit must be from 1"),
+    ({"query": "x", "limit": True}, "limit must be an integer"),
+    ({"query": "x", "color": "red"}, "unknown name"),
+    ({"query": "x", "type": "cat"}, "type must be one of"),
+    ({"cursor": "garbage!"}, "cursor"),
+])
+def test_bad_arguments_are_tool_errors(lab, arguments, words):
+    result = lab.result("search", arguments)
+    assert result["isError"] is True and words in text(result), result
+
+
+def test_bad_update_values_are_tool_errors(lab):
+    lab.result("add_machine", {"hostname": "bad-1"}, token="w")
+    for value in (5, {"a": 1}, [1]):
+        result = lab.result("update", {"selection": "hostname=bad-1",
+                                       "changes": {"os": value}}, token="w")
+        assert result["isError"] is True and "os" in text(result), result
+    assert lab.server.alive() and lab.result("get", {"key": "bad-1"})["isError"] is False
+
+
+def test_oversized_body_and_wrong_content_type(lab):
+    big = json.dumps(rpc("tools/call", {"name": "search",
+                                        "arguments": {"query": "x" * 70000}})).encode()
+    assert lab.post(big)[0] == 413
+    assert lab.post(rpc("tools/list"), Content_Type="text/plain")[0] == 415
+    assert lab.result("stats", {})["isError"] is False
+
+
+def test_modern_requests_need_their_headers(lab):
+    meta = {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {}}}
+    call = rpc("tools/call", dict(meta, name="stats", arguments={}))
+    status, _, reply = lab.post(call)
+    assert status == 400 and reply["error"]["code"] == -32020
+    status, _, reply = lab.post(call, MCP_Protocol_Version="2026-07-28", Mcp_Method="tools/call",
+                                Mcp_Name="search")
+    assert status == 400 and reply["error"]["code"] == -32020
+    status, _, reply = lab.post(call, MCP_Protocol_Version="2026-07-28", Mcp_Method="tools/call",
+                                Mcp_Name="stats")
+    assert status == 200 and reply["result"]["resultType"] == "complete"
+    status, _, reply = lab.post(rpc("nope/nope", meta), MCP_Protocol_Version="2026-07-28",
+                                Mcp_Method="nope/nope")
+    assert status == 404 and reply["error"]["code"] == -32601
+
+
+def test_dev_tier_refuses_a_non_loopback_http_listener(tmp_path):
+    result = pharos("serve", "--tier", "dev", "--storage", "memory", "--listen", "127.0.0.1:0",
+                    "--metrics", "0.0.0.0:0")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "loopback" in result.stderr
+
+
+@pytest.mark.parametrize("name, code", [("type", 505), ("created", 505), ("nosuch", 507)])
+def test_update_refuses_fields_a_change_may_not_set(lab, name, code):
+    lab.result("add_machine", {"hostname": "fix-1"}, token="w")
+    result = lab.result("update", {"selection": "hostname=fix-1",
+                                   "changes": {name: "person"}}, token="w")
+    assert result["isError"] is True and f"({code})" in text(result), result
+    record = lab.result("get", {"key": "fix-1"})["structuredContent"]["record"]
+    assert record["type"] == "machine" and record["created"] != "person"
