@@ -4212,11 +4212,12 @@ class DirectoryService:
                 self.audit_refusal(caller, line(refusal.code, refusal.text), now)
             raise refusal
 
-    async def query(self, caller, text, rtype, now):
+    async def query(self, caller, text, rtype, now, most=None):
         """The records a Ph query ``text`` matches for ``caller``, in order; ServiceError 502
-        past max_results. The search yields to the loop between its bounded runs."""
+        past ``most`` (default max_results: a front end that pages may allow more). The
+        search yields to the loop between its bounded runs."""
         self.allowed("query", caller, now)
-        search = self.search(caller, self.parse(text, rtype), self.config.max_results)
+        search = self.search(caller, self.parse(text, rtype), most or self.config.max_results)
         while not search.run():
             await asyncio.sleep(0)
         if search.too_many:
@@ -7683,6 +7684,7 @@ MCP_META = "io.modelcontextprotocol/"
 MCP_MAX_BODY = 1 << 20              # bytes one JSON-RPC message may take
 MCP_PAGE = 50                       # records a search returns by default
 MCP_MAX_PAGE = 200                  # and at most: brief records stay far under 25k tokens
+MCP_MAX_MATCHES = 100_000           # records one search may match: it pages, so past max_results
 MCP_TEXT_LIMIT = 8000               # characters of the text rendering beside the JSON
 MCP_BRIEF = {PERSON: ("alias", "name", "email", "phone", "title", "department"),
              MACHINE: ("hostname", "ip", "role", "status", "os", "owner", "location")}
@@ -7857,7 +7859,7 @@ async def tool_search(service, args, caller, now):
     if not query.strip():
         raise ToolError("say what to search for: words, or field=value terms")
     limit = args.get("limit", MCP_PAGE)
-    records = await service.query(caller, query, rtype, now)
+    records = await service.query(caller, query, rtype, now, most=MCP_MAX_MATCHES)
     page = records[offset:offset + limit]
     fields = None if args.get("fields", "brief") == "brief" else "all"
     shown = [r if fields else mcp_brief(r, None) for r in page]
@@ -8273,8 +8275,9 @@ class RemoteService:
     def __init__(self, client):
         self.client = client
 
-    async def query(self, caller, text, rtype, now):
-        """Records matching ``text`` (all fields, with sources)."""
+    async def query(self, caller, text, rtype, now, most=None):
+        """Records matching ``text`` (all fields, with sources); the server's max_results
+        holds whatever ``most`` asks, as Ph has no paging."""
         narrowed = f"{text} type={rtype}" if rtype else text
         return [mcp_remote_record(r) for r in
                 await self.ask(self.client.query(f"{narrowed} return all sources"))]

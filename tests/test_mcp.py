@@ -467,3 +467,73 @@ def test_update_refuses_fields_a_change_may_not_set(lab, name, code):
     assert result["isError"] is True and f"({code})" in text(result), result
     record = lab.result("get", {"key": "fix-1"})["structuredContent"]["record"]
     assert record["type"] == "machine" and record["created"] != "person"
+
+
+# -- the MCP Inspector CLI -------------------------------------------------------------
+
+def inspector(tmp_path, *args):
+    """Run the MCP Inspector CLI (``mcp-inspector`` on PATH): (exit status, JSON it printed)."""
+    binary = os.environ.get("PHAROS_MCP_INSPECTOR") or shutil.which("mcp-inspector")
+    need(binary and shutil.which("node"),
+         "the MCP Inspector CLI (npm install -g @modelcontextprotocol/inspector)")
+    home = tmp_path / "inspector-home"          # it keeps a catalog in ~/.mcp-inspector
+    home.mkdir(exist_ok=True)
+    done = subprocess.run([binary, "--cli", *args, "--format", "json", "-q"], capture_output=True,
+                          text=True, timeout=90, env=dict(os.environ, HOME=str(home)))
+    try:
+        return done.returncode, json.loads(done.stdout or done.stderr)
+    except ValueError:
+        return done.returncode, {"raw": done.stdout + done.stderr}
+
+
+@pytest.mark.parametrize("era", ["legacy", "auto"])
+def test_inspector_lists_and_calls_tools_over_http(lab, tmp_path, era):
+    status, listed = inspector(tmp_path, lab.url, "--transport", "http", "--protocol-era", era,
+                               "--method", "tools/list")
+    assert status == 0, listed
+    assert [t["name"] for t in listed["result"]["tools"]] == TOOLS
+    status, added = inspector(tmp_path, lab.url, "--transport", "http", "--protocol-era", era,
+                              "--header", f"Authorization: Bearer {lab.tokens['w']}",
+                              "--method", "tools/call", "--tool-name", "add_person",
+                              "--tool-arg", f"alias=insp{era[:3]}", "--tool-arg", "name=In Spector")
+    assert status == 0, added
+    assert added["result"]["structuredContent"]["record"]["name"] == "In Spector"
+    status, found = inspector(tmp_path, lab.url, "--transport", "http", "--protocol-era", era,
+                              "--method", "tools/call", "--tool-name", "search",
+                              "--tool-arg", "query=spector")
+    assert status == 0 and found["result"]["structuredContent"]["total"] == 1, found
+    status, refused = inspector(tmp_path, lab.url, "--transport", "http", "--protocol-era", era,
+                                "--method", "tools/call", "--tool-name", "get",
+                                "--tool-arg", "key=nobody")
+    assert status == 5, refused                 # the Inspector's exit status for isError
+
+
+# -- results stay small: a broad search pages ------------------------------------------
+
+def test_a_broad_search_pages_and_each_page_stays_small(tmp_path):
+    data = tmp_path / "data"
+    people = [{"type": "person", "alias": f"p{n:05d}", "name": f"Person Number{n}",
+               "email": f"p{n}@example.org", "title": "Senior Engineer " * 3,
+               "department": "Research and Development"} for n in range(3000)]
+    (tmp_path / "people.jsonl").write_text("".join(json.dumps(p) + "\n" for p in people))
+    loaded = pharos("load", str(tmp_path / "people.jsonl"), "--data", str(data))
+    assert loaded.returncode == 0, loaded.stderr
+    mcp = start(tmp_path, "lab")
+    try:
+        seen, cursor, pages = set(), None, 0
+        while True:
+            args = dict({"cursor": cursor} if cursor else {"query": "alias=p*"}, limit=200)
+            status, _, reply = mcp.post(rpc("tools/call", {"name": "search", "arguments": args}))
+            assert status == 200 and len(json.dumps(reply)) < 100_000
+            page = reply["result"]["structuredContent"]
+            assert page["total"] == 3000 and len(page["records"]) <= 200
+            seen |= {r["alias"] for r in page["records"]}
+            pages, cursor = pages + 1, page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == 3000 and pages == 15
+        status, _, reply = mcp.post(rpc("tools/call", {"name": "search", "arguments": {
+            "query": "alias=p*", "fields": "all", "limit": 200}}))
+        assert len(json.dumps(reply)) < 100_000, len(json.dumps(reply))
+    finally:
+        mcp.server.kill()
