@@ -8135,7 +8135,8 @@ class McpHttp:
         bound = self.config.http
         if bound != self.bound:
             hosts = mcp_hosts(*bound)
-            self.hosts, self.origins = hosts, mcp_origins(hosts, self.config.mcp_origins)
+            self.origins = mcp_origins(hosts, self.config.mcp_origins)
+            self.hosts = hosts | mcp_origin_hosts(self.config.mcp_origins, bound[1])
             self.bound = bound
         return self.hosts, self.origins
 
@@ -8232,6 +8233,17 @@ def mcp_origins(hosts, extra):
     """The Origins /mcp accepts: http(s):// of its own names, and those of --mcp-origin."""
     own = {f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")}
     return own | {origin.lower().rstrip("/") for origin in extra}
+
+
+def mcp_origin_hosts(origins, port):
+    """The Host values --mcp-origin names: a server that agents reach as
+    https://ph.example.org is asked for Host ph.example.org (with or without the port)."""
+    hosts = set()
+    for origin in origins:
+        netloc = origin.lower().rstrip("/").partition("://")[2]
+        has_port = ":" in netloc.rpartition("]")[2]
+        hosts |= {netloc} if has_port else {netloc, f"{netloc}:{port}"}
+    return hosts
 
 
 def mcp_routes(app, mcp_http):
@@ -9358,7 +9370,8 @@ def build_parser():
     serve_p.add_argument("--mcp", choices=("on", "off"), default="on",
                          help="serve MCP for AI agents at /mcp on the HTTP listener (default on)")
     serve_p.add_argument("--mcp-origin", action="append", metavar="ORIGIN",
-                         help="a browser Origin /mcp accepts besides its own (repeatable)")
+                         help="a browser Origin /mcp accepts besides its own, and the host "
+                              "name in it as a Host (repeatable)")
     serve_p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS)
     serve_p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
                          metavar="SECONDS")

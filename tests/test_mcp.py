@@ -537,3 +537,15 @@ def test_a_broad_search_pages_and_each_page_stays_small(tmp_path):
         assert len(json.dumps(reply)) < 100_000, len(json.dumps(reply))
     finally:
         mcp.server.kill()
+
+
+def test_a_name_given_with_mcp_origin_is_answered_as_a_host(tmp_path):
+    mcp = start(tmp_path, "lab", extra=("--mcp-origin", "http://ph.example.test"))
+    try:
+        port = mcp.server.metrics_port
+        for host in ("ph.example.test", f"ph.example.test:{port}"):
+            assert mcp.post(rpc("tools/list"), Host=host)[0] == 200
+        assert mcp.post(rpc("tools/list"), Origin="http://ph.example.test")[0] == 200
+        assert mcp.post(rpc("tools/list"), Host=f"other.example.test:{port}")[0] == 421
+    finally:
+        mcp.server.kill()
