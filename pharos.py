@@ -9595,7 +9595,7 @@ async def run_mcp_stdio(args, host, port):
         try:
             schema = await client.load_schema()
         except PhError as e:
-            log_to_stderr(f"pharos mcp: {e.text}; the tools will say so until it answers")
+            log_to_stderr(f"mcp: {e.text}; the tools will say so until it answers")
             schema = Schema()
         mcp = McpServer(RemoteService(client), schema, log_to_stderr)
         loop = asyncio.get_running_loop()

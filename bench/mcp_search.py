@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What an MCP search costs beside a Ph query for the same record, in one run.
 
-    python3 bench/mcp.py [--size 100000] [--calls 2000] [--concurrency 1 16]
+    python3 bench/mcp_search.py [--size 100000] [--calls 2000] [--concurrency 1 16]
 
 Generates N people and N machines (bench/dataset.py), loads them with `pharos load`,
 starts a dev-tier server with /mcp on loopback, then for each concurrency C runs
