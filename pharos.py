@@ -5230,11 +5230,12 @@ class DirectoryService:
                 self.audit_refusal(caller, line(refusal.code, refusal.text), now)
             raise refusal
 
-    async def query(self, caller, text, rtype, now):
+    async def query(self, caller, text, rtype, now, most=None):
         """The records a Ph query ``text`` matches for ``caller``, in order; ServiceError 502
-        past max_results. The search yields to the loop between its bounded runs."""
+        past ``most`` (default max_results: a front end that pages may allow more). The
+        search yields to the loop between its bounded runs."""
         self.allowed("query", caller, now)
-        search = self.search(caller, self.parse(text, rtype), self.config.max_results)
+        search = self.search(caller, self.parse(text, rtype), most or self.config.max_results)
         while not search.run():
             await asyncio.sleep(0)
         if search.too_many:
@@ -5266,6 +5267,7 @@ class DirectoryService:
         {matched, changed, records as they end up}."""
         self.allowed("change", caller, now)
         self.check_writable()
+        make = self.settable(make)
         ids = self.select_for_write(caller, self.parse(text, rtype), limit)
         if not ids:
             raise ServiceError(501, "No matches to specification.")
@@ -5279,6 +5281,22 @@ class DirectoryService:
         changed = dict(ops)
         return {"matched": len(ids), "changed": len(ops),
                 "records": [changed.get(rid) or self.store.planned(rid) for rid in ids]}
+
+    def settable(self, make):
+        """``make`` by the fields' own names; ServiceError 599 with a 507 or 505 line for
+        each name that is no field or one a change may not set (as Ph's change refuses)."""
+        out, refusals = {}, []
+        for name, values in make.items():
+            field = self.schema.field(name)
+            if field is None:
+                refusals.append((507, f"{printable(name, 40)}:unknown field."))
+            elif field.server or field.name == "type":
+                refusals.append((505, f"{field.name}:you may not change this field."))
+            else:
+                out.setdefault(field.name, []).extend(values)
+        if refusals:
+            raise ServiceError(599, "Did not understand change command.", refusals)
+        return out
 
     async def delete(self, caller, text, rtype, now, expected, dry_run=False):
         """Delete what ``text`` selects, only when that is exactly ``expected`` records:
@@ -8973,6 +8991,7 @@ MCP_META = "io.modelcontextprotocol/"
 MCP_MAX_BODY = 1 << 20              # bytes one JSON-RPC message may take
 MCP_PAGE = 50                       # records a search returns by default
 MCP_MAX_PAGE = 200                  # and at most: brief records stay far under 25k tokens
+MCP_MAX_MATCHES = 100_000           # records one search may match: it pages, so past max_results
 MCP_TEXT_LIMIT = 8000               # characters of the text rendering beside the JSON
 MCP_BRIEF = {PERSON: ("alias", "name", "email", "phone", "title", "department"),
              MACHINE: ("hostname", "ip", "role", "status", "os", "owner", "location")}
@@ -9024,8 +9043,11 @@ class McpTool:
 
 def mcp_check(schema, value, where="arguments"):
     """None when ``value`` fits ``schema`` (a JSON Schema subset), else why not."""
+    if "anyOf" in schema:
+        return mcp_check_any(schema["anyOf"], value, where)
     kind = schema.get("type")
-    checks = {"object": dict, "array": list, "string": str, "boolean": bool}
+    checks = {"object": dict, "array": list, "string": str, "boolean": bool,
+              "null": type(None)}
     if kind == "integer":
         if type(value) is not int:
             return f"{where} must be an integer"
@@ -9047,6 +9069,17 @@ def mcp_check(schema, value, where="arguments"):
     if kind == "object":
         return mcp_check_object(schema, value, where)
     return None
+
+
+def mcp_check_any(choices, value, where):
+    """mcp_check for anyOf: None when one of ``choices`` fits, else what each wants."""
+    problems = [mcp_check(choice, value, where) for choice in choices]
+    if None in problems:
+        return None
+    kinds = [choice.get("type", "?") for choice in choices]
+    fitting = [p for p, choice in zip(problems, choices) if choice.get("type") == (
+        "array" if type(value) is list else "string" if type(value) is str else None)]
+    return fitting[0] if fitting else f"{where} must be one of: {', '.join(kinds)}"
 
 
 def mcp_check_object(schema, value, where):
@@ -9133,7 +9166,7 @@ async def tool_search(service, args, caller, now):
     if not query.strip():
         raise ToolError("say what to search for: words, or field=value terms")
     limit = args.get("limit", MCP_PAGE)
-    records = await service.query(caller, query, rtype, now)
+    records = await service.query(caller, query, rtype, now, most=MCP_MAX_MATCHES)
     page = records[offset:offset + limit]
     fields = None if args.get("fields", "brief") == "brief" else "all"
     shown = [r if fields else mcp_brief(r, None) for r in page]
@@ -9262,8 +9295,8 @@ def mcp_tools(schema):
 class McpServer:
     """The MCP method table over a directory service (local or remote) and a caller."""
 
-    def __init__(self, service, schema, version=__version__):
-        self.service = service
+    def __init__(self, service, schema, log, version=__version__):
+        self.service, self.log = service, log
         self.tools = {tool.name: tool for tool in mcp_tools(schema)}
         self.server_info = {"name": "pharos", "version": version}
 
@@ -9290,6 +9323,9 @@ class McpServer:
             result = await self.dispatch(message["method"], params, caller, now, modern)
         except McpError as e:
             return (e.status if modern else 200), mcp_error_reply(ident, e)
+        except Exception as e:      # a bug must cost one request, not the stdio session
+            self.log(f"mcp: {printable(str(message['method']), 64)}: {type(e).__name__}: {e}")
+            return (500 if modern else 200), mcp_error_reply(ident, McpError(-32603, "internal error"))
         if modern:
             result = dict(result, resultType="complete")
             result.setdefault("_meta", {})[MCP_META + "serverInfo"] = self.server_info
@@ -9395,9 +9431,21 @@ class McpHttp:
     writes need one, in enterprise every request needs one. No sessions are kept.
     """
 
-    def __init__(self, mcp, bridge, tokens, tier, hosts, origins, log):
-        self.mcp, self.bridge, self.tokens, self.tier = mcp, bridge, tokens, tier
-        self.hosts, self.origins, self.log = hosts, origins, log
+    def __init__(self, mcp, bridge, tokens, config, log):
+        self.mcp, self.bridge, self.tokens, self.tier = mcp, bridge, tokens, config.tier
+        self.config, self.log = config, log
+        self.bound, self.hosts, self.origins = None, set(), set()
+
+    def names(self):
+        """(Hosts, Origins) /mcp answers to, from the address the listener is bound to:
+        config.http names port 0 until the listener has one, so they are made late."""
+        bound = self.config.http
+        if bound != self.bound:
+            hosts = mcp_hosts(*bound)
+            self.origins = mcp_origins(hosts, self.config.mcp_origins)
+            self.hosts = hosts | mcp_origin_hosts(self.config.mcp_origins, bound[1])
+            self.bound = bound
+        return self.hosts, self.origins
 
     def post(self, request, now):
         """The answer to one POST /mcp."""
@@ -9423,11 +9471,12 @@ class McpHttp:
 
     def transport_refusal(self, headers):
         """403/421/415 for a request from a place or in a shape /mcp does not take."""
+        hosts, origins = self.names()
         host = headers.get("host", "").lower()
-        if host not in self.hosts:
+        if host not in hosts:
             return 421, "text/plain", b"this server does not answer for that Host\n"
         origin = headers.get("origin")
-        if origin is not None and origin.lower() not in self.origins:
+        if origin is not None and origin.lower() not in origins:
             return mcp_http_error(403, None, McpError(-32600, "Origin not allowed"))
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
@@ -9493,6 +9542,17 @@ def mcp_origins(hosts, extra):
     return own | {origin.lower().rstrip("/") for origin in extra}
 
 
+def mcp_origin_hosts(origins, port):
+    """The Host values --mcp-origin names: a server that agents reach as
+    https://ph.example.org is asked for Host ph.example.org (with or without the port)."""
+    hosts = set()
+    for origin in origins:
+        netloc = origin.lower().rstrip("/").partition("://")[2]
+        has_port = ":" in netloc.rpartition("]")[2]
+        hosts |= {netloc} if has_port else {netloc, f"{netloc}:{port}"}
+    return hosts
+
+
 def mcp_routes(app, mcp_http):
     """POST /mcp on ``app``; GET and DELETE get 405 (no streams, no sessions)."""
     app.route("POST", "/mcp", guarded(mcp_http.post))
@@ -9534,8 +9594,9 @@ class RemoteService:
     def __init__(self, client):
         self.client = client
 
-    async def query(self, caller, text, rtype, now):
-        """Records matching ``text`` (all fields, with sources)."""
+    async def query(self, caller, text, rtype, now, most=None):
+        """Records matching ``text`` (all fields, with sources); the server's max_results
+        holds whatever ``most`` asks, as Ph has no paging."""
         narrowed = f"{text} type={rtype}" if rtype else text
         return [mcp_remote_record(r) for r in
                 await self.ask(self.client.query(f"{narrowed} return all sources"))]
@@ -9575,6 +9636,22 @@ class RemoteService:
             await self.ask(self.client.write(f"change {narrowed} make {sets}"))
             after = await self.query(caller, text, rtype, now) or after
         return {"matched": len(before), "changed": len(before), "records": after}
+
+    def settable(self, make):
+        """``make`` by the fields' own names; ServiceError 599 with a 507 or 505 line for
+        each name that is no field or one a change may not set (as Ph's change refuses)."""
+        out, refusals = {}, []
+        for name, values in make.items():
+            field = self.schema.field(name)
+            if field is None:
+                refusals.append((507, f"{printable(name, 40)}:unknown field."))
+            elif field.server or field.name == "type":
+                refusals.append((505, f"{field.name}:you may not change this field."))
+            else:
+                out.setdefault(field.name, []).extend(values)
+        if refusals:
+            raise ServiceError(599, "Did not understand change command.", refusals)
+        return out
 
     async def delete(self, caller, text, rtype, now, expected, dry_run=False):
         """Delete what ``text`` selects, only when that is exactly ``expected`` records."""
@@ -9630,11 +9707,8 @@ def http_app(server, store, tokens, config, loop, log):
     app, bridge = HttpApp(), LoopBridge(loop)
     metrics_routes(app, bridge, server, store)
     if config.mcp:
-        host, port = config.http
-        hosts = mcp_hosts(host, port)
-        mcp = McpServer(server.service, store.schema)
-        mcp_routes(app, McpHttp(mcp, bridge, tokens, config.tier, hosts,
-                                mcp_origins(hosts, config.mcp_origins), log))
+        mcp = McpServer(server.service, store.schema, log)
+        mcp_routes(app, McpHttp(mcp, bridge, tokens, config, log))
     return app
 
 
@@ -10667,7 +10741,8 @@ def build_parser():
     serve_p.add_argument("--mcp", choices=("on", "off"), default="on",
                          help="serve MCP for AI agents at /mcp on the HTTP listener (default on)")
     serve_p.add_argument("--mcp-origin", action="append", metavar="ORIGIN",
-                         help="a browser Origin /mcp accepts besides its own (repeatable)")
+                         help="a browser Origin /mcp accepts besides its own, and the host "
+                              "name in it as a Host (repeatable)")
     serve_p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS)
     serve_p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
                          metavar="SECONDS")
@@ -10902,9 +10977,9 @@ async def run_mcp_stdio(args, host, port):
         try:
             schema = await client.load_schema()
         except PhError as e:
-            log_to_stderr(f"pharos mcp: {e.text}; the tools will say so until it answers")
+            log_to_stderr(f"mcp: {e.text}; the tools will say so until it answers")
             schema = Schema()
-        mcp = McpServer(RemoteService(client), schema)
+        mcp = McpServer(RemoteService(client), schema, log_to_stderr)
         loop = asyncio.get_running_loop()
 
         def send(data):
