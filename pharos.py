@@ -9676,22 +9676,6 @@ class RemoteService:
             after = await self.query(caller, text, rtype, now) or after
         return {"matched": len(before), "changed": len(before), "records": after}
 
-    def settable(self, make):
-        """``make`` by the fields' own names; ServiceError 599 with a 507 or 505 line for
-        each name that is no field or one a change may not set (as Ph's change refuses)."""
-        out, refusals = {}, []
-        for name, values in make.items():
-            field = self.schema.field(name)
-            if field is None:
-                refusals.append((507, f"{printable(name, 40)}:unknown field."))
-            elif field.server or field.name == "type":
-                refusals.append((505, f"{field.name}:you may not change this field."))
-            else:
-                out.setdefault(field.name, []).extend(values)
-        if refusals:
-            raise ServiceError(599, "Did not understand change command.", refusals)
-        return out
-
     async def delete(self, caller, text, rtype, now, expected, dry_run=False):
         """Delete what ``text`` selects, only when that is exactly ``expected`` records."""
         found = await self.query(caller, text, rtype, now)
