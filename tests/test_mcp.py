@@ -549,3 +549,25 @@ def test_a_name_given_with_mcp_origin_is_answered_as_a_host(tmp_path):
         assert mcp.post(rpc("tools/list"), Host=f"other.example.test:{port}")[0] == 421
     finally:
         mcp.server.kill()
+
+
+def test_stdio_in_enterprise_logs_in_for_reads_and_keeps_to_the_keys_tenant(tmp_path):
+    sdk()
+    need(shutil.which("ssh-keygen"), "ssh-keygen")
+    key = tmp_path / "id_alice"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pub = key.with_suffix(".pub").read_text().split()
+    mcp = start(tmp_path, "enterprise", [("wb", "writer", "b")],
+                keys=f'alice role="writer",tenant="a" {pub[0]} {pub[1]}\n')
+    try:
+        mcp.result("add_machine", {"hostname": "tb-1"}, "wb")
+        calls = [("add_machine", {"hostname": "ta-1"}), ("search", {"query": "hostname=t*"}),
+                 ("stats", {}), ("delete", {"selection": "hostname=tb-1", "expected_count": 1})]
+        _, _, _, results = run_sdk(stdio_params(mcp.server, key, tmp_path), calls, "legacy")
+        added, found, stats, refused = results
+        assert added["isError"] is False, added
+        assert [r["hostname"] for r in found["structuredContent"]["records"]] == ["ta-1"]
+        assert stats["structuredContent"]["machines"] == 1
+        assert refused["isError"] is True
+    finally:
+        mcp.server.kill()
