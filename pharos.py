@@ -1320,6 +1320,7 @@ class Search:
         self.hits, self.too_many, self.done = [], False, False
         self.driver, self.seen, self.resumed = None, None, False
         self.source = self.plan() if self.types and selection.terms else iter(())
+        self.rest = [t for t in self.terms if t is not self.driver]   # checked per candidate
 
     def postings(self, term):
         """(postings, typed) of an exact term (None: the type postings): where its hits
@@ -1385,7 +1386,7 @@ class Search:
                 if limit is not None and len(hits) > limit:
                     self.too_many, self.done, self.source = True, True, iter(())
                     return True
-        self.resumed = True
+        self.resumed, self.rest = True, self.terms    # postings may change before the next run
         self.done = n < steps
         return self.done
 
@@ -1402,8 +1403,11 @@ class Search:
             seen.add(rid)
         if self.tenant is not None and record.get("tenant", "") != self.tenant:
             return False
-        term_holds, driver = self.directory.term_holds, None if self.resumed else self.driver
-        return all(term_holds(t, rid, record) for t in self.terms if t is not driver)
+        rest = self.rest
+        if not rest:
+            return True
+        term_holds = self.directory.term_holds
+        return all(term_holds(t, rid, record) for t in rest)
 
     def complete(self):
         """Run to the end in one go (offline work, and writes planned on the pending state);
@@ -7770,6 +7774,7 @@ class PhSession(PhAuthVerbs):
         self.user = None
         self.raw_args = self.request = ""
         self.now = 0.0                          # the wall clock when the request came in
+        self.held_caller = None                 # caller() of the current request
         self.audited = False
         self.verbs = {
             "query": self.ph_query, "ph": self.ph_query, "fields": self.ph_fields,
@@ -7845,8 +7850,13 @@ class PhSession(PhAuthVerbs):
             self.set_identity(fresh)
 
     def caller(self):
-        """This session's user, peer and current request, as the service takes them."""
-        return Caller(self.user, self.peer[0] if self.peer else None, self.request)
+        """This session's user, peer and current request, as the service takes them (made
+        once per request and identity)."""
+        held = self.held_caller
+        if held is None or held.user is not self.user or held.request is not self.request:
+            held = self.held_caller = Caller(self.user, self.peer[0] if self.peer else None,
+                                             self.request)
+        return held
 
     # -- reads ---------------------------------------------------------------
 
