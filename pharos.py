@@ -7544,20 +7544,31 @@ def merge_mdns(found, entries, pairs):
             continue
         host = next((h for h in found if any(ip in h["ip"] for ip in ips)), None)
         if host is None:
-            host = {"address": ips[0], "ip": [], "name": None, "mac": None, "services": []}
+            host = {"address": ips[0], "ip": [ips[0]], "name": None, "mac": None, "services": []}
             found.append(host)
             primary.add(ips[0])
         mdns_merge_host(host, entry, [ip for ip in ips if ip not in primary or ip in host["ip"]])
     return found
 
 
+def mdns_merge_service(services, service):
+    """Add an mDNS PORT/name to a finding's services, sorted by port: a banner of the same
+    port wins, unless the probe could only say PORT/tcp."""
+    port = service.split("/")[0] + "/"
+    same = [i for i, value in enumerate(services) if value.startswith(port)]
+    if not same:
+        services.append(service)
+        services.sort(key=lambda value: int(value.split("/")[0]))
+    elif services[same[0]] == port + "tcp":
+        services[same[0]] = service
+
+
 def mdns_merge_host(host, entry, ips):
     """Merge one mdns_entry into one finding; what the probes and the targets said wins."""
     host["ip"] += [ip for ip in ips if ip not in host["ip"]]
     host["name"] = host["name"] or entry["name"]
-    port = entry["service"] and entry["service"].split("/")[0] + "/"
-    if port and not any(s.startswith(port) for s in host["services"]):
-        host["services"].append(entry["service"])
+    if entry["service"]:
+        mdns_merge_service(host["services"], entry["service"])
     for field in ("model", "vendor"):
         host[field] = host.get(field) or entry[field]
 
