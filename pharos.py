@@ -7513,9 +7513,12 @@ def mdns_resolve(zeroconf, zc, services, deadline):
     """mdns_entry of each (type, name): from the cache, else asked for until ``deadline``."""
     entries = []
     for service_type, name in services:
-        info = zeroconf.ServiceInfo(service_type, name)
         left = int((deadline - time.monotonic()) * 1000)
-        if not info.load_from_cache(zc) and (left <= 0 or not info.request(zc, left)):
+        try:
+            info = zeroconf.ServiceInfo(service_type, name)
+            if not info.load_from_cache(zc) and (left <= 0 or not info.request(zc, left)):
+                continue
+        except zeroconf.Error:      # a name zeroconf refuses: that service alone is left out
             continue
         entry = mdns_entry(service_type, info.server, info.parsed_addresses(), info.port,
                            info.properties)

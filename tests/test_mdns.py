@@ -242,3 +242,12 @@ def test_mdns_seconds_has_a_limit():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and not done.stdout
     assert done.stderr == "pharos: scan: --mdns-seconds 61 is more than 60\n"
+
+
+def test_a_failed_browse_is_one_note_and_no_entries():
+    need(HAVE_ZEROCONF, "zeroconf (pip install zeroconf)")
+    from concurrent.futures import Future
+    heard, notes = Future(), []
+    heard.set_exception(OSError(19, "No such device\x1b[2J"))
+    assert pharos.mdns_heard(heard, zeroconf, notes.append) == []
+    assert notes == ["mDNS browsing failed: [Errno 19] No such device [2J"]
