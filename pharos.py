@@ -6860,7 +6860,7 @@ MDNS_TYPES = tuple(f"_{name}._tcp.local." for name in (
     "hap", "device-info"))
 MDNS_ENUMERATE = "_services._dns-sd._udp.local."
 MDNS_SECONDS = 3.0              # default browse time of a scan
-MDNS_MAX_SECONDS = 60.0
+MDNS_MAX_SECONDS = 60.0          # the longest --mdns-seconds
 MDNS_RESOLVE = 1.0              # seconds after browsing to ask for what the cache lacks
 MDNS_MAX_TYPES = 64             # service types browsed at most, listed and enumerated
 MDNS_MAX_SERVICES = 1024        # service instances kept at most
