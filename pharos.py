@@ -6858,6 +6858,22 @@ TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
 OUI_LINE_RE = re.compile(r"\s*([0-9A-Fa-f]{2}(?:[-:]?[0-9A-Fa-f]{2}){2}[0-9A-Fa-f]{0,6})\s+"
                          r"(?:\((?:hex|base 16)\)\s+)?(\S.*)")
 MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
+# The service types home labs announce; more come from the DNS-SD enumeration.
+MDNS_TYPES = tuple(f"_{name}._tcp.local." for name in (
+    "ssh", "http", "https", "workstation", "smb", "ipp", "printer", "googlecast", "airplay",
+    "hap", "device-info"))
+MDNS_ENUMERATE = "_services._dns-sd._udp.local."
+MDNS_SECONDS = 3.0              # default browse time of a scan
+MDNS_MAX_SECONDS = 60.0          # the longest --mdns-seconds
+MDNS_RESOLVE = 1.0              # seconds after browsing to ask for what the cache lacks
+MDNS_MAX_TYPES = 64             # service types browsed at most, listed and enumerated
+MDNS_MAX_SERVICES = 1024        # service instances kept at most
+MDNS_MAX_ADDRESSES = 16         # addresses kept of one service
+MDNS_NAME = 63                  # characters of a host name kept (one DNS label)
+MDNS_MODEL_KEYS = (b"md", b"model", b"ty")
+MDNS_VENDOR_KEYS = (b"manufacturer", b"vendor")
+# RFC 6335 service names: letters, digits and hyphens, 15 at most.
+MDNS_TYPE_RE = re.compile(r"_([A-Za-z0-9-]{1,15})\._(?:tcp|udp)\.local\.\Z")
 
 
 # -- targets and ports -----------------------------------------------------------
@@ -7410,6 +7426,160 @@ def resolve_names(addresses, timeout):
     return dict(names)
 
 
+# -- mDNS ------------------------------------------------------------------------
+
+def mdns_host_name(server):
+    """The host name of an SRV target (testnas from testnas.local.), cleaned; None if bad."""
+    text = clean_text(server or "", 253).rstrip(".")
+    text = text[:-len(".local")] if text.lower().endswith(".local") else text
+    return text if text and len(text) <= MDNS_NAME and HOSTNAME_RE.match(text) else None
+
+
+def mdns_txt(properties, keys):
+    """The first of ``keys`` that the TXT ``properties`` hold a value for, cleaned."""
+    for key in keys:
+        value = properties.get(key)
+        if isinstance(value, bytes) and clean_text(value, 64):
+            return clean_text(value, 64)
+    return None
+
+
+def mdns_entry(service_type, server, addresses, port, properties):
+    """What one resolved mDNS service says of its machine: name, ip, service, model, vendor."""
+    match = MDNS_TYPE_RE.match(service_type)
+    ips = []
+    for text in list(addresses)[:MDNS_MAX_ADDRESSES]:
+        with contextlib.suppress(ValueError):
+            ips.append(str(ipaddress.ip_address(str(text).split("%")[0])))
+    if not match or not ips:
+        return None
+    service = f"{port}/{match.group(1).lower()}" if isinstance(port, int) and port > 0 else None
+    return {"name": mdns_host_name(server), "ip": list(dict.fromkeys(ips)), "service": service,
+            "model": mdns_txt(properties or {}, MDNS_MODEL_KEYS),
+            "vendor": mdns_txt(properties or {}, MDNS_VENDOR_KEYS)}
+
+
+class MdnsListener:
+    """Collects the (type, name) of services zeroconf's browsers see, within the caps;
+    the enumeration's answers are service types to browse too."""
+
+    def __init__(self, zeroconf):
+        import threading
+        self.zeroconf, self.lock = zeroconf, threading.Lock()
+        self.services, self.types, self.new_types = {}, set(MDNS_TYPES), []
+        self.changed = threading.Event()
+
+    def on_change(self, zeroconf, service_type, name, state_change):
+        """A browser's handler: note a service added or updated, or a new service type."""
+        if state_change is self.zeroconf.ServiceStateChange.Removed:
+            return
+        with self.lock:
+            if service_type != MDNS_ENUMERATE:
+                if len(self.services) < MDNS_MAX_SERVICES:
+                    self.services[(service_type, name)] = True
+            elif MDNS_TYPE_RE.match(name) and name not in self.types:
+                if len(self.types) < MDNS_MAX_TYPES:
+                    self.types.add(name)
+                    self.new_types.append(name)
+                    self.changed.set()
+
+    def take_new_types(self):
+        """The service types enumerated since the last call."""
+        with self.lock:
+            self.changed.clear()
+            types, self.new_types = self.new_types, []
+            return types
+
+
+def browse_mdns(zeroconf, seconds):
+    """mdns_entry of every service heard within ``seconds`` (zeroconf is the module)."""
+    listener = MdnsListener(zeroconf)
+    zc = zeroconf.Zeroconf()
+    try:
+        browsers = [zeroconf.ServiceBrowser(zc, list(MDNS_TYPES) + [MDNS_ENUMERATE],
+                                            handlers=[listener.on_change])]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            listener.changed.wait(max(0.0, deadline - time.monotonic()))
+            types = listener.take_new_types()
+            if types:
+                browsers.append(zeroconf.ServiceBrowser(zc, types, handlers=[listener.on_change]))
+        for browser in browsers:
+            browser.cancel()
+        with listener.lock:
+            services = list(listener.services)
+        return mdns_resolve(zeroconf, zc, services, time.monotonic() + MDNS_RESOLVE)
+    finally:
+        zc.close()
+
+
+def mdns_resolve(zeroconf, zc, services, deadline):
+    """mdns_entry of each (type, name): from the cache, else asked for until ``deadline``."""
+    entries = []
+    for service_type, name in services:
+        left = int((deadline - time.monotonic()) * 1000)
+        try:
+            info = zeroconf.ServiceInfo(service_type, name)
+            if not info.load_from_cache(zc) and (left <= 0 or not info.request(zc, left)):
+                continue
+        except zeroconf.Error:      # a name zeroconf refuses: that service alone is left out
+            continue
+        entry = mdns_entry(service_type, info.server, info.parsed_addresses(), info.port,
+                           info.properties)
+        if entry:
+            entries.append(entry)
+    return entries
+
+
+def mdns_heard(heard, zeroconf, note):
+    """The entries a browse found; none, and a note, when it failed (no multicast, say)."""
+    try:
+        return heard.result()
+    except (OSError, zeroconf.Error) as e:
+        note(f"mDNS browsing failed: {clean_text(str(e)) or type(e).__name__}")
+        return []
+
+
+def merge_mdns(found, entries, pairs):
+    """Add what mDNS said to the findings: names, addresses, services, model and vendor of
+    the machines inside the targets, a new finding for each machine the probes missed."""
+    inside = {str(address) for address, _ in pairs}
+    primary = {host["address"] for host in found}
+    for entry in entries:
+        ips = [ip for ip in entry["ip"] if ip in inside]
+        if not ips:
+            continue
+        host = next((h for h in found if any(ip in h["ip"] for ip in ips)), None)
+        if host is None:
+            host = {"address": ips[0], "ip": [ips[0]], "name": None, "mac": None, "services": []}
+            found.append(host)
+            primary.add(ips[0])
+        mdns_merge_host(host, entry, [ip for ip in ips if ip not in primary or ip in host["ip"]])
+    return found
+
+
+def mdns_merge_service(services, service):
+    """Add an mDNS PORT/name to a finding's services, sorted by port: a banner of the same
+    port wins, unless the probe could only say PORT/tcp."""
+    port = service.split("/")[0] + "/"
+    same = [i for i, value in enumerate(services) if value.startswith(port)]
+    if not same:
+        services.append(service)
+        services.sort(key=lambda value: int(value.split("/")[0]))
+    elif services[same[0]] == port + "tcp":
+        services[same[0]] = service
+
+
+def mdns_merge_host(host, entry, ips):
+    """Merge one mdns_entry into one finding; what the probes and the targets said wins."""
+    host["ip"] += [ip for ip in ips if ip not in host["ip"]]
+    host["name"] = host["name"] or entry["name"]
+    if entry["service"]:
+        mdns_merge_service(host["services"], entry["service"])
+    for field in ("model", "vendor"):
+        host[field] = host.get(field) or entry[field]
+
+
 # -- one scan, start to end --------------------------------------------------------
 
 def scan_hosts(pairs, opened, banners, neighbours):
@@ -7441,8 +7611,9 @@ def scan_records(found):
                   "ip": host["ip"]}
         if host["mac"]:
             record["mac"] = [host["mac"]]
-        if host.get("vendor"):
-            record["vendor"] = host["vendor"]
+        for field in ("vendor", "model"):
+            if host.get(field):
+                record[field] = host[field]
         if host["services"]:
             record["services"] = host["services"]
         if host["mac"] and is_random_mac(host["mac"]):
@@ -7451,17 +7622,24 @@ def scan_records(found):
     return records
 
 
-def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=True):
-    """Probe, read banners, then the neighbour table, vendors and names: the findings."""
-    opened = ProbeEngine(concurrency, timeout, advance).run(
-        probe_list([address for address, _ in pairs], ports))
-    banners = read_banners(opened, timeout) if opened else {}
-    found = scan_hosts(pairs, opened, banners, read_neighbours() if arp else [])
+def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=True,
+             mdns=None, note=lambda text: None):
+    """Probe (browsing mDNS meanwhile when ``mdns`` is (the zeroconf module, seconds)), read
+    banners, then the neighbour table, vendors and names: the findings; ``note`` is told
+    when browsing fails."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        heard = pool.submit(browse_mdns, *mdns) if mdns else None
+        opened = ProbeEngine(concurrency, timeout, advance).run(
+            probe_list([address for address, _ in pairs], ports))
+        banners = read_banners(opened, timeout) if opened else {}
+        found = scan_hosts(pairs, opened, banners, read_neighbours() if arp else [])
+        merge_mdns(found, mdns_heard(heard, mdns[0], note) if heard else [], pairs)
     vendors = read_oui_vendors({host["mac"] for host in found if host["mac"]})
     unnamed = [host["address"] for host in found if not host["name"]]
     names = resolve_names(unnamed, timeout) if rdns and unnamed else {}
     for host in found:
-        host["vendor"] = vendors.get(host["mac"])
+        host["vendor"] = vendors.get(host["mac"]) or host.get("vendor")
         host["name"] = host["name"] or names.get(host["address"])
     return found
 
@@ -10881,6 +11059,8 @@ def add_scan_parser(commands):
                    help=f"for each probe and banner read (default {SCAN_TIMEOUT:g})")
     p.add_argument("-n", dest="no_dns", action="store_true", help="no reverse DNS")
     p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS")
+    p.add_argument("--mdns-seconds", type=positive_float, default=MDNS_SECONDS,
+                   metavar="SECONDS", help=f"how long to browse mDNS (default {MDNS_SECONDS:g})")
     p.add_argument("--no-arp", action="store_true", help="do not read the neighbour table")
     p.add_argument("--force", action="store_true",
                    help="allow more than a /16 (up to a /8)")
@@ -11179,7 +11359,7 @@ def print_key_table(rows):
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
 
 
-SCAN_COLUMNS = ("hostname", "ip", "mac", "vendor", "services")
+SCAN_COLUMNS = ("hostname", "ip", "mac", "vendor", "model", "services")
 
 
 def cmd_scan(args):
@@ -11189,11 +11369,13 @@ def cmd_scan(args):
     targets = parse_targets(args.targets, args.force) if args.targets else None
     host, port = server_address(args)
     pairs = resolve_targets(targets or local_targets(args.force))
-    scan_mdns_note(args.no_mdns)
+    zeroconf = scan_zeroconf(args)
     bar = ProgressBar("probes")
     bar.total = len(pairs) * len(ports)
     found = run_scan(pairs, ports, scan_concurrency(args.concurrency), args.timeout,
-                     bar.advance, arp=not args.no_arp, rdns=not args.no_dns)
+                     bar.advance, arp=not args.no_arp, rdns=not args.no_dns,
+                     mdns=zeroconf and (zeroconf, args.mdns_seconds),
+                     note=lambda text: log_to_stderr(f"scan: {text}"))
     bar.finish()
     records, mode = scan_records(found), output_mode(args)
     if mode != "human":
@@ -11276,15 +11458,19 @@ def local_targets(force):
     return parse_targets([str(net) for _, net in networks], force)
 
 
-def scan_mdns_note(off):
-    """One line on stderr about mDNS, unless --no-mdns."""
-    if off:
-        return
+def scan_zeroconf(args):
+    """The zeroconf module to browse mDNS with; None with --no-mdns, or when it is not
+    installed (said in one line on stderr)."""
+    if args.mdns_seconds > MDNS_MAX_SECONDS:
+        raise UsageError(f"scan: --mdns-seconds {args.mdns_seconds:g} is more than "
+                         f"{MDNS_MAX_SECONDS:g}")
+    if args.no_mdns:
+        return None
     try:
-        optional_import("zeroconf")
-        log_to_stderr("scan: mDNS browsing is not in this version yet")
+        return optional_import("zeroconf")
     except UsageError:
         log_to_stderr("scan: mDNS skipped (pip install zeroconf adds it)")
+        return None
 
 
 def scan_concurrency(wanted):
