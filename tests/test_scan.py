@@ -339,15 +339,3 @@ def test_bad_scan_arguments_exit_2_with_one_line(args, message):
     code, out, err = scan(*args, "--dry-run")
     assert code == 2 and not out
     assert len(err.splitlines()) == 1 and err.startswith(message), err
-
-
-def test_mdns_note_without_zeroconf():
-    try:
-        import zeroconf  # noqa: F401
-        pytest.skip("zeroconf is installed")
-    except ImportError:
-        pass
-    done = subprocess.run([sys.executable, str(PHAROS), "scan", "127.77.1.1", "--ports", "1",
-                           "-n", "--dry-run", "--json"], capture_output=True, text=True)
-    assert done.returncode == 1
-    assert done.stderr == "pharos: scan: mDNS skipped (pip install zeroconf adds it)\n"
