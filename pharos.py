@@ -1319,6 +1319,7 @@ class Search:
         self.terms = [t for t in selection.terms if t.field is None or t.field.name != "type"]
         self.hits, self.too_many, self.done = [], False, False
         self.driver, self.seen, self.resumed = None, None, False
+        self.plain = None               # a lone exact term's postings: the plain lookup
         self.source = self.plan() if self.types and selection.terms else iter(())
         self.rest = [t for t in self.terms if t is not self.driver]   # checked per candidate
 
@@ -1344,6 +1345,8 @@ class Search:
             if self.limit is not None and sure > self.limit:
                 self.too_many, self.done = True, True
                 return iter(())
+            if len(self.terms) == 1 and len(exact) == 1:
+                self.plain = (postings, sum(sizes))
             if len(postings) > 1:
                 self.seen = set()
             return posting_ids(postings)
@@ -1380,6 +1383,8 @@ class Search:
         many wildcard terms stays short); True once the search is over."""
         hits, limit, holds, n = self.hits, self.limit, self.holds, 0
         steps = max(1, steps // max(1, len(self.terms)))
+        if self.plain is not None and not self.resumed and self.plain[1] <= steps:
+            return self.lookup(self.plain[0])
         for n, rid in enumerate(itertools.islice(self.source, steps), 1):
             if rid is not None and holds(rid):
                 hits.append(rid)
@@ -1389,6 +1394,26 @@ class Search:
         self.resumed, self.rest = True, self.terms    # postings may change before the next run
         self.done = n < steps
         return self.done
+
+    def lookup(self, postings):
+        """The plain lookup (one exact term whose postings fit in this run) in one go: its
+        ids of the types searched and in the tenant, as holds() would pass them."""
+        if len(postings) == 1:
+            ids = postings[0]
+            ids = () if ids is None else (ids,) if type(ids) is int else ids
+        else:
+            ids = set().union(*(as_set(p) for p in postings if p is not None))
+        records, types, tenant = self.directory.records, self.types, self.tenant
+        hits = []
+        for rid in ids:
+            record = records.get(rid)
+            if record is not None and record["type"] in types and (
+                    tenant is None or record.get("tenant", "") == tenant):
+                hits.append(rid)
+        if self.limit is not None and len(hits) > self.limit:
+            self.too_many, hits = True, []
+        self.hits, self.done, self.source = hits, True, iter(())
+        return True
 
     def holds(self, rid):
         """Whether candidate ``rid`` is a hit: there, of a type searched, in the tenant,
