@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from conftest import PHAROS, ServerProcess, need
+from test_scan import Listener as ScanListener
 
 sys.path.insert(0, str(PHAROS.parent))
 import pharos  # noqa: E402
@@ -209,32 +209,9 @@ def test_merge_finds_machines_in_the_callers_tenant_only(tmp_path, keys):
 
 # -- pharos scan through merge -----------------------------------------------------------
 
-class Listener:
+def Listener(address, port, greeting):
     """A TCP listener on 127.79.0.x that greets each connection with ``greeting``."""
-
-    def __init__(self, address, port, greeting):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, port))
-        self.sock.listen(16)
-        self.greeting = greeting
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.greeting)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+    return ScanListener(address, port, lambda conn: conn.sendall(greeting))
 
 
 def scan(server_at, *args, env=None):

@@ -246,6 +246,10 @@ class Listener:
                 except OSError:
                     pass
 
+    def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
 
 def ssh_greeting(conn):
     conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u1\r\n")
