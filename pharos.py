@@ -5466,10 +5466,13 @@ class DirectoryService:
 
     async def query(self, caller, text, rtype, now, most=None):
         """The records a Ph query ``text`` matches for ``caller``, in order; ServiceError 502
-        past ``most`` (default max_results: a front end that pages may allow more). The
-        search yields to the loop between its bounded runs."""
+        past ``most`` (default max_results: a front end that pages may allow more, to an
+        identified caller only; anyone else gets what a Ph query gives anyone, so an
+        anonymous client cannot make each call match the whole directory). The search
+        yields to the loop between its bounded runs."""
         self.allowed("query", caller, now)
-        search = self.search(caller, self.parse(text, rtype), most or self.config.max_results)
+        most = most if most and caller.user is not None else self.config.max_results
+        search = self.search(caller, self.parse(text, rtype), most)
         while not search.run():
             await asyncio.sleep(0)
         if search.too_many:

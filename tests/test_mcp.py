@@ -518,12 +518,16 @@ def test_a_broad_search_pages_and_each_page_stays_small(tmp_path):
     (tmp_path / "people.jsonl").write_text("".join(json.dumps(p) + "\n" for p in people))
     loaded = pharos("load", str(tmp_path / "people.jsonl"), "--data", str(data))
     assert loaded.returncode == 0, loaded.stderr
-    mcp = start(tmp_path, "lab")
+    mcp = start(tmp_path, "lab", [("r", "reader", "")])
     try:
+        # anonymous: as much as a Ph query gives anyone, so a broad one is refused
+        anonymous = mcp.result("search", {"query": "alias=p*"})
+        assert anonymous["isError"] and "Too many entries" in anonymous["content"][0]["text"]
         seen, cursor, pages = set(), None, 0
         while True:
             args = dict({"cursor": cursor} if cursor else {"query": "alias=p*"}, limit=200)
-            status, _, reply = mcp.post(rpc("tools/call", {"name": "search", "arguments": args}))
+            status, _, reply = mcp.post(rpc("tools/call", {"name": "search", "arguments": args}),
+                                        "r")
             assert status == 200 and len(json.dumps(reply)) < 100_000
             page = reply["result"]["structuredContent"]
             assert page["total"] == 3000 and len(page["records"]) <= 200
@@ -533,7 +537,7 @@ def test_a_broad_search_pages_and_each_page_stays_small(tmp_path):
                 break
         assert len(seen) == 3000 and pages == 15
         status, _, reply = mcp.post(rpc("tools/call", {"name": "search", "arguments": {
-            "query": "alias=p*", "fields": "all", "limit": 200}}))
+            "query": "alias=p*", "fields": "all", "limit": 200}}), "r")
         assert len(json.dumps(reply)) < 100_000, len(json.dumps(reply))
     finally:
         mcp.server.kill()
