@@ -5361,20 +5361,25 @@ class DirectoryService:
         return None
 
     async def stats(self, caller, now, recent=10):
-        """Counts by type and machine status, and the latest changes, in ``caller``'s tenant."""
+        """Counts by type and machine status, and the latest changes, in ``caller``'s tenant.
+
+        Every record is looked at, so the work goes a SEARCH_STEPS slice per turn of the
+        loop (over a copy of the record list: writes may come between the slices)."""
         import heapq
         self.allowed("query", caller, now)
-        tenant = self.tenant(caller)
-        records = [r for r in self.store.records()
-                   if tenant is None or r.get("tenant", "") == tenant]
-        counts = {PERSON: 0, MACHINE: 0}
-        by_status = {}
-        for record in records:
-            counts[record["type"]] += 1
-            if record["type"] == MACHINE:
-                status = record.get("status", "unknown")
-                by_status[status] = by_status.get(status, 0) + 1
-        latest = heapq.nlargest(recent, records, key=lambda r: r.get("modified", ""))
+        tenant, records = self.tenant(caller), list(self.store.records())
+        counts, by_status, latest = {PERSON: 0, MACHINE: 0}, {}, []
+        for start in range(0, len(records), SEARCH_STEPS):
+            if start:
+                await asyncio.sleep(0)
+            mine = [r for r in records[start:start + SEARCH_STEPS]
+                    if tenant is None or r.get("tenant", "") == tenant]
+            for record in mine:
+                counts[record["type"]] += 1
+                if record["type"] == MACHINE:
+                    status = record.get("status", "unknown")
+                    by_status[status] = by_status.get(status, 0) + 1
+            latest = heapq.nlargest(recent, latest + mine, key=lambda r: r.get("modified", ""))
         return {"people": counts[PERSON], "machines": counts[MACHINE], "by_status": by_status,
                 "recent": [{"type": r["type"], KEY_FIELD[r["type"]]: r[KEY_FIELD[r["type"]]],
                             "modified": r.get("modified")} for r in latest]}

@@ -141,3 +141,27 @@ def test_whole_request_methods_follow_the_tier_and_the_tenant():
         await svc.delete(b, "hostname=web", None, 0, expected=1)
         assert await svc.get(a, "machine", "web", 0) is not None
     run(story())
+
+
+def test_stats_over_a_big_directory_lets_the_loop_serve_others_meanwhile():
+    svc, me = service(), pharos.Caller()
+    for n in range(3 * pharos.SEARCH_STEPS):
+        svc.store.add_offline(pharos.new_record(svc.schema, "machine",
+                                                {"hostname": [f"h{n}"]}, n))
+
+    async def story():
+        order = []
+
+        async def other():
+            order.append("other")
+
+        async def counted():
+            result = await svc.stats(me, 0)
+            order.append("stats")
+            return result
+        result, _ = await asyncio.gather(counted(), other())
+        return result, order
+    result, order = run(story())
+    assert result["machines"] == 3 * pharos.SEARCH_STEPS
+    assert result["recent"][0]["hostname"] == f"h{3 * pharos.SEARCH_STEPS - 1}"
+    assert order == ["other", "stats"]              # stats took turns: the other ran first
