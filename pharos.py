@@ -4495,6 +4495,14 @@ LOGIN_MAX_WAIT = 60.0           # the longest any failed answer waits, however b
 LOGIN_FAIL_RATE = 5             # failed answers the whole server sends per base login delay
 LOGIN_PREFIX_V4, LOGIN_PREFIX_V6 = 24, 64
 LOGIN_MAX_PREFIXES = 10000
+LDAP_KEY_FILTER = "(sshPublicKey=*)"
+LDAP_MEMBER_ATTRS = ["member", "uniqueMember", "memberUid"]
+LDAP_KEYS_POLL = 1.0            # seconds between looks at the directory's keys and groups ...
+LDAP_KEYS_SHARE = 3             # ... and at least this many times what the last look took
+LDAP_MAX_KEY_ENTRIES = 100_000  # entries with keys read from the directory, at most
+LDAP_MAX_ENTRY_KEYS = 32        # sshPublicKey values used of one entry
+LDAP_MAX_KEY_TEXT = 16 * 1024   # characters of one sshPublicKey value
+LDAP_MAX_MEMBERS = 1_000_000    # values of each member attribute of a group
 
 
 class AuthorizedKey:
@@ -4582,8 +4590,9 @@ def parse_ssh_time(value):
     return float(calendar.timegm(fields)) if utc else time.mktime(fields)
 
 
-def parse_key_line(line, lineno=0):
+def parse_key_line(line, lineno=0, principals=None):
     """An AuthorizedKey from an allowed_signers or authorized_keys line; None for blanks.
+    With ``principals`` the line is an authorized_keys line for them (no user name field).
 
     Raises SSHFormatError naming the problem: a line is used whole or not at all.
     """
@@ -4593,10 +4602,9 @@ def parse_key_line(line, lineno=0):
     if not text.replace("\t", " ").isprintable():
         bad = next(c for c in text if c != "\t" and not c.isprintable())
         raise SSHFormatError(f"control or separator character U+{ord(bad):04X} in the line")
-    principals = None
     head_end = options_end(text)
     head = text[:head_end]
-    if head not in KEY_TYPES and not looks_like_options(head):
+    if principals is None and head not in KEY_TYPES and not looks_like_options(head):
         principals, text = head, text[head_end:].lstrip()
         if not text:
             raise SSHFormatError("no key after the user name")
@@ -4738,6 +4746,15 @@ class KeyRing:
             if entry is not None:
                 self.entries.append(entry)
                 self.by_blob.setdefault(entry.key.blob, []).append(entry)
+
+    def with_entries(self, extra):
+        """A ring of this one's entries and then ``extra`` (AuthorizedKeys from elsewhere):
+        where both admit a login, this ring's entry is the one used."""
+        ring = KeyRing()
+        ring.lines, ring.warnings, ring.entries = self.lines, self.warnings, self.entries + extra
+        for entry in ring.entries:
+            ring.by_blob.setdefault(entry.key.blob, []).append(entry)
+        return ring
 
     def recheck(self, identity, peer, now):
         """``identity`` as the key list has it now: the same, with its new rights, or None
@@ -4888,6 +4905,243 @@ class KeyFile:
         fsync_dir(os.path.dirname(self.path) or ".")
         self.stamp = self.stat()
         return self.load(text)
+
+
+def ldap_dn_key(dn):
+    """A DN as a value to compare: its RDNs, attribute names and values lower-cased."""
+    return tuple((attr, value.lower()) for attr, value in split_dn(dn))
+
+
+def ldap_group_members(attrs):
+    """(member DNs as ldap_dn_key, memberUid values) of a group entry: groupOfNames
+    member, groupOfUniqueNames uniqueMember (its optional #'...'B dropped), posixGroup
+    memberUid."""
+    dns = attrs.get("member", [])[:LDAP_MAX_MEMBERS] + [
+        re.sub(r"#'[01]*'B\Z", "", v) for v in attrs.get("uniquemember", [])[:LDAP_MAX_MEMBERS]]
+    return (frozenset(ldap_dn_key(dn) for dn in dns),
+            frozenset(attrs.get("memberuid", [])[:LDAP_MAX_MEMBERS]))
+
+
+def ldap_role(dn_key, uid, groups):
+    """The role group membership gives an entry: admin or writer when that role's group
+    lists it (by DN, or its uid by memberUid), else reader."""
+    for role in ("admin", "writer"):
+        dns, uids = groups.get(role, ((), ()))
+        if dn_key in dns or uid in uids:
+            return role
+    return "reader"
+
+
+def ldap_key_entry(uid, value, role, tenant, dn):
+    """The AuthorizedKey one sshPublicKey value (an authorized_keys line) gives ``uid``;
+    SSHFormatError unless it is a key line used whole. Role and tenant are the
+    directory's to give, so a value that names them is refused (a self-service ACL on
+    sshPublicKey must not let a person make themself admin)."""
+    if len(value) > LDAP_MAX_KEY_TEXT:
+        raise SSHFormatError(f"longer than {LDAP_MAX_KEY_TEXT} characters")
+    entry = parse_key_line(value, principals=uid)
+    if entry is None:
+        raise SSHFormatError("no key in it")
+    if "role" in entry.options or "tenant" in entry.options:
+        raise SSHFormatError("role and tenant come from the groups and the entry's place, "
+                             "not from the key")
+    comment = f"{entry.comment} ({printable(dn, 200)})".lstrip()
+    return AuthorizedKey(uid, entry.key, dict(entry.options, role=role, tenant=tenant),
+                         comment, 0, f"{uid} {value.strip()}")
+
+
+def ldap_key_entries(layout, found, groups, cache):
+    """({(dn, uid, value, role, tenant): AuthorizedKey}, complaints) of the keyed entries
+    ``found`` ([(dn, attrs)]): each sshPublicKey value a key of the entry's uid, with the
+    role ``groups`` give it and the tenant its place in the tree gives. Entries already in
+    ``cache`` (the last listing's result) are not parsed again."""
+    keys, complaints = {}, []
+    if len(found) > LDAP_MAX_KEY_ENTRIES:
+        complaints.append(f"{len(found)} entries have keys; only the first "
+                          f"{LDAP_MAX_KEY_ENTRIES} are used")
+    for dn, attrs in found[:LDAP_MAX_KEY_ENTRIES]:
+        rdns, where = split_dn(dn), printable(dn, 200)
+        uid, tenant = layout.key_value(rdns, attrs, "uid", PERSON), layout.tenant_of(rdns)
+        if uid is None or (tenant and (tenant == "*" or not TENANT_RE.match(tenant))):
+            complaints.append(f"{where}: no uid that is a valid user name, or a tenant ou "
+                              f"that is no tenant name; its keys are not used")
+            continue
+        role, values = ldap_role(ldap_dn_key(dn), uid, groups), attrs.get("sshpublickey", [])
+        if len(values) > LDAP_MAX_ENTRY_KEYS:
+            complaints.append(f"{where}: {len(values)} keys; the first "
+                              f"{LDAP_MAX_ENTRY_KEYS} are used")
+        for n, value in enumerate(values[:LDAP_MAX_ENTRY_KEYS], 1):
+            slot = (dn, uid, value, role, tenant)
+            entry = cache.get(slot)
+            if entry is None:
+                try:
+                    entry = ldap_key_entry(uid, value, role, tenant, dn)
+                except SSHFormatError as e:
+                    complaints.append(f"{where}: sshPublicKey value {n}: {e}; value skipped")
+                    continue
+            keys[slot] = entry
+    return keys, complaints
+
+
+class LdapKeyList(KeyFile):
+    """DATA/authorized_keys and the directory's sshPublicKey values as one key list
+    (``serve --ldap-keys``); where both admit a login, the authorized_keys line is used.
+
+    A one-thread executor with a connection of its own lists the entries with keys and
+    reads the admin and writer groups every LDAP_KEYS_POLL seconds (less often when a
+    listing is slow), skipping the listing while the suffix's contextCSN is unchanged;
+    the keys in use are swapped on the event loop, so a key removed or a member dropped
+    in the directory stops working within about a second, at the next request of a
+    session already logged in. While the directory is unreachable the keys last read stay
+    in use (writes are refused then anyway).
+    """
+
+    def __init__(self, path, log, store, admin_group=None, writer_group=None, fast=True):
+        super().__init__(path, log, fast)
+        self.store, self.group_dns = store, {"admin": admin_group, "writer": writer_group}
+        self.keys, self.found, self.merged = {}, [], None
+        self.complaints, self.context, self.down = set(), None, None
+        self.conn = self.executor = self.task = None
+
+    def open(self):
+        """Read the directory's keys once, before the server listens; DataError when the
+        directory cannot be read or has no sshPublicKey attribute type."""
+        store = self.store
+        try:
+            conn = store.connect(LDAP_LOAD_TIMEOUT)
+        except StoreError as e:
+            raise DataError(str(e)) from None
+        try:
+            if not self.has_lpk_schema(conn):
+                raise DataError(f"--ldap-keys: the LDAP directory {store.url} has no "
+                                f"sshPublicKey attribute type; load contrib/ldap/"
+                                f"openssh-lpk.ldif into its cn=config")
+            listed = self.listing(conn)
+        except (store.ldap3.core.exceptions.LDAPException, LdapFailure) as e:
+            raise DataError(f"--ldap-keys: cannot read keys from the LDAP directory "
+                            f"{store.url}: {store.failure_text(e)}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                conn.unbind()
+        self.take(listed)
+        self.log(f"ldap: {len(self.found)} SSH key(s) from the directory's sshPublicKey values")
+        from concurrent.futures import ThreadPoolExecutor
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pharos-ldap-keys")
+        return self
+
+    def has_lpk_schema(self, conn):
+        """Whether the directory's subschema defines the sshPublicKey attribute type."""
+        found = self.store.fetch(conn, "(objectClass=subschema)", ["attributeTypes"],
+                                 base="cn=subschema", scope="BASE")
+        return bool(found) and any("'sshpublickey'" in v.lower()
+                                   for v in found[0][1].get("attributetypes", ()))
+
+    def listing(self, conn):
+        """(keys, complaints, contextCSN) as the directory has them now, or None when its
+        contextCSN says nothing changed since the last listing. The contextCSN is read
+        first, so a change made during the listing shows at the next look."""
+        store, context = self.store, self.store.context_csn(conn)
+        if context is not None and context == self.context:
+            return None
+        found = store.fetch(conn, LDAP_KEY_FILTER, ["uid", "sshPublicKey"])
+        groups, complaints = {}, []
+        for role, dn in self.group_dns.items():
+            if dn:
+                entry = store.fetch(conn, "(objectClass=*)", LDAP_MEMBER_ATTRS, base=dn,
+                                    scope="BASE")
+                if not entry:
+                    complaints.append(f"the {role} group {printable(dn, 200)} does not exist; "
+                                      f"nobody is {role} by it")
+                groups[role] = ldap_group_members(entry[0][1] if entry else {})
+        keys, more = ldap_key_entries(store.layout, found, groups, self.keys)
+        if self.fast:
+            for slot, entry in keys.items():
+                if slot not in self.keys:
+                    entry.key.use_asyncssh()
+        return keys, complaints + more, context
+
+    def take(self, listed):
+        """On the loop: make a listing's keys the ones in use; log complaints that are new."""
+        if listed is None:
+            return
+        keys, complaints, context = listed
+        for text in complaints:
+            if text not in self.complaints:
+                self.log(f"ldap keys: {text}")
+        self.keys, self.complaints, self.context = keys, set(complaints), context
+        self.found = list(keys.values())
+
+    def current(self, now=None):
+        """The key ring in use: the file's lines first, then the directory's keys."""
+        ring, found, merged = super().current(now), self.found, self.merged
+        if merged is None or merged[0] is not ring or merged[1] is not found:
+            merged = self.merged = (ring, found, ring.with_entries(found))
+        return merged[2]
+
+    def reload(self):
+        """Read DATA/authorized_keys again (at start and on SIGHUP); at start, on the loop,
+        begin following the directory."""
+        self.attach()
+        return super().reload()
+
+    def attach(self):
+        """Start following the directory the first time the event loop calls in."""
+        if self.task is not None or self.executor is None:
+            return
+        try:
+            self.task = asyncio.get_running_loop().create_task(self.follow())
+        except RuntimeError:
+            return
+
+    async def follow(self):
+        """Look at the directory's keys and groups again and again; when it does not
+        answer, keep the keys read last and retry with backoff."""
+        loop, wait = asyncio.get_running_loop(), LDAP_KEYS_POLL
+        errors = (self.store.ldap3.core.exceptions.LDAPException, StoreError, LdapFailure,
+                  OSError)
+        try:
+            while True:
+                await asyncio.sleep(wait)
+                try:
+                    listed, took = await loop.run_in_executor(self.executor, self.poll)
+                except errors as e:
+                    self.lost(self.store.failure_text(e))
+                    wait = min(max(wait, LDAP_KEYS_POLL) * 2, LDAP_BACKOFF_MAX)
+                    continue
+                if self.down is not None:
+                    self.down = None
+                    self.log("ldap keys: the directory answers again")
+                self.take(listed)
+                wait = max(LDAP_KEYS_POLL, LDAP_KEYS_SHARE * took)
+        finally:
+            self.executor.submit(self.drop)
+            self.executor.shutdown(wait=False)
+
+    def poll(self):
+        """In the executor: (a listing or None, seconds it took), connecting first when
+        there is no connection; a failure drops the connection."""
+        started = time.monotonic()
+        try:
+            if self.conn is None:
+                self.conn = self.store.connect(self.store.timeout)
+            return self.listing(self.conn), time.monotonic() - started
+        except Exception:
+            self.drop()
+            raise
+
+    def drop(self):
+        """In the executor: unbind and forget the connection."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.unbind()
+
+    def lost(self, reason):
+        """The directory did not answer: say so once, keep the keys read last."""
+        if self.down is None:
+            self.log(f"ldap keys: cannot read the directory ({reason}); keeping the "
+                     f"{len(self.found)} key(s) read last until it answers")
+        self.down = reason
 
 
 def starting_users_keys():
@@ -10097,6 +10351,7 @@ def cmd_serve(args):
     if args.tier == "dev" and not is_loopback(host):
         raise UsageError(f"--tier dev accepts writes from anyone, so it listens on loopback "
                          f"only; {host} is not a loopback address")
+    check_ldap_keys_args(args)
     schema = build_schema(args)
     if args.storage == "memory":
         store = MemoryStore(schema)
@@ -10121,7 +10376,7 @@ def cmd_serve(args):
                           crlf=args.crlf, admin=args.admin, login_delay=args.login_delay,
                           listen=(host, port), http=http, mcp=mcp,
                           mcp_origins=tuple(args.mcp_origin or ()))
-    keys, audit = open_keys(args)
+    keys, audit = open_keys(args, store)
     if audit is not None:
         store.attach_audit(audit)
     tokens = TokenFile(os.path.join(os.path.abspath(args.data), TOKENS_FILE))
@@ -10130,8 +10385,20 @@ def cmd_serve(args):
     return EXIT_OK
 
 
-def open_keys(args):
-    """The key list and audit log of a server (none for a dev server on memory storage)."""
+def check_ldap_keys_args(args):
+    """Refuse --ldap-keys without LDAP storage, and the groups without --ldap-keys."""
+    if args.ldap_keys and args.storage in ("memory", "file"):
+        raise UsageError("--ldap-keys needs --storage ldap://HOST[:PORT]/BASE-DN: the keys "
+                         "come from that directory")
+    for name in ("admin", "writer"):
+        if getattr(args, f"ldap_{name}_group") and not args.ldap_keys:
+            raise UsageError(f"--ldap-{name}-group needs --ldap-keys")
+
+
+def open_keys(args, store):
+    """The key list and audit log of a server (none for a dev server on memory storage).
+    With --ldap-keys the directory's keys join DATA/authorized_keys, and a first start
+    authorizes no keys of its own: the directory is where keys are managed."""
     if args.tier == "dev" and args.storage == "memory":
         return None, None
     path = os.path.abspath(args.data)
@@ -10139,10 +10406,14 @@ def open_keys(args):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot write data dir {path}: {e.strerror}") from None
-    keys_path = os.path.join(path, KEYS_FILE)
-    if args.tier != "dev" and not os.path.exists(keys_path):
-        bootstrap_keys(keys_path, log_to_stderr)
-    keys = KeyFile(keys_path, log_to_stderr, fast=args.crypto == "auto")
+    keys_path, fast = os.path.join(path, KEYS_FILE), args.crypto == "auto"
+    if args.ldap_keys:
+        keys = LdapKeyList(keys_path, log_to_stderr, store, args.ldap_admin_group,
+                           args.ldap_writer_group, fast=fast).open()
+    else:
+        if args.tier != "dev" and not os.path.exists(keys_path):
+            bootstrap_keys(keys_path, log_to_stderr)
+        keys = KeyFile(keys_path, log_to_stderr, fast=fast)
     audit = AuditLog(os.path.join(path, AUDIT_FILE)) if args.tier != "dev" else None
     return keys, audit
 
@@ -10992,6 +11263,15 @@ def build_parser():
                               "else anonymous")
     serve_p.add_argument("--ldap-password-file", metavar="FILE",
                          help="file holding the bind password")
+    serve_p.add_argument("--ldap-keys", action="store_true",
+                         help="also log in the directory's OpenSSH-LPK sshPublicKey values, "
+                              "each as its entry's uid (role from the groups below, else "
+                              "reader; tenant from where the entry lives)")
+    serve_p.add_argument("--ldap-admin-group", type=ldap_dn_arg, metavar="DN",
+                         help="with --ldap-keys: this group's members (member, uniqueMember "
+                              "or memberUid) log in as admin")
+    serve_p.add_argument("--ldap-writer-group", type=ldap_dn_arg, metavar="DN",
+                         help="with --ldap-keys: this group's members log in as writer")
     serve_p.add_argument("--data", default=data_default, metavar="DIR",
                          help="data dir (default ./pharos-data or $PHAROS_DATA)")
     serve_p.add_argument("--tier", choices=TIERS, default="lab",
@@ -11154,6 +11434,15 @@ def storage_kind(text):
         parse_ldap_url(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def ldap_dn_arg(text):
+    """An argparse type: a DN of attr=value RDNs, printable, at most 1024 characters."""
+    if not (0 < len(text) <= 1024 and text.isprintable()) or not all(
+            attr for attr, _ in split_dn(text)):
+        raise argparse.ArgumentTypeError(f"{printable(text, 80)!r} is not a DN "
+                                         f"(attr=value,attr=value...)")
     return text
 
 

@@ -70,7 +70,7 @@ class Slapd:
                             "ROOTPW": ROOTPW,
                             "PWHASH": pwhash, "UID": str(os.getuid()),
                             "GID": str(os.getgid()), "SCHEMA": "/etc/ldap/schema",
-                            "MODULES": "/usr/lib/ldap"}.items():
+                            "MODULES": "/usr/lib/ldap", "CONTRIB": str(CONTRIB)}.items():
             text = text.replace(f"@{name}@", value)
         (self.path / "config.ldif").write_text(text)
         self.slapadd("-n", "0", "-l", str(self.path / "config.ldif"))

@@ -27,7 +27,7 @@ SECTION_TESTS = {
     "Query": ["test_store.py", "test_hardening_query.py"], "Metrics": ["test_metrics.py"],
     "Loop": ["test_robustness.py"], "Storage": ["test_store.py", "test_visibility.py"],
     "File store": ["test_durability.py", "test_damage.py"], "LDAP store": ["test_ldap.py"],
-    "SSH": ["test_auth.py"], "Auth": ["test_auth.py", "test_hardening_auth.py"],
+    "SSH": ["test_auth.py"], "Auth": ["test_auth.py", "test_hardening_auth.py", "test_ldap_keys.py"],
     "Service": ["test_service.py"], "Client": ["test_clients.py"],
     "Formats": ["test_formats.py"], "Discovery": ["test_scan.py"],
     "Ph server": ["test_transcripts.py", "test_netph.py"], "HTTP": ["test_hardening_http.py"],
