@@ -5068,8 +5068,9 @@ class LdapKeyList(KeyFile):
         for text in complaints:
             if text not in self.complaints:
                 self.log(f"ldap keys: {text}")
+        if keys != self.keys:               # same entries: the same ring goes on serving
+            self.found = list(keys.values())
         self.keys, self.complaints, self.context = keys, set(complaints), context
-        self.found = list(keys.values())
 
     def current(self, now=None):
         """The key ring in use: the file's lines first, then the directory's keys."""
@@ -5114,7 +5115,8 @@ class LdapKeyList(KeyFile):
                 self.take(listed)
                 wait = max(LDAP_KEYS_POLL, LDAP_KEYS_SHARE * took)
         finally:
-            self.executor.submit(self.drop)
+            with contextlib.suppress(RuntimeError):     # the interpreter is going already
+                self.executor.submit(self.drop)
             self.executor.shutdown(wait=False)
 
     def poll(self):

@@ -188,6 +188,19 @@ def test_a_member_dropped_from_the_group_loses_writes_and_one_added_gains_them(
              timeout=DEADLINE + 5, interval=0.1, what="bob to become a writer")
 
 
+def test_while_the_directory_is_away_the_keys_read_last_stay_in_use(srv, slapd, keys):
+    slapd.stop()
+    try:
+        wait_for(lambda: "ldap keys: cannot read the directory" in srv.read_stderr(),
+                 timeout=10, interval=0.05, what="the key list to notice")
+        with srv.client() as c:
+            assert login(c, "alice", keys["alice"]) == ["200:alice:Hi how are you?"]
+    finally:
+        slapd.start()
+    wait_for(lambda: "ldap keys: the directory answers again" in srv.read_stderr(),
+             timeout=15, interval=0.05, what="the key list to read the directory again")
+
+
 def test_authorized_keys_work_beside_and_win_for_a_key_in_both(slapd, tmp_path, keys):
     # bob is a reader in the directory and a writer in the file: the file's line is used
     lines = (f'erin role="writer" {pub(keys, "erin")}\n'
