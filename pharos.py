@@ -1320,8 +1320,32 @@ class Search:
         self.hits, self.too_many, self.done = [], False, False
         self.driver, self.seen, self.resumed = None, None, False
         self.plain = None               # a lone exact term's postings: the plain lookup
-        self.source = self.plan() if self.types and selection.terms else iter(())
+        terms = selection.terms
+        if len(terms) == 1 and self.types and self.looked_up(terms[0]):
+            self.rest = []
+            return
+        self.source = self.plan() if self.types and terms else iter(())
         self.rest = [t for t in self.terms if t is not self.driver]   # checked per candidate
+
+    def looked_up(self, term):
+        """Whether a lone term was answered at once: an exact one on one field whose
+        posting fits in one run (the commonest query: a name, an alias, a host), or one
+        that surely matches more than ``limit``. Nothing is planned for either."""
+        field = term.field
+        if term.regex is not None or field is None or field.name == "type":
+            return False
+        posting = self.directory.index[field.name].postings.get(term.pattern)
+        size = posting_size(posting)
+        if (self.limit is not None and size > self.limit and self.tenant is None
+                and field.types <= self.types):
+            self.too_many = self.done = True
+            self.source = iter(())
+            return True
+        if size > SEARCH_STEPS:
+            return False
+        self.driver = term
+        self.lookup([posting])
+        return True
 
     def postings(self, term):
         """(postings, typed) of an exact term (None: the type postings): where its hits
@@ -1329,6 +1353,9 @@ class Search:
         index, schema = self.directory.index, self.directory.schema
         if term is None:
             return [index["type"].posting(t) for t in self.types], True
+        field = term.field
+        if field is not None:               # one field: the common case, without the lists
+            return [index[field.name].postings.get(term.pattern)], field.types <= self.types
         names = self.field_names(term)
         typed = all(schema.field(n).types <= self.types for n in names)
         return [index[n].posting(term.pattern) for n in names], typed
@@ -1337,9 +1364,12 @@ class Search:
         """The candidates' source; refuses at once (too_many) when the sizes say so."""
         exact = [t for t in self.terms if t.regex is None]
         if exact or not self.terms:
-            found = [(t, *self.postings(t)) for t in exact or (None,)]
-            self.driver, postings, typed = min(
-                found, key=lambda f: sum(map(posting_size, f[1])))
+            if len(exact) == 1:             # the common lookup: nothing to choose between
+                self.driver, (postings, typed) = exact[0], self.postings(exact[0])
+            else:
+                found = [(t, *self.postings(t)) for t in exact or (None,)]
+                self.driver, postings, typed = min(
+                    found, key=lambda f: sum(map(posting_size, f[1])))
             sizes = [posting_size(p) for p in postings]
             sure = max(sizes) if typed and len(self.terms) <= 1 and self.tenant is None else 0
             if self.limit is not None and sure > self.limit:
@@ -1381,6 +1411,8 @@ class Search:
     def run(self, steps=SEARCH_STEPS):
         """Spend about ``steps`` term checks (a candidate costs one per term, so a turn of
         many wildcard terms stays short); True once the search is over."""
+        if self.done:
+            return True
         hits, limit, holds, n = self.hits, self.limit, self.holds, 0
         steps = max(1, steps // max(1, len(self.terms)))
         if self.plain is not None and not self.resumed and self.plain[1] <= steps:
@@ -1443,6 +1475,8 @@ class Search:
 
     def ordered(self):
         """The hits in human order (see Directory.sort_key)."""
+        if len(self.hits) < 2:
+            return list(self.hits)
         records, sort_key = self.directory.records, Directory.sort_key
         return sorted(self.hits, key=lambda rid: sort_key(records[rid]))
 
@@ -8431,6 +8465,8 @@ class PhSession(PhAuthVerbs):
         if errors:
             return "".join(errors) + line(500, "Did not understand query.")
         search = self.service.search(self.caller(), selection, self.config.max_results)
+        if search.done:                     # a lookup: answered as the search was made
+            return self.query_reply(search, returned)
         return self.searched(search, lambda: self.query_reply(search, returned))
 
     def query_reply(self, search, returned):

@@ -148,7 +148,8 @@ def test_a_slow_query_lets_other_connections_be_served_meanwhile():
 def test_records_changed_between_runs_are_judged_as_they_are_now():
     extra = people(30, "ops")
     store = loaded_store(0, extra)
-    search = store.search(selection(store, "department=ops"), None, None)
+    # two terms: a lone exact term whose posting fits in one run is answered as it is made
+    search = store.search(selection(store, "type=person department=ops"), None, None)
     assert not search.run(5)
     ids = [rid for rid, r in store.directory.records.items() if r["department"] == "ops"]
     gone, moved, renamed = ids[10], ids[11], ids[12]
@@ -234,3 +235,22 @@ def test_a_dump_cursor_is_released_when_its_connection_closes():
         await server.shutdown(1)
         return remaining
     assert asyncio.run(go()) == 0
+
+
+def test_a_lone_lookup_is_answered_as_it_is_made_with_types_and_tenants_kept():
+    extra = (people(3, "ops") + people(2, "ops", tenant="acme") +
+             [{"type": "machine", "hostname": "ops", "role": "ops"}])
+    store = loaded_store(0, extra)
+    search = store.search(selection(store, "department=ops"), None, None)
+    assert search.done and len(search.ordered()) == 5
+    search = store.search(selection(store, "department=ops"), "acme", None)
+    assert search.done and {store.get(r)["alias"] for r in search.ordered()} == {"ops0", "ops1"}
+    assert all(store.get(r)["tenant"] == "acme" for r in search.ordered())
+    search = store.search(selection(store, "department=ops"), None, 4)
+    assert search.done and search.too_many
+    big = loaded_store(0, people(pharos.SEARCH_STEPS + 1, "big"))
+    search = big.search(selection(big, "department=big"), None, None)
+    assert not search.done            # past one run's budget: searched a run at a time
+    while not search.run():
+        pass
+    assert len(search.ordered()) == pharos.SEARCH_STEPS + 1
