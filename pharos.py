@@ -39,18 +39,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import fnmatch
 import functools
-import ipaddress
 import itertools
 import marshal
 import os
-import re
 import struct
 import sys
 import time
-import weakref
-import zlib
 
 __version__ = "0.1.0"
 __all__ = ["main", "Schema", "MemoryStore", "FileStore", "Directory", "PhSession", "serve"]
@@ -109,6 +104,55 @@ array, base64, hashlib = LazyModule("array"), LazyModule("base64"), LazyModule("
 hmac, secrets, signal = LazyModule("hmac"), LazyModule("secrets"), LazyModule("signal")
 argparse, json = LazyModule("argparse"), LazyModule("json")
 selectors, socket = LazyModule("selectors"), LazyModule("socket")
+# And these, which a lookup does not need either (patterns are compiled lazily: LazyRegex).
+fnmatch, ipaddress, re = LazyModule("fnmatch"), LazyModule("ipaddress"), LazyModule("re")
+weakref, zlib = LazyModule("weakref"), LazyModule("zlib")
+
+
+class LazyRegex:
+    """A module-level regular expression compiled when first used: start-up (every `ph`,
+    `mdb` and `--version`) pays for none of the module's patterns, only for those it uses.
+
+    The first call of a method compiles the pattern and puts the compiled pattern's
+    methods on the instance, so later calls find them directly and cost nothing extra.
+    Flags are written inline in the pattern (``(?s)``, ``(?i)``, ``(?x)``).
+    """
+
+    METHODS = ("match", "fullmatch", "search", "sub", "subn", "split", "findall", "finditer")
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+
+    def compiled(self):
+        """The pattern compiled, its methods now this instance's."""
+        regex = re.compile(self.pattern)
+        for name in self.METHODS:
+            setattr(self, name, getattr(regex, name))
+        return regex
+
+    def match(self, *args):
+        return self.compiled().match(*args)
+
+    def fullmatch(self, *args):
+        return self.compiled().fullmatch(*args)
+
+    def search(self, *args):
+        return self.compiled().search(*args)
+
+    def sub(self, *args):
+        return self.compiled().sub(*args)
+
+    def subn(self, *args):
+        return self.compiled().subn(*args)
+
+    def split(self, *args):
+        return self.compiled().split(*args)
+
+    def findall(self, *args):
+        return self.compiled().findall(*args)
+
+    def finditer(self, *args):
+        return self.compiled().finditer(*args)
 
 
 def utc_now(now=None):
@@ -310,17 +354,17 @@ KEY_FIELD = {PERSON: "alias", MACHINE: "hostname"}
 TYPE_OF_KEY = {"alias": PERSON, "hostname": MACHINE}
 PROPERTY_ORDER = ("Indexed", "Lookup", "NoMeta", "Public", "LocalPub", "Default", "Always",
                   "Any", "Change", "Sacred", "Turn", "Encrypt", "NoPeople")
-FIELD_NAME_RE = re.compile(r"[A-Za-z_-]{1,32}\Z")
-WORD_SPLIT_RE = re.compile(r"[\s,;:/]+")         # qi's delimiters, and / so ssh finds 22/ssh
-ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
-HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+FIELD_NAME_RE = LazyRegex(r"[A-Za-z_-]{1,32}\Z")
+WORD_SPLIT_RE = LazyRegex(r"[\s,;:/]+")         # qi's delimiters, and / so ssh finds 22/ssh
+ALIAS_RE = LazyRegex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
+HOSTNAME_RE = LazyRegex(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
                          r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?\Z")
-MAC_HEX_RE = re.compile(r"[0-9a-f]{12}\Z")
-EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\Z")
-URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+\Z", re.I)
-SERVICE_RE = re.compile(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})(?: +(\S.*))?\Z")
-TAG_RE = re.compile(r"[\w.:/+@-]{1,32}\Z")
-CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+MAC_HEX_RE = LazyRegex(r"[0-9a-f]{12}\Z")
+EMAIL_RE = LazyRegex(r"[^\s@]+@[^\s@]+\Z")
+URL_RE = LazyRegex(r"(?i)[a-z][a-z0-9+.-]*://\S+\Z")
+SERVICE_RE = LazyRegex(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})(?: +(\S.*))?\Z")
+TAG_RE = LazyRegex(r"[\w.:/+@-]{1,32}\Z")
+CONTROL_RE = LazyRegex(r"[\x00-\x08\x0b-\x1f\x7f]")
 STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
 MANUAL, DISCOVERY_SOURCES = "manual", ("scan", "pulse")
 SOURCES_KEY = "sources"         # a record's provenance map; never a field (see record_sources)
@@ -717,14 +761,14 @@ def custom_field(path, fid, section, options, taken):
 # SECTION: Protocol — Ph request tokenizer and reply formatting (pure, no I/O)
 
 SEPARATORS = frozenset(("return", "make", "force"))
-TOKEN_RE = re.compile(r"""[ \t]*(?:
+TOKEN_RE = LazyRegex(r"""(?x)[ \t]*(?:
       ([^ \t"=~]*)([=~])(?:(")((?:[^"\\]|\\.?)*)(?:"|\Z)|([^ \t"]*))   # field=value
     | (")((?:[^"\\]|\\.?)*)(?:"|\Z)                                 # "quoted word"
     | ([^ \t"=~]+)                                                   # word
-    )""", re.X)
-ESCAPE_RE = re.compile(r"\\(.?)")
+    )""")
+ESCAPE_RE = LazyRegex(r"\\(.?)")
 ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "": "\\"}
-TELNET_IAC_RE = re.compile(rb"\xff[\xfb-\xfe].|\xff[\xf0-\xfa\xff]", re.S)
+TELNET_IAC_RE = LazyRegex(rb"(?s)\xff[\xfb-\xfe].|\xff[\xf0-\xfa\xff]")
 
 
 class Token:
@@ -2076,7 +2120,7 @@ SNAPSHOT = "snapshot.jsonl"
 SNAPSHOT_FORMAT = "pharos-snapshot"
 IMAGE = "snapshot.image"
 IMAGE_FORMAT = "pharos-image"
-JOURNAL_RE = re.compile(r"journal-([0-9]{16})\.jsonl\Z")
+JOURNAL_RE = LazyRegex(r"journal-([0-9]{16})\.jsonl\Z")
 LOCK = "lock"
 
 
@@ -3034,7 +3078,7 @@ class FileStore(MemoryStore):
 
 # SECTION: LDAP store — LdapStore over ldap3: layout, mapping, escaping, paged load, sync, faults
 
-LDAP_URL_RE = re.compile(r"(ldaps?|ldapi)://([^/]*)/(.+)\Z")
+LDAP_URL_RE = LazyRegex(r"(ldaps?|ldapi)://([^/]*)/(.+)\Z")
 LDAP_PAGE = 500                 # entries per page of a paged search
 LDAP_TIMEOUT = 1                # seconds a connect or a reply may take (whole: ldap3 wants int)
 LDAP_LOAD_TIMEOUT = 60          # seconds one page of the start-up load may take
@@ -3992,9 +4036,11 @@ class SSHReader:
 # Ed25519 (RFC 8032), extended twisted-Edwards coordinates; cofactorless like OpenSSH.
 ED_P = 2 ** 255 - 19
 ED_L = 2 ** 252 + 27742317777372353535851937790883648493
-ED_D = -121665 * pow(121666, ED_P - 2, ED_P) % ED_P
+# d = -121665/121666 and sqrt(-1) = 2^((p-1)/4) mod p, written out: start-up skips the pow()s
+# (tests/test_auth.py works them out again).
+ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
 ED_D2 = 2 * ED_D % ED_P
-ED_SQRT_M1 = pow(2, (ED_P - 1) // 4, ED_P)
+ED_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
 ED_IDENTITY = (0, 1, 1, 0)
 
 
@@ -4080,7 +4126,10 @@ def ed_mul_table(table, k):
     return q
 
 
-ED_BASE = ed_decode((4 * pow(5, ED_P - 2, ED_P) % ED_P).to_bytes(32, "little"))
+# The base point B (y = 4/5, x positive) in extended coordinates, written out as ED_D is.
+ED_BASE = (15112221349535400772501151409588531511454012693041857206046113283949847762202,
+           46316835694926478169428394003475163141307993866256225615783033603165251855960, 1,
+           46827403850823179245072216630277197565144205554125654976674165829533817101731)
 ED_BASE_TABLE = []                      # filled on first use (4 ms)
 
 
@@ -4517,9 +4566,9 @@ SESSION_ONLY_OPTIONS = frozenset((      # OpenSSH options about shell sessions: 
     "x11-forwarding", "no-touch-required", "verify-required"))
 KEY_OPTIONS = frozenset(("role", "tenant", "valid-after", "valid-before", "expiry-time", "from",
                          "namespaces"))
-TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
-PLAIN_NAME_RE = re.compile(r"[^*?!,\s]{1,64}\Z")     # one user name, no pattern
-HOST_PATTERN_RE = re.compile(r"[A-Za-z0-9.:*?_%-]{1,255}\Z")   # from="..." hosts
+TENANT_RE = LazyRegex(r"[A-Za-z0-9._-]{1,64}\Z|\*\Z")
+PLAIN_NAME_RE = LazyRegex(r"[^*?!,\s]{1,64}\Z")     # one user name, no pattern
+HOST_PATTERN_RE = LazyRegex(r"[A-Za-z0-9.:*?_%-]{1,255}\Z")   # from="..." hosts
 FREE_VERBS = frozenset(("status", "siteinfo", "fields", "id", "login", "answer", "clear",
                         "email", "logout", "xlogin", "klogin", "help", "quit", "exit", "stop"))
 WRITE_VERBS = frozenset(("add", "change", "delete", "merge"))
@@ -5408,7 +5457,7 @@ class AuditLog:
 
 TOKENS_FILE = "tokens"
 TOKEN_PREFIX = "pharos_"
-TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+TOKEN_NAME_RE = LazyRegex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_TOKENS_FILE = 1024 * 1024
 
 
@@ -5865,14 +5914,14 @@ class DirectoryService:
 
 # SECTION: Client — the Ph client core of every command-line tool (asyncio or a blocking socket)
 
-REPLY_RE = re.compile(r"(-?)([0-9]{3}):(?:([0-9]{1,18}):)?(.*)\Z", re.S)
-ENTRY_RE = re.compile(r"\s*([A-Za-z_-]*): ?(.*)\Z", re.S)
-COUNT_RE = re.compile(r"There (?:was|were) ([0-9]{1,18}) match")
-FIELD_TYPES_RE = re.compile(r"\((people and machines|people|machines)(, multi-valued)?\)\s*\Z")
+REPLY_RE = LazyRegex(r"(?s)(-?)([0-9]{3}):(?:([0-9]{1,18}):)?(.*)\Z")
+ENTRY_RE = LazyRegex(r"(?s)\s*([A-Za-z_-]*): ?(.*)\Z")
+COUNT_RE = LazyRegex(r"There (?:was|were) ([0-9]{1,18}) match")
+FIELD_TYPES_RE = LazyRegex(r"\((people and machines|people|machines)(, multi-valued)?\)\s*\Z")
 NEEDS_LOGIN = 506               # qi's "you must be logged in" reply code
 REQUEST_ROOM = MAX_LINE - 256   # bytes of field=value pairs one add or change carries
 PIPELINE_DEPTH = 200            # requests a client sends before reading their replies
-PH_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)   # a value the user quoted for Ph already
+PH_QUOTED_RE = LazyRegex(r'(?s)"(?:[^"\\]|\\.)*"')   # a value the user quoted for Ph already
 
 
 def quote_value(value):
@@ -6451,14 +6500,14 @@ class PhClient:
 
 # SECTION: Formats — vCard, CSV, JSON and the machine exports (pure: text in, text out)
 
-VCARD_LINE_RE = re.compile(r'(?:[A-Za-z0-9-]+\.)?([A-Za-z0-9-]+)((?:;(?:[^";:]|"[^"]*")*)*):(.*)\Z',
-                           re.S)
-VCARD_PARAM_RE = re.compile(r';([^;=:"]*)(?:=((?:[^;:"]|"[^"]*")*))?')
+VCARD_LINE_RE = LazyRegex(r'(?s)(?:[A-Za-z0-9-]+\.)?([A-Za-z0-9-]+)'
+                          r'((?:;(?:[^";:]|"[^"]*")*)*):(.*)\Z')
+VCARD_PARAM_RE = LazyRegex(r';([^;=:"]*)(?:=((?:[^;:"]|"[^"]*")*))?')
 VCARD_TEXT = {"FN": "name", "TITLE": "title", "NOTE": "notes", "URL": "url",
               "X-SSH-KEY": "ssh_key", "X-PHAROS-ALIAS": "alias"}
 VCARD_BUILTIN = frozenset(("alias", "name", "nickname", "email", "phone", "mobile", "title",
                            "department", "office", "url", "ssh_key", "notes"))
-SPLIT_CELL_RE = re.compile(r"[\s,;]+")
+SPLIT_CELL_RE = LazyRegex(r"[\s,;]+")
 CSV_SYNONYMS = {
     "host": "hostname", "host_name": "hostname", "fqdn": "hostname", "ip_address": "ip",
     "ipaddress": "ip", "address": "ip", "mac_address": "mac", "macaddress": "mac",
@@ -7177,10 +7226,10 @@ SERVICE_MAX = 40                # the schema's longest services value
 RESOURCE_ERRORS = frozenset((errno.EADDRNOTAVAIL, errno.EAGAIN, errno.ENOBUFS, errno.EMFILE,
                              errno.ENFILE, errno.ENOMEM))
 TARGET_HELP = "say a CIDR (192.168.1.0/24), a range (10.0.0.10-50), an address or a host name"
-TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title", re.I | re.S)
-OUI_LINE_RE = re.compile(r"\s*([0-9A-Fa-f]{2}(?:[-:]?[0-9A-Fa-f]{2}){2}[0-9A-Fa-f]{0,6})\s+"
+TITLE_RE = LazyRegex(rb"(?is)<title[^>]*>(.*?)</title")
+OUI_LINE_RE = LazyRegex(r"\s*([0-9A-Fa-f]{2}(?:[-:]?[0-9A-Fa-f]{2}){2}[0-9A-Fa-f]{0,6})\s+"
                          r"(?:\((?:hex|base 16)\)\s+)?(\S.*)")
-MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
+MAC_RE = LazyRegex(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
 # The service types home labs announce; more come from the DNS-SD enumeration.
 MDNS_TYPES = tuple(f"_{name}._tcp.local." for name in (
     "ssh", "http", "https", "workstation", "smb", "ipp", "printer", "googlecast", "airplay",
@@ -7196,7 +7245,7 @@ MDNS_NAME = 63                  # characters of a host name kept (one DNS label)
 MDNS_MODEL_KEYS = (b"md", b"model", b"ty")
 MDNS_VENDOR_KEYS = (b"manufacturer", b"vendor")
 # RFC 6335 service names: letters, digits and hyphens, 15 at most.
-MDNS_TYPE_RE = re.compile(r"_([A-Za-z0-9-]{1,15})\._(?:tcp|udp)\.local\.\Z")
+MDNS_TYPE_RE = LazyRegex(r"_([A-Za-z0-9-]{1,15})\._(?:tcp|udp)\.local\.\Z")
 
 
 # -- targets and ports -----------------------------------------------------------
@@ -9104,10 +9153,10 @@ HTTP_MAX_HEADERS = 64           # header fields in one request
 HTTP_MAX_BODY = 64 * 1024       # bytes of request body
 HTTP_WORKERS = 4                # threads that turn complete requests into answers
 HTTP_LINGER = 2.0               # seconds to read and drop what a client sends after its answer
-HTTP_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
-HTTP_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-HTTP_TARGET_RE = re.compile(r"/[!-~]*\Z")
-HTTP_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
+HTTP_HEAD_END_RE = LazyRegex(rb"\r?\n\r?\n")
+HTTP_TOKEN_RE = LazyRegex(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+HTTP_TARGET_RE = LazyRegex(r"/[!-~]*\Z")
+HTTP_VALUE_RE = LazyRegex(r"[\t\x20-\x7e\x80-\xff]*\Z")
 
 
 class HttpRequest:
@@ -10310,9 +10359,35 @@ def ldap_store_from_args(args, schema):
 class ArgParserCore:
     """What ArgParser adds to argparse: a usage error is one line (UsageError), not an exit."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", help_formatter_class())
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         """Raise the message as a UsageError instead of printing usage and exiting."""
         raise UsageError(f"{self.prog}: {message}")
+
+
+def terminal_columns():
+    """The terminal's width as shutil.get_terminal_size() finds it ($COLUMNS, stdout's
+    terminal, else 80), without importing shutil (and the compressors it imports)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isascii() and columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+@functools.cache
+def help_formatter_class():
+    """argparse's HelpFormatter sized by terminal_columns(): argparse makes one for every
+    option it adds, and the stock one imports shutil to ask the width."""
+    def init(self, prog, indent_increment=2, max_help_position=24, width=None):
+        width = terminal_columns() - 2 if width is None else width
+        argparse.HelpFormatter.__init__(self, prog, indent_increment, max_help_position, width)
+    return type("HelpFormatter", (argparse.HelpFormatter,), {"__init__": init})
 
 
 @functools.cache
@@ -11280,15 +11355,41 @@ LOOKUP_HANDLERS = {"query": cmd_query, "show": cmd_show, "add": cmd_add, "change
                    "export": cmd_export}
 
 
-def build_parser():
-    """The argument parser: serve, load, doctor, keys, ph and mdb."""
+def build_parser(command=None):
+    """The argument parser: serve, load, doctor, keys, tokens, mcp, scan, ph and mdb; with
+    ``command``, only that one's (each start builds just what it runs: a `ph` lookup
+    would otherwise pay for every command's options)."""
     ArgParser = arg_parser_class()
     parser = ArgParser(prog="pharos", description="A directory of people and machines "
                                                   "that speaks CCSO Ph (RFC 2378).")
     parser.add_argument("--version", action="version", version=f"pharos {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
-    data_default = os.environ.get("PHAROS_DATA", "./pharos-data")
+    for name, add in command_parsers().items():
+        if command is None or name == command:
+            add(commands)
+    return parser
 
+
+def command_parsers():
+    """{command: the function adding its parser}, in the order --help lists them."""
+    lookups = {name: functools.partial(add_lookup_parser, name=name, rtype=rtype)
+               for name, rtype in PROGRAM_KIND.items()}
+    planned = {name: functools.partial(add_planned_parser, name=name)
+               for name in ("pulse", "console")}
+    return {"serve": add_serve_parser, "load": add_load_parser, "doctor": add_doctor_parser,
+            "keys": add_keys_parser, "tokens": add_tokens_parser, "mcp": add_mcp_parser,
+            "scan": add_scan_parser, **planned, **lookups}
+
+
+def add_planned_parser(commands, name):
+    """The parser of a command still to come: it says so."""
+    planned = commands.add_parser(name, help="(not in this version yet)")
+    planned.add_argument("--version", action="version", version=f"pharos {__version__}")
+
+
+def add_serve_parser(commands):
+    """The parser of serve."""
+    data_default = os.environ.get("PHAROS_DATA", "./pharos-data")
     serve_p = commands.add_parser("serve", help="run the server")
     serve_p.add_argument("--listen", metavar="HOST:PORT",
                          help="Ph address (default 0.0.0.0:2378; 127.0.0.1:2378 in the dev tier)")
@@ -11342,11 +11443,19 @@ def build_parser():
     serve_p.add_argument("--admin", default="root@localhost", type=site_value,
                          help="administrator address shown by siteinfo")
 
+
+def add_load_parser(commands):
+    """The parser of load."""
+    data_default = os.environ.get("PHAROS_DATA", "./pharos-data")
     load_p = commands.add_parser("load", help="bulk-load a JSONL file into a stopped data dir")
     load_p.add_argument("file", help="JSONL file, one record object per line ('-': stdin)")
     load_p.add_argument("--data", default=data_default, metavar="DIR")
     load_p.add_argument("--config", metavar="FILE")
 
+
+def add_doctor_parser(commands):
+    """The parser of doctor."""
+    data_default = os.environ.get("PHAROS_DATA", "./pharos-data")
     doctor_p = commands.add_parser("doctor", help="check the installation")
     doctor_p.add_argument("--data", default=data_default, metavar="DIR")
     doctor_p.add_argument("--server", metavar="HOST[:PORT]")
@@ -11354,6 +11463,9 @@ def build_parser():
                           help="the HTTP listener to check (default: the one the server "
                                f"advertises, else port {METRICS_PORT} on the server's host)")
 
+
+def add_keys_parser(commands):
+    """The parser of keys."""
     keys_p = commands.add_parser("keys", help="list, add or remove authorized SSH keys")
     keys_p.add_argument("words", nargs="*", metavar="list|add|remove ARG",
                         help="add USER KEY (a .pub file, - or the key text); "
@@ -11369,6 +11481,10 @@ def build_parser():
     keys_p.add_argument("--key", metavar="FILE")
     keys_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
 
+
+def add_tokens_parser(commands):
+    """The parser of tokens."""
+    data_default = os.environ.get("PHAROS_DATA", "./pharos-data")
     tokens_p = commands.add_parser("tokens", help="list, add or remove bearer tokens (MCP)")
     tokens_p.add_argument("words", nargs="*", metavar="list|add|remove NAME",
                           help="add NAME; remove NAME; list (the default)")
@@ -11379,19 +11495,14 @@ def build_parser():
     tokens_p.add_argument("--data", default=data_default, metavar="DIR",
                           help="the server's data dir (default ./pharos-data or $PHAROS_DATA)")
 
+
+def add_mcp_parser(commands):
+    """The parser of mcp."""
     mcp_p = commands.add_parser("mcp", help="MCP over stdio for a local AI agent")
     mcp_p.add_argument("--server", metavar="HOST[:PORT]")
     mcp_p.add_argument("--as", dest="login_as", metavar="USER")
     mcp_p.add_argument("--key", metavar="FILE")
     mcp_p.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS")
-
-    add_scan_parser(commands)
-    for name in ("pulse", "console"):
-        planned = commands.add_parser(name, help="(not in this version yet)")
-        planned.add_argument("--version", action="version", version=f"pharos {__version__}")
-    for name, rtype in PROGRAM_KIND.items():
-        add_lookup_parser(commands, name, rtype)
-    return parser
 
 
 def add_scan_parser(commands):
@@ -11501,7 +11612,7 @@ def busy_poll_us(text):
     return number
 
 
-DECIMAL_RE = re.compile(r"(?=.{1,20}\Z)(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
+DECIMAL_RE = LazyRegex(r"(?=.{1,20}\Z)(?:[0-9]+\.?[0-9]*|\.[0-9]+)\Z")
 
 
 def positive_float(text):
@@ -11857,7 +11968,8 @@ PROGRAM_NAMES = {"ph": "ph", "mdb": "mdb", "pharos-scan": "scan", "pharos-pulse"
 
 def parse_command_line(argv):
     """Parsed arguments; words after an option still count (`keys add --data D USER KEY`)."""
-    parser = build_parser()
+    named = argv[0] if argv and argv[0] in command_parsers() else None
+    parser = build_parser(named)
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "words") or any(x.startswith("-") and x != "-" for x in extra):
@@ -11924,7 +12036,8 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
         program = os.path.basename(sys.argv[0] or "pharos")
-        program = re.sub(r"\.(py|pyz)$", "", program)
+        stem, dot, suffix = program.rpartition(".")
+        program = stem if dot and suffix in ("py", "pyz") else program
         if program in PROGRAM_NAMES:
             argv = [PROGRAM_NAMES[program]] + argv
     stdout, sys.stdout = sys.stdout, GuardedStream(sys.stdout)

@@ -1190,3 +1190,10 @@ def test_keyring_checks_same_on_both_paths(keys, agent, kind, fast):
         other = "ecdsa-sha2-nistp256" if kind != "ecdsa256" else "ecdsa-sha2-nistp384"
         assert ring.verify("u", msg, b64(sshsig_encode(pub, ns, hashalg, other, raw)),
                            "127.0.0.1", now) == (None, "bad signature")
+
+
+def test_the_written_out_ed25519_constants_are_the_curves():
+    p = pharos.ED_P
+    assert pharos.ED_D == -121665 * pow(121666, p - 2, p) % p
+    assert pharos.ED_SQRT_M1 == pow(2, (p - 1) // 4, p)
+    assert pharos.ED_BASE == pharos.ed_decode((4 * pow(5, p - 2, p) % p).to_bytes(32, "little"))
