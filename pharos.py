@@ -1376,8 +1376,10 @@ class Search:
         posting fits in one run (the commonest query: a name, an alias, a host), or one
         that surely matches more than ``limit``. Nothing is planned for either."""
         field = term.field
-        if term.regex is not None or field is None or field.name == "type":
+        if field is None or field.name == "type":
             return False
+        if term.regex is not None:
+            return self.wildcard_looked_up(term, self.directory.index[field.name])
         posting = self.directory.index[field.name].postings.get(term.pattern)
         size = posting_size(posting)
         if (self.limit is not None and size > self.limit and self.tenant is None
@@ -1389,6 +1391,20 @@ class Search:
             return False
         self.driver = term
         self.lookup([posting])
+        return True
+
+    def wildcard_looked_up(self, term, fidx):
+        """Whether a lone wildcard term on one field was answered at once: the keys it
+        matches and their postings fit in one run (a search spends about as much)."""
+        keys = list(itertools.islice(fidx.candidates(term.prefix), SEARCH_STEPS + 1))
+        if len(keys) > SEARCH_STEPS:
+            return False
+        match, get = None if term.prefix_only else term.regex.match, fidx.postings.get
+        postings = [get(key) for key in keys if match is None or match(key)]
+        if sum(map(posting_size, postings)) > SEARCH_STEPS:
+            return False
+        self.driver = term
+        self.lookup(postings)
         return True
 
     def postings(self, term):
@@ -1424,7 +1440,8 @@ class Search:
             if len(postings) > 1:
                 self.seen = set()
             return posting_ids(postings)
-        self.driver = min(self.terms, key=self.key_count)
+        terms = self.terms
+        self.driver = terms[0] if len(terms) == 1 else min(terms, key=self.key_count)
         self.seen = set()
         return self.wildcard_ids(self.driver)
 
@@ -1472,8 +1489,8 @@ class Search:
         return self.done
 
     def lookup(self, postings):
-        """The plain lookup (one exact term whose postings fit in this run) in one go: its
-        ids of the types searched and in the tenant, as holds() would pass them."""
+        """A plain lookup (one term, whose postings fit in this run) in one go: their ids
+        of the types searched and in the tenant, as holds() would pass them."""
         if len(postings) == 1:
             ids = postings[0]
             ids = () if ids is None else (ids,) if type(ids) is int else ids

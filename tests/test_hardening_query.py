@@ -237,7 +237,7 @@ def test_a_dump_cursor_is_released_when_its_connection_closes():
     assert asyncio.run(go()) == 0
 
 
-def test_a_lone_lookup_is_answered_as_it_is_made_with_types_and_tenants_kept():
+def test_a_lone_term_is_answered_as_it_is_made_with_types_and_tenants_kept():
     extra = (people(3, "ops") + people(2, "ops", tenant="acme") +
              [{"type": "machine", "hostname": "ops", "role": "ops"}])
     store = loaded_store(0, extra)
@@ -248,6 +248,12 @@ def test_a_lone_lookup_is_answered_as_it_is_made_with_types_and_tenants_kept():
     assert all(store.get(r)["tenant"] == "acme" for r in search.ordered())
     search = store.search(selection(store, "department=ops"), None, 4)
     assert search.done and search.too_many
+    for text in ("department=o*", "department=*p*", "department=?ps"):
+        lone = store.search(selection(store, text), "acme", None)
+        stepped = store.search(selection(store, "type=person " + text), "acme", None)
+        assert lone.done and not stepped.done
+        stepped.complete()
+        assert lone.ordered() == stepped.ordered() and len(lone.ordered()) == 2
     big = loaded_store(0, people(pharos.SEARCH_STEPS + 1, "big"))
     search = big.search(selection(big, "department=big"), None, None)
     assert not search.done            # past one run's budget: searched a run at a time
