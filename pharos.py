@@ -320,6 +320,8 @@ EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\Z")
 URL_RE = re.compile(r"[a-z][a-z0-9+.-]*://\S+\Z", re.I)
 SERVICE_RE = re.compile(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})(?: +(\S.*))?\Z")
 TAG_RE = re.compile(r"[\w.:/+@-]{1,32}\Z")
+# An OpenSSH SHA256 fingerprint (32 bytes, unpadded base64), a key type before it optional.
+HOSTKEY_RE = re.compile(r"(?:[a-z0-9][a-z0-9@.+-]{0,39} +)?(?i:SHA256):([A-Za-z0-9+/]{43})\Z")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
 MANUAL, DISCOVERY_SOURCES = "manual", ("scan", "pulse")
@@ -409,6 +411,19 @@ def check_service(value):
     return f"{port}/{match.group(2).lower()}{detail}"
 
 
+def check_hostkey(value):
+    """An SSH host key fingerprint as ``SHA256:`` and 43 base64 characters, the form
+    ``ssh-keygen -lf KEY.pub`` prints; a key type before it (``ssh-ed25519 SHA256:...``) is
+    accepted and dropped, since the hash already covers the key's type, so one key has one
+    value however it was typed. RecordError for anything else (MD5 fingerprints included)."""
+    match = HOSTKEY_RE.match(value)
+    digest = match and match.group(1)
+    if not digest or base64.b64encode(base64.b64decode(digest + "=")).decode() != digest + "=":
+        raise RecordError(f"hostkey {clip(value)!r} must be an SSH fingerprint like "
+                          f"SHA256:<43 base64 characters> (ssh-keygen -lf KEY.pub)")
+    return "SHA256:" + digest
+
+
 def is_random_mac(mac):
     """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
     return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
@@ -484,6 +499,9 @@ BUILTIN_FIELDS = (
      {"server": True, "words": False}),
     (31, "tenant", 64, LOOK, "Tenant the record belongs to (enterprise tier; set by the server).",
      PM, {"server": True}),
+    (32, "hostkey", 96, LOOK + " Change",
+     "SSH host key fingerprint, SHA256:... as ssh-keygen -l prints it (one per line).", M,
+     {"multi": True, "check": check_hostkey, "words": False}),
 )
 CUSTOM_FIELD_FIRST_ID = 100
 
@@ -5509,17 +5527,33 @@ class Caller:
         self.user, self.peer, self.request = user, peer, request
 
 
-MATCH_ORDER = ("mac", "ip", "hostname")     # the identities a merge finds its machine by
+# The identities a merge finds its machine by, strongest first. An SSH host key stays with
+# the machine's disk whatever its address; an mDNS name (NAME.local) is one the machine
+# claims on its own link (mDNS defends it against others); a stable MAC stays with its
+# network card, but one machine has several and a VM may get a new one; an address moves
+# with DHCP; any other hostname may be one made from an address (ip-10-0-0-7) or a stale
+# reverse DNS name. "mdns" is the hostname field, when its value ends in .local.
+MATCH_ORDER = ("hostkey", "mdns", "mac", "ip", "hostname")
+
+
+def is_mdns_name(hostname):
+    """Whether a host name is an mDNS one: NAME.local (RFC 6762), as scan records it."""
+    return hostname.lower().rstrip(".").endswith(".local")
 
 
 def identities(schema, fields):
-    """(field, value) pairs a merge may find its machine by, strongest first: stable MACs
-    (a randomized one names no machine), then IPs, then the hostname; values cleaned."""
+    """(field, value) pairs a merge may find its machine by, in MATCH_ORDER: host keys, an
+    mDNS hostname, stable MACs (a randomized one names no machine), IPs, then any other
+    hostname; values cleaned."""
     out = []
-    for name in MATCH_ORDER:
+    for kind in MATCH_ORDER:
+        name = "hostname" if kind == "mdns" else kind
         for value in schema.clean_values(schema.by_name[name], fields.get(name, ())):
-            if not (name == "mac" and is_random_mac(value)):
-                out.append((name, value))
+            if name == "mac" and is_random_mac(value):
+                continue
+            if name == "hostname" and is_mdns_name(value) != (kind == "mdns"):
+                continue
+            out.append((name, value))
     return out
 
 
@@ -7982,9 +8016,11 @@ HELP_TOPICS = {
               "field=\"\" removes a field. At most `limit` entries change (set limit=N).",
     "delete": "delete selection ...\nAt most `limit` entries go (set limit=N).",
     "merge": "merge source=scan|pulse [dry_run] field=value ...\n"
-             "Extension: a discovery write of one machine. It is found by a stable MAC, then\n"
-             "IP, then hostname (randomized MACs never match), else added. Blank fields are\n"
-             "filled and fields the source set are updated; fields a person set stay.\n"
+             "Extension: a discovery write of one machine. It is found by its SSH host key\n"
+             "(hostkey), then an mDNS name (a hostname ending in .local), then a stable MAC,\n"
+             "IP, then any other hostname (randomized MACs never match), else added.\n"
+             "Blank fields are filled and fields the source set are updated; fields a\n"
+             "person set stay.\n"
              "Answers 1 entry added., N fields changed. or No change.; with dry_run\n"
              "nothing is written and the answer says what would be. Needs a writer login.\n"
              "`return all sources` shows who set each field last (unlisted: manual).",
