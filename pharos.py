@@ -7752,10 +7752,13 @@ def resolve_names(addresses, timeout):
 # -- mDNS ------------------------------------------------------------------------
 
 def mdns_host_name(server):
-    """The host name of an SRV target (testnas from testnas.local.), cleaned; None if bad."""
+    """The host name of an SRV target, cleaned (testnas.local from testnas.local.); None
+    if bad. The .local stays: it is how merge knows an mDNS name (a name the machine
+    claims itself, so it outranks a MAC or an address) and the name that resolves."""
     text = clean_text(server or "", 253).rstrip(".")
-    text = text[:-len(".local")] if text.lower().endswith(".local") else text
-    return text if text and len(text) <= MDNS_NAME and HOSTNAME_RE.match(text) else None
+    label = text[:-len(".local")] if text.lower().endswith(".local") else text
+    text = label + ".local" if label != text else text
+    return text if label and len(label) <= MDNS_NAME and HOSTNAME_RE.match(text) else None
 
 
 def mdns_txt(properties, keys):

@@ -58,9 +58,10 @@ zc.close()
 # -- pure pieces ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("server, name", [
-    ("testnas.local.", "testnas"), ("TestNAS.local", "TestNAS"), ("nas.lab.local.", "nas.lab"),
+    ("testnas.local.", "testnas.local"), ("TestNAS.LOCAL", "TestNAS.local"),
+    ("nas.lab.local.", "nas.lab.local"), ("nas.example.org.", "nas.example.org"),
     ("bad name.local.", None), ("", None), (None, None), ("x" * 64 + ".local.", None),
-    ("evil\x1b[31m.local.", None),
+    ("x" * 63 + ".local.", "x" * 63 + ".local"), ("evil\x1b[31m.local.", None),
 ])
 def test_mdns_host_name(server, name):
     assert pharos.mdns_host_name(server) == name
@@ -69,7 +70,7 @@ def test_mdns_host_name(server, name):
 def test_mdns_entry_takes_service_model_and_vendor():
     entry = pharos.mdns_entry("_http._tcp.local.", "testnas.local.", ["127.0.0.1", "nonsense"],
                               5000, {b"md": b"DS920+", b"vendor": b"Synology", b"ty": b"other"})
-    assert entry == {"name": "testnas", "ip": ["127.0.0.1"], "service": "5000/http",
+    assert entry == {"name": "testnas.local", "ip": ["127.0.0.1"], "service": "5000/http",
                      "model": "DS920+", "vendor": "Synology"}
 
 
@@ -101,11 +102,11 @@ def test_merge_mdns_keeps_only_the_targets_and_merges_by_address():
     ]
     pharos.merge_mdns(found, entries, pairs)
     assert [(h["address"], h["name"], h["services"], h.get("model")) for h in found] == [
-        ("127.0.0.1", "nas", ["22/ssh OpenSSH_9.2p1", "445/smb", "8080/http"], "DS920+"),
-        ("127.0.0.3", "printer", ["631/ipp"], None)]
+        ("127.0.0.1", "nas.local", ["22/ssh OpenSSH_9.2p1", "445/smb", "8080/http"], "DS920+"),
+        ("127.0.0.3", "printer.local", ["631/ipp"], None)]
     records = pharos.scan_records(found)
-    assert records[0]["hostname"] == "nas" and records[0]["model"] == "DS920+"
-    assert records[1] == {"type": pharos.MACHINE, "hostname": "printer", "ip": ["127.0.0.3"],
+    assert records[0]["hostname"] == "nas.local" and records[0]["model"] == "DS920+"
+    assert records[1] == {"type": pharos.MACHINE, "hostname": "printer.local", "ip": ["127.0.0.3"],
                           "services": ["631/ipp"]}
 
 
@@ -213,14 +214,14 @@ def test_scan_hears_a_published_service(netns, started):
                                  "--mdns-seconds", "2")
     assert code == 0, err
     by_name = {r["hostname"]: r for r in records}
-    assert set(by_name) == {"testnas", "printer", "oddbox"}, records
-    nas = by_name["testnas"]
+    assert set(by_name) == {"testnas.local", "printer.local", "oddbox.local"}, records
+    nas = by_name["testnas.local"]
     assert nas["ip"] == ["127.0.0.1"] and nas["model"] == "DS920+"
     assert nas["services"] == ["22/ssh", f"{port}/http"]
     assert nas["vendor"] == ("Acme [31m " + "v" * 200)[:64]
-    assert by_name["printer"]["services"] == ["631/ipp"]
+    assert by_name["printer.local"]["services"] == ["631/ipp"]
     # A type only the DNS-SD enumeration names.
-    assert by_name["oddbox"]["services"] == ["7000/pharostest"]
+    assert by_name["oddbox.local"]["services"] == ["7000/pharostest"]
     assert "mDNS" not in err
 
 
