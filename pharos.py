@@ -7173,6 +7173,7 @@ BANNER_BYTES = 16384            # bytes read from one service at most
 BANNER_TEXT = 80                # characters of banner text kept
 BANNER_WORKERS = 32
 RDNS_WORKERS = 16
+HOSTKEY_WORKERS = 32            # machines whose SSH host keys are fetched at once
 SERVICE_MAX = 40                # the schema's longest services value
 RESOURCE_ERRORS = frozenset((errno.EADDRNOTAVAIL, errno.EAGAIN, errno.ENOBUFS, errno.EMFILE,
                              errno.ENFILE, errno.ENOMEM))
@@ -7906,6 +7907,66 @@ def mdns_merge_host(host, entry, ips):
         host[field] = host.get(field) or entry[field]
 
 
+# -- SSH host keys -----------------------------------------------------------------
+
+def ssh_ports(host):
+    """The ports of a finding whose services value names ssh (its banner began SSH-, or
+    port 22 said nothing that names it otherwise)."""
+    return [int(value.split("/")[0]) for value in host["services"]
+            if value.split(" ")[0].split("/")[1] == "ssh"]
+
+
+async def fetch_hostkey(asyncssh, address, port):
+    """The SHA256 fingerprint of the host key the SSH server at ``address``:``port`` shows
+    in its key exchange, or None. No config file is read (a ProxyCommand there must not
+    run in a scan); asyncssh raises many kinds of error on a server that is no SSH server
+    or breaks off, and none of them may end a scan, so each is just no key."""
+    try:
+        key = await asyncssh.get_server_host_key(
+            address, port, config=None, client_version=f"pharos-scan_{__version__}")
+        return check_hostkey(key.get_fingerprint("sha256")) if key else None
+    except Exception:
+        return None
+
+
+async def fetch_hostkeys(asyncssh, targets, timeout):
+    """{address: [fingerprints]} of {address: [SSH ports]}: HOSTKEY_WORKERS machines at a
+    time, each given ``timeout`` seconds from its turn for all its ports; a port that has
+    not answered by then gives nothing."""
+    gate = asyncio.Semaphore(HOSTKEY_WORKERS)
+
+    async def one(address, ports):
+        async with gate:
+            tasks = [asyncio.ensure_future(fetch_hostkey(asyncssh, address, port))
+                     for port in ports]
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            keys = [task.result() for task in tasks if task in done]
+            return address, list(dict.fromkeys(key for key in keys if key))
+    return dict(await asyncio.gather(*(one(a, p) for a, p in targets.items())))
+
+
+def scan_hostkeys(found, timeout, note):
+    """Give each finding with an SSH port its ``hostkey`` fingerprints (asyncssh); without
+    asyncssh, ``note`` says what was skipped and which pip install adds it."""
+    targets = {host["address"]: ssh_ports(host) for host in found}
+    targets = {address: ports for address, ports in targets.items() if ports}
+    if not targets:
+        return found
+    try:
+        asyncssh = optional_import("asyncssh")
+    except UsageError:
+        note("SSH host keys skipped (pip install asyncssh adds them)")
+        return found
+    keys = asyncio.run(fetch_hostkeys(asyncssh, targets, timeout))
+    for host in found:
+        if keys.get(host["address"]):
+            host["hostkey"] = keys[host["address"]]
+    return found
+
+
 # -- one scan, start to end --------------------------------------------------------
 
 def scan_hosts(pairs, opened, banners, neighbours):
@@ -7937,6 +7998,8 @@ def scan_records(found):
                   "ip": host["ip"]}
         if host["mac"]:
             record["mac"] = [host["mac"]]
+        if host.get("hostkey"):
+            record["hostkey"] = host["hostkey"]
         for field in ("vendor", "model"):
             if host.get(field):
                 record[field] = host[field]
@@ -7951,8 +8014,8 @@ def scan_records(found):
 def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=True,
              mdns=None, note=lambda text: None):
     """Probe (browsing mDNS meanwhile when ``mdns`` is (the zeroconf module, seconds)), read
-    banners, then the neighbour table, vendors and names: the findings; ``note`` is told
-    when browsing fails."""
+    banners and SSH host keys, then the neighbour table, vendors and names: the findings;
+    ``note`` is told when browsing fails or host keys are skipped."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=1) as pool:
         heard = pool.submit(browse_mdns, *mdns) if mdns else None
@@ -7960,6 +8023,7 @@ def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=Tr
             probe_list([address for address, _ in pairs], ports))
         banners = read_banners(opened, timeout) if opened else {}
         found = scan_hosts(pairs, opened, banners, read_neighbours() if arp else [])
+        scan_hostkeys(found, timeout, note)
         merge_mdns(found, mdns_heard(heard, mdns[0], note) if heard else [], pairs)
     vendors = read_oui_vendors({host["mac"] for host in found if host["mac"]})
     unnamed = [host["address"] for host in found if not host["name"]]

@@ -23,13 +23,14 @@ BANNERS = [(SOURCE.count("\n", 0, m.start()) + 1, m.group(1)) for m in BANNER_RE
 # Where each section is tested (a file may cover several; every section needs one).
 SECTION_TESTS = {
     "Constants": ["test_zipapp.py"], "Errors": ["test_cli.py"], "Net": ["test_fuzz.py"],
-    "Schema": ["test_protocol.py", "test_provenance.py"], "Protocol": ["test_protocol.py"],
+    "Schema": ["test_protocol.py", "test_provenance.py", "test_hostkey.py"],
+    "Protocol": ["test_protocol.py"],
     "Query": ["test_store.py", "test_hardening_query.py"], "Metrics": ["test_metrics.py"],
     "Loop": ["test_robustness.py"], "Storage": ["test_store.py", "test_visibility.py"],
     "File store": ["test_durability.py", "test_damage.py"], "LDAP store": ["test_ldap.py"],
     "SSH": ["test_auth.py"], "Auth": ["test_auth.py", "test_hardening_auth.py", "test_ldap_keys.py"],
-    "Service": ["test_service.py"], "Client": ["test_clients.py"],
-    "Formats": ["test_formats.py"], "Discovery": ["test_scan.py"],
+    "Service": ["test_service.py", "test_hostkey.py"], "Client": ["test_clients.py"],
+    "Formats": ["test_formats.py"], "Discovery": ["test_scan.py", "test_hostkey.py"],
     "Ph server": ["test_transcripts.py", "test_netph.py"], "HTTP": ["test_hardening_http.py"],
     "MCP": ["test_mcp.py"], "Serve": ["test_cli.py"], "CLI": ["test_cli.py", "test_hardening_cli.py"],
 }
