@@ -8778,7 +8778,8 @@ class PhSession(PhAuthVerbs):
 
     def ph_merge(self, args):
         """Extension: merge source=scan|pulse [dry_run] field=value ...: one machine found
-        by MAC, IP or hostname (else added) changed by the provenance rule (merge_plan)."""
+        by its strongest identity (MATCH_ORDER; else added) changed by the provenance rule
+        (merge_plan)."""
         failure = "Merge command not understood."
         try:
             self.service.check_writable()
