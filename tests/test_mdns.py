@@ -37,12 +37,15 @@ threading.Thread(target=serve, daemon=True).start()
 sys.stdin.read()
 """
 
-# Registers the services of argv[1] (JSON), says ready, unregisters when stdin closes.
+# Registers the services of argv[1] (JSON; addresses separated by spaces), says ready,
+# unregisters when stdin closes.
 PUBLISHER = """
 import json, socket, sys
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
-infos = [ServiceInfo(kind, name, addresses=[socket.inet_aton(address)], port=port,
+def packed(address):
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+infos = [ServiceInfo(kind, name, addresses=[packed(a) for a in address.split()], port=port,
                      properties=txt, server=server)
          for kind, name, server, address, port, txt in json.loads(sys.argv[1])]
 for info in infos:
@@ -223,6 +226,23 @@ def test_scan_hears_a_published_service(netns, started):
     # A type only the DNS-SD enumeration names.
     assert by_name["oddbox.local"]["services"] == ["7000/pharostest"]
     assert "mDNS" not in err
+
+
+def test_scan_keeps_the_ipv6_addresses_mdns_gives_inside_ipv6_targets(netns, started):
+    need(HAVE_ZEROCONF, "zeroconf (pip install zeroconf)")
+    services = [["_ssh._tcp.local.", "Six._ssh._tcp.local.", "sixbox.local.", "127.0.0.5 ::1",
+                 22, {}]]
+    assert first_line(started(in_netns(netns, sys.executable, "-c", PUBLISHER,
+                                       json.dumps(services)))) == "ready"
+    code, records, err = scan_in(netns, "127.0.0.5", "::1", "--ports", "9",
+                                 "--mdns-seconds", "2")
+    assert code == 0, err
+    assert records == [{"type": "machine", "hostname": "sixbox.local",
+                        "ip": ["127.0.0.5", "::1"], "services": ["22/ssh"]}]
+    # An address outside the targets is not taken, IPv6 or not.
+    code, records, err = scan_in(netns, "127.0.0.5", "--ports", "9", "--mdns-seconds", "2")
+    assert code == 0, err
+    assert [r["ip"] for r in records] == [["127.0.0.5"]]
 
 
 def test_scan_without_zeroconf_says_so_and_still_scans(netns, started, tmp_path):
