@@ -364,6 +364,8 @@ EMAIL_RE = LazyRegex(r"[^\s@]+@[^\s@]+\Z")
 URL_RE = LazyRegex(r"(?i)[a-z][a-z0-9+.-]*://\S+\Z")
 SERVICE_RE = LazyRegex(r"([0-9]{1,5})/([A-Za-z0-9._+-]{1,32})(?: +(\S.*))?\Z")
 TAG_RE = LazyRegex(r"[\w.:/+@-]{1,32}\Z")
+# An OpenSSH SHA256 fingerprint (32 bytes, unpadded base64), a key type before it optional.
+HOSTKEY_RE = LazyRegex(r"(?:[a-z0-9][a-z0-9@.+-]{0,39} +)?(?i:SHA256):([A-Za-z0-9+/]{43})\Z")
 CONTROL_RE = LazyRegex(r"[\x00-\x08\x0b-\x1f\x7f]")
 STABLE_LAA_PREFIXES = ("52:54:00", "0a:00:27")  # QEMU/KVM and VirtualBox: stable, not random
 MANUAL, DISCOVERY_SOURCES = "manual", ("scan", "pulse")
@@ -453,6 +455,19 @@ def check_service(value):
     return f"{port}/{match.group(2).lower()}{detail}"
 
 
+def check_hostkey(value):
+    """An SSH host key fingerprint as ``SHA256:`` and 43 base64 characters, the form
+    ``ssh-keygen -lf KEY.pub`` prints; a key type before it (``ssh-ed25519 SHA256:...``) is
+    accepted and dropped, since the hash already covers the key's type, so one key has one
+    value however it was typed. RecordError for anything else (MD5 fingerprints included)."""
+    match = HOSTKEY_RE.match(value)
+    digest = match and match.group(1)
+    if not digest or base64.b64encode(base64.b64decode(digest + "=")).decode() != digest + "=":
+        raise RecordError(f"hostkey {clip(value)!r} must be an SSH fingerprint like "
+                          f"SHA256:<43 base64 characters> (ssh-keygen -lf KEY.pub)")
+    return "SHA256:" + digest
+
+
 def is_random_mac(mac):
     """Whether a MAC is locally administered (randomized), known stable prefixes aside."""
     return bool(int(mac[:2], 16) & 0x02) and not mac.startswith(STABLE_LAA_PREFIXES)
@@ -528,6 +543,9 @@ BUILTIN_FIELDS = (
      {"server": True, "words": False}),
     (31, "tenant", 64, LOOK, "Tenant the record belongs to (enterprise tier; set by the server).",
      PM, {"server": True}),
+    (32, "hostkey", 96, LOOK + " Change",
+     "SSH host key fingerprint, SHA256:... as ssh-keygen -l prints it (one per line).", M,
+     {"multi": True, "check": check_hostkey, "words": False}),
 )
 CUSTOM_FIELD_FIRST_ID = 100
 
@@ -5609,17 +5627,33 @@ class Caller:
         self.user, self.peer, self.request = user, peer, request
 
 
-MATCH_ORDER = ("mac", "ip", "hostname")     # the identities a merge finds its machine by
+# The identities a merge finds its machine by, strongest first. An SSH host key stays with
+# the machine's disk whatever its address; an mDNS name (NAME.local) is one the machine
+# claims on its own link (mDNS defends it against others); a stable MAC stays with its
+# network card, but one machine has several and a VM may get a new one; an address moves
+# with DHCP; any other hostname may be one made from an address (ip-10-0-0-7) or a stale
+# reverse DNS name. "mdns" is the hostname field, when its value ends in .local.
+MATCH_ORDER = ("hostkey", "mdns", "mac", "ip", "hostname")
+
+
+def is_mdns_name(hostname):
+    """Whether a host name is an mDNS one: NAME.local (RFC 6762), as scan records it."""
+    return hostname.lower().rstrip(".").endswith(".local")
 
 
 def identities(schema, fields):
-    """(field, value) pairs a merge may find its machine by, strongest first: stable MACs
-    (a randomized one names no machine), then IPs, then the hostname; values cleaned."""
+    """(field, value) pairs a merge may find its machine by, in MATCH_ORDER: host keys, an
+    mDNS hostname, stable MACs (a randomized one names no machine), IPs, then any other
+    hostname; values cleaned."""
     out = []
-    for name in MATCH_ORDER:
+    for kind in MATCH_ORDER:
+        name = "hostname" if kind == "mdns" else kind
         for value in schema.clean_values(schema.by_name[name], fields.get(name, ())):
-            if not (name == "mac" and is_random_mac(value)):
-                out.append((name, value))
+            if name == "mac" and is_random_mac(value):
+                continue
+            if name == "hostname" and is_mdns_name(value) != (kind == "mdns"):
+                continue
+            out.append((name, value))
     return out
 
 
@@ -7239,6 +7273,7 @@ BANNER_BYTES = 16384            # bytes read from one service at most
 BANNER_TEXT = 80                # characters of banner text kept
 BANNER_WORKERS = 32
 RDNS_WORKERS = 16
+HOSTKEY_WORKERS = 32            # machines whose SSH host keys are fetched at once
 SERVICE_MAX = 40                # the schema's longest services value
 RESOURCE_ERRORS = frozenset((errno.EADDRNOTAVAIL, errno.EAGAIN, errno.ENOBUFS, errno.EMFILE,
                              errno.ENFILE, errno.ENOMEM))
@@ -7818,10 +7853,13 @@ def resolve_names(addresses, timeout):
 # -- mDNS ------------------------------------------------------------------------
 
 def mdns_host_name(server):
-    """The host name of an SRV target (testnas from testnas.local.), cleaned; None if bad."""
+    """The host name of an SRV target, cleaned (testnas.local from testnas.local.); None
+    if bad. The .local stays: it is how merge knows an mDNS name (a name the machine
+    claims itself, so it outranks a MAC or an address) and the name that resolves."""
     text = clean_text(server or "", 253).rstrip(".")
-    text = text[:-len(".local")] if text.lower().endswith(".local") else text
-    return text if text and len(text) <= MDNS_NAME and HOSTNAME_RE.match(text) else None
+    label = text[:-len(".local")] if text.lower().endswith(".local") else text
+    text = label + ".local" if label != text else text
+    return text if label and len(label) <= MDNS_NAME and HOSTNAME_RE.match(text) else None
 
 
 def mdns_txt(properties, keys):
@@ -7969,6 +8007,66 @@ def mdns_merge_host(host, entry, ips):
         host[field] = host.get(field) or entry[field]
 
 
+# -- SSH host keys -----------------------------------------------------------------
+
+def ssh_ports(host):
+    """The ports of a finding whose services value names ssh (its banner began SSH-, or
+    port 22 said nothing that names it otherwise)."""
+    return [int(value.split("/")[0]) for value in host["services"]
+            if value.split(" ")[0].split("/")[1] == "ssh"]
+
+
+async def fetch_hostkey(asyncssh, address, port):
+    """The SHA256 fingerprint of the host key the SSH server at ``address``:``port`` shows
+    in its key exchange, or None. No config file is read (a ProxyCommand there must not
+    run in a scan); asyncssh raises many kinds of error on a server that is no SSH server
+    or breaks off, and none of them may end a scan, so each is just no key."""
+    try:
+        key = await asyncssh.get_server_host_key(
+            address, port, config=None, client_version=f"pharos-scan_{__version__}")
+        return check_hostkey(key.get_fingerprint("sha256")) if key else None
+    except Exception:
+        return None
+
+
+async def fetch_hostkeys(asyncssh, targets, timeout):
+    """{address: [fingerprints]} of {address: [SSH ports]}: HOSTKEY_WORKERS machines at a
+    time, each given ``timeout`` seconds from its turn for all its ports; a port that has
+    not answered by then gives nothing."""
+    gate = asyncio.Semaphore(HOSTKEY_WORKERS)
+
+    async def one(address, ports):
+        async with gate:
+            tasks = [asyncio.ensure_future(fetch_hostkey(asyncssh, address, port))
+                     for port in ports]
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            keys = [task.result() for task in tasks if task in done]
+            return address, list(dict.fromkeys(key for key in keys if key))
+    return dict(await asyncio.gather(*(one(a, p) for a, p in targets.items())))
+
+
+def scan_hostkeys(found, timeout, note):
+    """Give each finding with an SSH port its ``hostkey`` fingerprints (asyncssh); without
+    asyncssh, ``note`` says what was skipped and which pip install adds it."""
+    targets = {host["address"]: ssh_ports(host) for host in found}
+    targets = {address: ports for address, ports in targets.items() if ports}
+    if not targets:
+        return found
+    try:
+        asyncssh = optional_import("asyncssh")
+    except UsageError:
+        note("SSH host keys skipped (pip install asyncssh adds them)")
+        return found
+    keys = asyncio.run(fetch_hostkeys(asyncssh, targets, timeout))
+    for host in found:
+        if keys.get(host["address"]):
+            host["hostkey"] = keys[host["address"]]
+    return found
+
+
 # -- one scan, start to end --------------------------------------------------------
 
 def scan_hosts(pairs, opened, banners, neighbours):
@@ -8000,6 +8098,8 @@ def scan_records(found):
                   "ip": host["ip"]}
         if host["mac"]:
             record["mac"] = [host["mac"]]
+        if host.get("hostkey"):
+            record["hostkey"] = host["hostkey"]
         for field in ("vendor", "model"):
             if host.get(field):
                 record[field] = host[field]
@@ -8014,8 +8114,8 @@ def scan_records(found):
 def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=True,
              mdns=None, note=lambda text: None):
     """Probe (browsing mDNS meanwhile when ``mdns`` is (the zeroconf module, seconds)), read
-    banners, then the neighbour table, vendors and names: the findings; ``note`` is told
-    when browsing fails."""
+    banners and SSH host keys, then the neighbour table, vendors and names: the findings;
+    ``note`` is told when browsing fails or host keys are skipped."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=1) as pool:
         heard = pool.submit(browse_mdns, *mdns) if mdns else None
@@ -8023,6 +8123,7 @@ def run_scan(pairs, ports, concurrency, timeout, advance=None, arp=True, rdns=Tr
             probe_list([address for address, _ in pairs], ports))
         banners = read_banners(opened, timeout) if opened else {}
         found = scan_hosts(pairs, opened, banners, read_neighbours() if arp else [])
+        scan_hostkeys(found, timeout, note)
         merge_mdns(found, mdns_heard(heard, mdns[0], note) if heard else [], pairs)
     vendors = read_oui_vendors({host["mac"] for host in found if host["mac"]})
     unnamed = [host["address"] for host in found if not host["name"]]
@@ -8082,9 +8183,11 @@ HELP_TOPICS = {
               "field=\"\" removes a field. At most `limit` entries change (set limit=N).",
     "delete": "delete selection ...\nAt most `limit` entries go (set limit=N).",
     "merge": "merge source=scan|pulse [dry_run] field=value ...\n"
-             "Extension: a discovery write of one machine. It is found by a stable MAC, then\n"
-             "IP, then hostname (randomized MACs never match), else added. Blank fields are\n"
-             "filled and fields the source set are updated; fields a person set stay.\n"
+             "Extension: a discovery write of one machine. It is found by its SSH host key\n"
+             "(hostkey), then an mDNS name (a hostname ending in .local), then a stable MAC,\n"
+             "IP, then any other hostname (randomized MACs never match), else added.\n"
+             "Blank fields are filled and fields the source set are updated; fields a\n"
+             "person set stay.\n"
              "Answers 1 entry added., N fields changed. or No change.; with dry_run\n"
              "nothing is written and the answer says what would be. Needs a writer login.\n"
              "`return all sources` shows who set each field last (unlisted: manual).",
@@ -8777,7 +8880,8 @@ class PhSession(PhAuthVerbs):
 
     def ph_merge(self, args):
         """Extension: merge source=scan|pulse [dry_run] field=value ...: one machine found
-        by MAC, IP or hostname (else added) changed by the provenance rule (merge_plan)."""
+        by its strongest identity (MATCH_ORDER; else added) changed by the provenance rule
+        (merge_plan)."""
         failure = "Merge command not understood."
         try:
             self.service.check_writable()

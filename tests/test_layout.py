@@ -23,13 +23,14 @@ BANNERS = [(SOURCE.count("\n", 0, m.start()) + 1, m.group(1)) for m in BANNER_RE
 # Where each section is tested (a file may cover several; every section needs one).
 SECTION_TESTS = {
     "Constants": ["test_zipapp.py"], "Errors": ["test_cli.py"], "Net": ["test_fuzz.py"],
-    "Schema": ["test_protocol.py", "test_provenance.py"], "Protocol": ["test_protocol.py"],
+    "Schema": ["test_protocol.py", "test_provenance.py", "test_hostkey.py"],
+    "Protocol": ["test_protocol.py"],
     "Query": ["test_store.py", "test_hardening_query.py"], "Metrics": ["test_metrics.py"],
     "Loop": ["test_robustness.py"], "Storage": ["test_store.py", "test_visibility.py"],
     "File store": ["test_durability.py", "test_damage.py"], "LDAP store": ["test_ldap.py"],
     "SSH": ["test_auth.py"], "Auth": ["test_auth.py", "test_hardening_auth.py", "test_ldap_keys.py"],
-    "Service": ["test_service.py"], "Client": ["test_clients.py"],
-    "Formats": ["test_formats.py"], "Discovery": ["test_scan.py"],
+    "Service": ["test_service.py", "test_hostkey.py"], "Client": ["test_clients.py"],
+    "Formats": ["test_formats.py"], "Discovery": ["test_scan.py", "test_hostkey.py"],
     "Ph server": ["test_transcripts.py", "test_netph.py"], "HTTP": ["test_hardening_http.py"],
     "MCP": ["test_mcp.py"], "Serve": ["test_cli.py"], "CLI": ["test_cli.py", "test_hardening_cli.py"],
 }
@@ -118,3 +119,23 @@ def test_no_backslash_continuations():
                       and isinstance(node.value, str)
                       for n in range(node.lineno, node.end_lineno)}
     assert [n for n in cut if n not in inside_strings] == []
+
+
+def test_start_up_compiles_no_pattern_and_imports_no_lazy_module():
+    """Module-level patterns are LazyRegex (compiled when first used) and the lazy modules
+    are not imported at the top: every `ph`, `mdb` and `--version` would pay for them."""
+    lazy = {"re", "ipaddress", "fnmatch", "weakref", "zlib", "asyncio", "json", "argparse",
+            "socket", "selectors", "hashlib", "base64"}
+    for node in TREE.body:
+        if isinstance(node, ast.Import):
+            names = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names = {(node.module or "").split(".")[0]}
+        else:
+            names = set()
+        assert not names & lazy, f"line {node.lineno}: imports {names & lazy} at the top"
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.Expr)):
+            for call in ast.walk(node):
+                func = getattr(call, "func", None) if isinstance(call, ast.Call) else None
+                if isinstance(func, ast.Attribute) and getattr(func.value, "id", None) == "re":
+                    raise AssertionError(f"line {node.lineno}: re.{func.attr} at the top")

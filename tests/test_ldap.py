@@ -25,6 +25,8 @@ import pharos  # noqa: E402
 
 PEOPLE = f"ou=people,{SUFFIX}"
 HOSTS = f"ou=hosts,{SUFFIX}"
+KEY_1 = "SHA256:LeoukUgI/dn83IUd1HKfsBNMq9xZc5XTGonJvjlY45Y"   # host key fingerprints
+KEY_2 = "SHA256:vXGCOSNKh3ybQ1LdCPqWynd+VY2BZrs5iRrth7C2aXg"
 
 
 @pytest.fixture
@@ -90,7 +92,7 @@ def test_records_written_through_ph_are_entries_with_standard_classes(pharos_on,
                      'notes="on call"')[-1] == "200:Ok."
         assert c.cmd("add hostname=nas ip=10.0.0.5 mac=AA-BB-CC-DD-EE-01 owner=jdoe "
                      "location=attic serial=S123 os=Debian role=nas tags=backup "
-                     "services=22/ssh")[-1] == "200:Ok."
+                     f"services=22/ssh hostkey={KEY_1}")[-1] == "200:Ok."
         assert c.cmd("add hostname=bare os=none")[-1] == "200:Ok."
     person = slapd.search(f"uid=jdoe,{PEOPLE}", scope="base")[f"uid=jdoe,{PEOPLE}"]
     assert person["objectClass"] == ["inetOrgPerson"]
@@ -107,7 +109,8 @@ def test_records_written_through_ph_are_entries_with_standard_classes(pharos_on,
     assert nas["owner"] == [f"uid=jdoe,{PEOPLE}"] and nas["l"] == ["attic"]
     assert nas["serialNumber"] == ["S123"]
     assert {"pharos:os=Debian", "pharos:role=nas", "pharos:tags=backup",
-            "pharos:services=22/ssh", "pharos:status=unknown"} <= set(nas["description"])
+            "pharos:services=22/ssh", "pharos:status=unknown",
+            f"pharos:hostkey={KEY_1}"} <= set(nas["description"])
     bare = slapd.search(f"cn=bare,{HOSTS}", scope="base")[f"cn=bare,{HOSTS}"]
     assert bare["objectClass"] == ["device"]
     with pharos_on.client() as c:                 # an IP makes it an ipHost; none, not
@@ -123,13 +126,16 @@ def test_a_restarted_server_reads_back_what_it_wrote(slapd, tmp_path):
     srv = ldap_server(slapd, tmp_path)
     with srv.client() as c:
         c.cmd('add alias=ann name="Ann Lee" email=ann@example.org nickname=annie')
-        c.cmd("add hostname=web-1 ip=10.0.0.7 ip=fd00::7 mac=aa:bb:cc:dd:ee:02 tags=a tags=b")
+        c.cmd("add hostname=web-1 ip=10.0.0.7 ip=fd00::7 mac=aa:bb:cc:dd:ee:02 tags=a tags=b "
+              f'hostkey="ssh-ed25519 {KEY_1}" hostkey={KEY_2}')
         before = c.cmd("query type=person type=machine return all")
     srv.stop()
     srv = ldap_server(slapd, tmp_path)
     try:
         with srv.client() as c:
             assert c.cmd("query type=person type=machine return all") == before
+            assert c.cmd(f"query hostkey={KEY_2} return hostkey")[1:] == [
+                f"-200:1:  hostkey: {KEY_1}", f"-200:1:  hostkey: {KEY_2}", "200:Ok."]
     finally:
         srv.kill()
 

@@ -37,12 +37,15 @@ threading.Thread(target=serve, daemon=True).start()
 sys.stdin.read()
 """
 
-# Registers the services of argv[1] (JSON), says ready, unregisters when stdin closes.
+# Registers the services of argv[1] (JSON; addresses separated by spaces), says ready,
+# unregisters when stdin closes.
 PUBLISHER = """
 import json, socket, sys
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
-infos = [ServiceInfo(kind, name, addresses=[socket.inet_aton(address)], port=port,
+def packed(address):
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+infos = [ServiceInfo(kind, name, addresses=[packed(a) for a in address.split()], port=port,
                      properties=txt, server=server)
          for kind, name, server, address, port, txt in json.loads(sys.argv[1])]
 for info in infos:
@@ -58,9 +61,10 @@ zc.close()
 # -- pure pieces ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("server, name", [
-    ("testnas.local.", "testnas"), ("TestNAS.local", "TestNAS"), ("nas.lab.local.", "nas.lab"),
+    ("testnas.local.", "testnas.local"), ("TestNAS.LOCAL", "TestNAS.local"),
+    ("nas.lab.local.", "nas.lab.local"), ("nas.example.org.", "nas.example.org"),
     ("bad name.local.", None), ("", None), (None, None), ("x" * 64 + ".local.", None),
-    ("evil\x1b[31m.local.", None),
+    ("x" * 63 + ".local.", "x" * 63 + ".local"), ("evil\x1b[31m.local.", None),
 ])
 def test_mdns_host_name(server, name):
     assert pharos.mdns_host_name(server) == name
@@ -69,7 +73,7 @@ def test_mdns_host_name(server, name):
 def test_mdns_entry_takes_service_model_and_vendor():
     entry = pharos.mdns_entry("_http._tcp.local.", "testnas.local.", ["127.0.0.1", "nonsense"],
                               5000, {b"md": b"DS920+", b"vendor": b"Synology", b"ty": b"other"})
-    assert entry == {"name": "testnas", "ip": ["127.0.0.1"], "service": "5000/http",
+    assert entry == {"name": "testnas.local", "ip": ["127.0.0.1"], "service": "5000/http",
                      "model": "DS920+", "vendor": "Synology"}
 
 
@@ -101,11 +105,11 @@ def test_merge_mdns_keeps_only_the_targets_and_merges_by_address():
     ]
     pharos.merge_mdns(found, entries, pairs)
     assert [(h["address"], h["name"], h["services"], h.get("model")) for h in found] == [
-        ("127.0.0.1", "nas", ["22/ssh OpenSSH_9.2p1", "445/smb", "8080/http"], "DS920+"),
-        ("127.0.0.3", "printer", ["631/ipp"], None)]
+        ("127.0.0.1", "nas.local", ["22/ssh OpenSSH_9.2p1", "445/smb", "8080/http"], "DS920+"),
+        ("127.0.0.3", "printer.local", ["631/ipp"], None)]
     records = pharos.scan_records(found)
-    assert records[0]["hostname"] == "nas" and records[0]["model"] == "DS920+"
-    assert records[1] == {"type": pharos.MACHINE, "hostname": "printer", "ip": ["127.0.0.3"],
+    assert records[0]["hostname"] == "nas.local" and records[0]["model"] == "DS920+"
+    assert records[1] == {"type": pharos.MACHINE, "hostname": "printer.local", "ip": ["127.0.0.3"],
                           "services": ["631/ipp"]}
 
 
@@ -213,15 +217,32 @@ def test_scan_hears_a_published_service(netns, started):
                                  "--mdns-seconds", "2")
     assert code == 0, err
     by_name = {r["hostname"]: r for r in records}
-    assert set(by_name) == {"testnas", "printer", "oddbox"}, records
-    nas = by_name["testnas"]
+    assert set(by_name) == {"testnas.local", "printer.local", "oddbox.local"}, records
+    nas = by_name["testnas.local"]
     assert nas["ip"] == ["127.0.0.1"] and nas["model"] == "DS920+"
     assert nas["services"] == ["22/ssh", f"{port}/http"]
     assert nas["vendor"] == ("Acme [31m " + "v" * 200)[:64]
-    assert by_name["printer"]["services"] == ["631/ipp"]
+    assert by_name["printer.local"]["services"] == ["631/ipp"]
     # A type only the DNS-SD enumeration names.
-    assert by_name["oddbox"]["services"] == ["7000/pharostest"]
+    assert by_name["oddbox.local"]["services"] == ["7000/pharostest"]
     assert "mDNS" not in err
+
+
+def test_scan_keeps_the_ipv6_addresses_mdns_gives_inside_ipv6_targets(netns, started):
+    need(HAVE_ZEROCONF, "zeroconf (pip install zeroconf)")
+    services = [["_ssh._tcp.local.", "Six._ssh._tcp.local.", "sixbox.local.", "127.0.0.5 ::1",
+                 22, {}]]
+    assert first_line(started(in_netns(netns, sys.executable, "-c", PUBLISHER,
+                                       json.dumps(services)))) == "ready"
+    code, records, err = scan_in(netns, "127.0.0.5", "::1", "--ports", "9",
+                                 "--mdns-seconds", "2")
+    assert code == 0, err
+    assert records == [{"type": "machine", "hostname": "sixbox.local",
+                        "ip": ["127.0.0.5", "::1"], "services": ["22/ssh"]}]
+    # An address outside the targets is not taken, IPv6 or not.
+    code, records, err = scan_in(netns, "127.0.0.5", "--ports", "9", "--mdns-seconds", "2")
+    assert code == 0, err
+    assert [r["ip"] for r in records] == [["127.0.0.5"]]
 
 
 def test_scan_without_zeroconf_says_so_and_still_scans(netns, started, tmp_path):

@@ -62,6 +62,8 @@ S: -200:30:modified:max 20 Indexed Lookup Public
 S: -200:30:modified:When the record last changed (set by the server). (people and machines)
 S: -200:31:tenant:max 64 Indexed Lookup Public
 S: -200:31:tenant:Tenant the record belongs to (enterprise tier; set by the server). (people and machines)
+S: -200:32:hostkey:max 96 Indexed Lookup Public Change NoPeople
+S: -200:32:hostkey:SSH host key fingerprint, SHA256:... as ssh-keygen -l prints it (one per line). (machines, multi-valued)
 S: 200:Ok.
 C: fields alias IP
 S: -200:2:alias:max 32 Indexed Lookup Public Default Change
