@@ -8426,7 +8426,156 @@ class DumpCursor:
         return self
 
 
-class PhSession(PhAuthVerbs):
+class PhWriteVerbs:
+    """The write verbs of PhSession (add, change, delete, merge): each parses its pairs,
+    has the service plan and commit them, and words the outcome as Ph replies."""
+
+    def parse_pairs(self, tokens, start=1, *, for_change=False):
+        """{field: [values]} from field=value tokens, and error lines for the rest."""
+        values, errors = {}, []
+        for n, token in enumerate(tokens, start):
+            if token.field is None or (not token.value and not token.quoted and for_change):
+                what = f"Argument {n} (begins {printable(token.text(), 16)})"
+                errors.append(more(599, f"{what}: must be field=value pair." if for_change
+                                   else f"{n}:argument is not field=value pair."))
+                continue
+            field = self.schema.field(token.field)
+            if field is None:
+                errors.append(more(507, f"{printable(token.field)}:unknown field."))
+            elif field.server or (for_change and field.name == "type"):
+                errors.append(more(505, f"{field.name}:you may not change this field."))
+            else:
+                values.setdefault(field.name, []).append(token.value)
+        return values, errors
+
+    def refused(self, error, failure):
+        """The Ph reply for a ServiceError or RecordError: its detail lines, then the final
+        line (a RecordError's own code, before ``failure`` as qi words it)."""
+        if isinstance(error, RecordError):
+            return more(error.code, str(error)) + line(599, failure)
+        return "".join(more(c, t) for c, t in error.details) + line(error.code, error.text)
+
+    def commit(self, ops, success):
+        """Commit ``ops`` with the audit line of ``success``: a Later of the reply to send."""
+        def reply(error):
+            if error is not None:
+                return line(error.code, error.text)
+            self.audited = self.service.auditlog is not None
+            return success
+        return self.service.commit(self.caller(), ops, success, self.now).map(reply)
+
+    def ph_add(self, args):
+        """add field=value ...: 200:Ok. once the new record is durable (599 if refused)."""
+        failure = "Add command not understood."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
+        if not args:
+            return line(599, failure)
+        fields, errors = self.parse_pairs(args)
+        if errors:
+            return "".join(errors) + line(599, failure)
+        try:
+            ops = self.service.plan_add(self.caller(), fields, self.now, self.type_hint)
+        except (RecordError, ServiceError) as e:
+            return self.refused(e, failure)
+        return self.commit(ops, line(200, "Ok."))
+
+    def limited_selection(self, tokens, failure):
+        """(ids, None) for a change/delete selection, or (None, reply) when refused."""
+        selection, errors = parse_selection(self.schema, tokens, self.type_hint)
+        if not errors and not selection.has_key():
+            errors.append(more(515, "no non-null key field in query."))
+        if errors:
+            return None, "".join(errors) + line(599, failure)
+        try:
+            return self.service.select_for_write(self.caller(), selection,
+                                                 int(self.options["limit"])), None
+        except ServiceError as e:
+            return None, self.refused(e, failure)
+
+    def ph_change(self, args):
+        """change selection make field=value ...: 200:N entries changed. (500 if some fail)."""
+        failure = "Did not understand change command."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
+        cut = next((i for i, t in enumerate(args) if t.sep), None)
+        if cut is None or cut == len(args) - 1:
+            return line(599, failure)
+        make, errors = self.parse_pairs(args[cut + 1:], cut + 2, for_change=True)
+        if errors:
+            return "".join(errors) + line(599, failure)
+        ids, reply = self.limited_selection(args[:cut], failure)
+        if reply:
+            return reply
+        if not ids:
+            return line(501, "No matches to specification.")
+        found = len(ids)
+        ops, refusals = self.service.plan_change(ids, make, self.now,
+                                                 addonly=self.options["addonly"] == "on")
+        errors = "".join(more(code, text) for code, text in refusals)
+        ok = found - len(refusals)
+        if not errors:
+            return self.commit(ops, line(200, f"{plural(ok, 'entry', 'entries')} changed."))
+        if ok == 0:
+            return errors + line(500, f"{plural(found, 'entry', 'entries')} found, none changed.")
+        return self.commit(ops, errors + line(
+            500, f"Only {plural(ok, 'entry', 'entries')} changed ({found} found)."))
+
+    def ph_delete(self, args):
+        """delete selection: 200:N entries deleted. (501 no match, 518 over the limit)."""
+        failure = "Delete command not understood."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
+        if not args or any(t.sep for t in args):
+            return line(599, failure)
+        ids, reply = self.limited_selection(args, failure)
+        if reply:
+            return reply
+        if not ids:
+            return line(501, "No entries matched specifications.")
+        ops = self.service.plan_delete(ids)
+        return self.commit(ops, line(200, f"{len(ids)} entries deleted."))
+
+    def ph_merge(self, args):
+        """Extension: merge source=scan|pulse [dry_run] field=value ...: one machine found
+        by its strongest identity (MATCH_ORDER; else added) changed by the provenance rule
+        (merge_plan)."""
+        failure = "Merge command not understood."
+        try:
+            self.service.check_writable()
+        except ServiceError as e:
+            return self.refused(e, failure)
+        source, dry_run, rest, errors = None, False, [], []
+        for token in args:
+            if token.field is not None and token.field.lower() == "source":
+                source = token.value.lower()
+            elif token.field is None and token.value.lower() == "dry_run":
+                dry_run = True
+            else:
+                rest.append(token)
+        if source not in DISCOVERY_SOURCES:
+            errors.append(more(599, "merge needs source=scan or source=pulse."))
+        fields, bad = self.parse_pairs(rest)
+        if {v.strip().lower() for v in fields.pop("type", ())} - {MACHINE} and not bad:
+            bad.append(more(512, "merge writes machines only (type=machine)"))
+        if errors or bad or not fields:
+            return "".join(errors + bad) + line(599, failure)
+        try:
+            ops, what = self.service.plan_merge(self.caller(), fields, source, self.now)
+        except (RecordError, ServiceError) as e:
+            return self.refused(e, failure)
+        if dry_run or not ops:
+            return line(200, merge_answer(what, dry_run))
+        return self.commit(ops, line(200, merge_answer(what, False)))
+
+
+class PhSession(PhAuthVerbs, PhWriteVerbs):
     """The state of one Ph connection and one handler (ph_<verb>) per command."""
 
     def __init__(self, server, peer):
@@ -8763,152 +8912,6 @@ class PhSession(PhAuthVerbs):
         if len(fields) == len(tokens) and len(self.schema.return_lists) < 4096:
             self.schema.return_lists[key] = chosen
         return chosen
-
-    # -- writes --------------------------------------------------------------
-
-    def parse_pairs(self, tokens, start=1, *, for_change=False):
-        """{field: [values]} from field=value tokens, and error lines for the rest."""
-        values, errors = {}, []
-        for n, token in enumerate(tokens, start):
-            if token.field is None or (not token.value and not token.quoted and for_change):
-                what = f"Argument {n} (begins {printable(token.text(), 16)})"
-                errors.append(more(599, f"{what}: must be field=value pair." if for_change
-                                   else f"{n}:argument is not field=value pair."))
-                continue
-            field = self.schema.field(token.field)
-            if field is None:
-                errors.append(more(507, f"{printable(token.field)}:unknown field."))
-            elif field.server or (for_change and field.name == "type"):
-                errors.append(more(505, f"{field.name}:you may not change this field."))
-            else:
-                values.setdefault(field.name, []).append(token.value)
-        return values, errors
-
-    def refused(self, error, failure):
-        """The Ph reply for a ServiceError or RecordError: its detail lines, then the final
-        line (a RecordError's own code, before ``failure`` as qi words it)."""
-        if isinstance(error, RecordError):
-            return more(error.code, str(error)) + line(599, failure)
-        return "".join(more(c, t) for c, t in error.details) + line(error.code, error.text)
-
-    def commit(self, ops, success):
-        """Commit ``ops`` with the audit line of ``success``: a Later of the reply to send."""
-        def reply(error):
-            if error is not None:
-                return line(error.code, error.text)
-            self.audited = self.service.auditlog is not None
-            return success
-        return self.service.commit(self.caller(), ops, success, self.now).map(reply)
-
-    def ph_add(self, args):
-        """add field=value ...: 200:Ok. once the new record is durable (599 if refused)."""
-        failure = "Add command not understood."
-        try:
-            self.service.check_writable()
-        except ServiceError as e:
-            return self.refused(e, failure)
-        if not args:
-            return line(599, failure)
-        fields, errors = self.parse_pairs(args)
-        if errors:
-            return "".join(errors) + line(599, failure)
-        try:
-            ops = self.service.plan_add(self.caller(), fields, self.now, self.type_hint)
-        except (RecordError, ServiceError) as e:
-            return self.refused(e, failure)
-        return self.commit(ops, line(200, "Ok."))
-
-    def limited_selection(self, tokens, failure):
-        """(ids, None) for a change/delete selection, or (None, reply) when refused."""
-        selection, errors = parse_selection(self.schema, tokens, self.type_hint)
-        if not errors and not selection.has_key():
-            errors.append(more(515, "no non-null key field in query."))
-        if errors:
-            return None, "".join(errors) + line(599, failure)
-        try:
-            return self.service.select_for_write(self.caller(), selection,
-                                                 int(self.options["limit"])), None
-        except ServiceError as e:
-            return None, self.refused(e, failure)
-
-    def ph_change(self, args):
-        """change selection make field=value ...: 200:N entries changed. (500 if some fail)."""
-        failure = "Did not understand change command."
-        try:
-            self.service.check_writable()
-        except ServiceError as e:
-            return self.refused(e, failure)
-        cut = next((i for i, t in enumerate(args) if t.sep), None)
-        if cut is None or cut == len(args) - 1:
-            return line(599, failure)
-        make, errors = self.parse_pairs(args[cut + 1:], cut + 2, for_change=True)
-        if errors:
-            return "".join(errors) + line(599, failure)
-        ids, reply = self.limited_selection(args[:cut], failure)
-        if reply:
-            return reply
-        if not ids:
-            return line(501, "No matches to specification.")
-        found = len(ids)
-        ops, refusals = self.service.plan_change(ids, make, self.now,
-                                                 addonly=self.options["addonly"] == "on")
-        errors = "".join(more(code, text) for code, text in refusals)
-        ok = found - len(refusals)
-        if not errors:
-            return self.commit(ops, line(200, f"{plural(ok, 'entry', 'entries')} changed."))
-        if ok == 0:
-            return errors + line(500, f"{plural(found, 'entry', 'entries')} found, none changed.")
-        return self.commit(ops, errors + line(
-            500, f"Only {plural(ok, 'entry', 'entries')} changed ({found} found)."))
-
-    def ph_delete(self, args):
-        """delete selection: 200:N entries deleted. (501 no match, 518 over the limit)."""
-        failure = "Delete command not understood."
-        try:
-            self.service.check_writable()
-        except ServiceError as e:
-            return self.refused(e, failure)
-        if not args or any(t.sep for t in args):
-            return line(599, failure)
-        ids, reply = self.limited_selection(args, failure)
-        if reply:
-            return reply
-        if not ids:
-            return line(501, "No entries matched specifications.")
-        ops = self.service.plan_delete(ids)
-        return self.commit(ops, line(200, f"{len(ids)} entries deleted."))
-
-    def ph_merge(self, args):
-        """Extension: merge source=scan|pulse [dry_run] field=value ...: one machine found
-        by its strongest identity (MATCH_ORDER; else added) changed by the provenance rule
-        (merge_plan)."""
-        failure = "Merge command not understood."
-        try:
-            self.service.check_writable()
-        except ServiceError as e:
-            return self.refused(e, failure)
-        source, dry_run, rest, errors = None, False, [], []
-        for token in args:
-            if token.field is not None and token.field.lower() == "source":
-                source = token.value.lower()
-            elif token.field is None and token.value.lower() == "dry_run":
-                dry_run = True
-            else:
-                rest.append(token)
-        if source not in DISCOVERY_SOURCES:
-            errors.append(more(599, "merge needs source=scan or source=pulse."))
-        fields, bad = self.parse_pairs(rest)
-        if {v.strip().lower() for v in fields.pop("type", ())} - {MACHINE} and not bad:
-            bad.append(more(512, "merge writes machines only (type=machine)"))
-        if errors or bad or not fields:
-            return "".join(errors + bad) + line(599, failure)
-        try:
-            ops, what = self.service.plan_merge(self.caller(), fields, source, self.now)
-        except (RecordError, ServiceError) as e:
-            return self.refused(e, failure)
-        if dry_run or not ops:
-            return line(200, merge_answer(what, dry_run))
-        return self.commit(ops, line(200, merge_answer(what, False)))
 
     # -- options -------------------------------------------------------------
 
