@@ -214,7 +214,7 @@ def test_scan_hears_a_published_service(netns, started):
     assert first_line(started(in_netns(netns, sys.executable, "-c", PUBLISHER,
                                        json.dumps(services)))) == "ready"
     code, records, err = scan_in(netns, "127.0.0.0/29", "--ports", str(port),
-                                 "--mdns-seconds", "2")
+                                 "--mdns-seconds", "4")
     assert code == 0, err
     by_name = {r["hostname"]: r for r in records}
     assert set(by_name) == {"testnas.local", "printer.local", "oddbox.local"}, records
@@ -235,12 +235,12 @@ def test_scan_keeps_the_ipv6_addresses_mdns_gives_inside_ipv6_targets(netns, sta
     assert first_line(started(in_netns(netns, sys.executable, "-c", PUBLISHER,
                                        json.dumps(services)))) == "ready"
     code, records, err = scan_in(netns, "127.0.0.5", "::1", "--ports", "9",
-                                 "--mdns-seconds", "2")
+                                 "--mdns-seconds", "4")
     assert code == 0, err
     assert records == [{"type": "machine", "hostname": "sixbox.local",
                         "ip": ["127.0.0.5", "::1"], "services": ["22/ssh"]}]
     # An address outside the targets is not taken, IPv6 or not.
-    code, records, err = scan_in(netns, "127.0.0.5", "--ports", "9", "--mdns-seconds", "2")
+    code, records, err = scan_in(netns, "127.0.0.5", "--ports", "9", "--mdns-seconds", "4")
     assert code == 0, err
     assert [r["ip"] for r in records] == [["127.0.0.5"]]
 
