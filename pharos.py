@@ -3172,6 +3172,10 @@ def escape_filter_value(value):
 def split_dn(dn):
     """The RDNs of ``dn`` as [(attribute lower-cased, value unescaped)], first RDN first;
     a multi-valued RDN keeps its first pair."""
+    if "\\" not in dn:                  # nothing escaped (most DNs): split, no byte walk
+        pairs = [part.split("+", 1)[0].partition("=") for part in dn.split(",")]
+        if all(eq for _, eq, _ in pairs):
+            return [(attr.strip().lower(), value.strip()) for attr, _, value in pairs]
     rdns, attr, raw, seen_eq, skip = [], [], bytearray(), False, False
     i, data = 0, dn.encode("utf-8")
     while i < len(data):
