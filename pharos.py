@@ -416,6 +416,10 @@ def check_hostname(value):
 
 def check_ip(value):
     """An IPv4 or IPv6 address in canonical form; RecordError if it is not one."""
+    parts = value.split(".")
+    if len(parts) == 4 and all(p.isascii() and p.isdigit() and len(p) <= 3 and int(p) < 256
+                               and (p[0] != "0" or p == "0") for p in parts):
+        return value                    # dotted IPv4, canonical already (most addresses)
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -3123,7 +3127,6 @@ LDAP_RECONCILE_FACTOR = 10      # ... and at least this many times what a listin
 LDAP_BACKOFF_MAX = 5.0          # seconds between reconnect attempts, at most
 LDAP_PREFIX = "pharos:"         # custom values in `description` without the pharos schema
 LDAP_ENTRY_FILTER = "(|(objectClass=inetOrgPerson)(objectClass=device)(objectClass=ipHost))"
-LDAP_READ_ATTRS = ["*", "entryUUID", "entryCSN", "createTimestamp", "modifyTimestamp"]
 PAGED_OID = "1.2.840.113556.1.4.319"
 LDAP_PERSON_ATTRS = {"email": "mail", "phone": "telephoneNumber", "mobile": "mobile",
                      "title": "title", "department": "ou", "office": "roomNumber",
@@ -3131,6 +3134,10 @@ LDAP_PERSON_ATTRS = {"email": "mail", "phone": "telephoneNumber", "mobile": "mob
 LDAP_MACHINE_ATTRS = {"ip": "ipHostNumber", "mac": "macAddress", "location": "l",
                       "serial": "serialNumber"}
 LDAP_ATTRS = {PERSON: LDAP_PERSON_ATTRS, MACHINE: LDAP_MACHINE_ATTRS}
+# What a record is read from (a photo or a certificate an entry also holds is not fetched):
+LDAP_READ_ATTRS = ["objectClass", "uid", "cn", "owner", "description", "pharosField",
+                   *LDAP_PERSON_ATTRS.values(), *LDAP_MACHINE_ATTRS.values(), "entryUUID",
+                   "entryCSN", "createTimestamp", "modifyTimestamp"]
 LDAP_OWN_FIELDS = {"type", "tenant", "alias", "hostname", "name", "notes", "owner"}
 LDAP_CODES = {68: 509, 19: 512, 21: 512, 65: 512, 20: 512, 16: 400, 32: 501, 50: 506,
               53: 400, 51: 475, 52: 475, 80: 400}
@@ -3243,6 +3250,451 @@ class LdapFailure(Exception):
     def __init__(self, result, what, done=0):
         super().__init__(what)
         self.result, self.what, self.done = result, what, done
+
+
+# -- the wire: the store's reads in LDAPv3 BER (RFC 4511), without ldap3 --
+#
+# ldap3 decodes a search reply entry by entry in general-purpose Python and copies each
+# response twice; loading 10k+10k entries spent most of its time there. The store's reads
+# (the start-up load, Content Sync, polls, the keys) go through LdapWire instead: one
+# blocking connection that binds, sends a search and decodes the entries as they stream
+# in. ldap3 still makes the writes (add, modify, rename, delete), where its cost is small
+# beside the directory's own.
+
+SYNC_REQUEST_OID = "1.3.6.1.4.1.4203.1.9.1.1"  # RFC 4533 Content Sync
+SYNC_STATE_OID = "1.3.6.1.4.1.4203.1.9.1.2"
+SYNC_INFO_OID = "1.3.6.1.4.1.4203.1.9.1.4"
+LDAP_MAX_MESSAGE = 64 * 1024 * 1024     # bytes of one LDAP message from the directory, at most
+LDAP_RESULTS = {0: "success", 1: "operationsError", 2: "protocolError", 3: "timeLimitExceeded",
+                4: "sizeLimitExceeded", 7: "authMethodNotSupported", 8: "strongerAuthRequired",
+                10: "referral", 11: "adminLimitExceeded", 12: "unavailableCriticalExtension",
+                13: "confidentialityRequired", 32: "noSuchObject", 34: "invalidDNSyntax",
+                48: "inappropriateAuthentication", 49: "invalidCredentials",
+                50: "insufficientAccessRights", 51: "busy", 52: "unavailable",
+                53: "unwillingToPerform", 80: "other", 4096: "e-syncRefreshRequired"}
+LDAP_FILTER_TAGS = {"=": 0xA3, ">=": 0xA5, "<=": 0xA6, "~=": 0xA8}
+
+
+def ber(tag, body):
+    """One BER TLV: a one-byte ``tag``, the definite length, ``body``."""
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + body
+
+
+def ber_int(n, tag=0x02):
+    """A BER INTEGER (or, with ``tag`` 0x0A, ENUMERATED)."""
+    return ber(tag, n.to_bytes(n.bit_length() // 8 + 1, "big", signed=True))
+
+
+def ber_str(text, tag=0x04):
+    """A BER OCTET STRING of ``text`` (str as UTF-8, or bytes)."""
+    return ber(tag, text.encode("utf-8") if isinstance(text, str) else text)
+
+
+def ber_tlv(data, pos, end):
+    """(tag, start, end) of the value of the TLV at ``pos``, which must end by ``end``;
+    ValueError when it does not."""
+    if pos + 2 > end:
+        raise ValueError("a BER element cut short")
+    tag, n = data[pos], data[pos + 1]
+    pos += 2
+    if n & 0x80:
+        size = n & 0x7F
+        if not 0 < size <= 4 or pos + size > end:
+            raise ValueError("a BER length that does not fit")
+        n = int.from_bytes(data[pos:pos + size], "big")
+        pos += size
+    if pos + n > end:
+        raise ValueError("a BER length past its container")
+    return tag, pos, pos + n
+
+
+def ber_items(data, pos, end):
+    """[(tag, start, end)] of the TLVs that fill data[pos:end]."""
+    out = []
+    while pos < end:
+        item = ber_tlv(data, pos, end)
+        out.append(item)
+        pos = item[2]
+    return out
+
+
+def ldap_filter(text):
+    """The BER of the RFC 4515 filter ``text`` (&, |, !, =, >=, <=, ~=, presence and
+    substrings; values escaped as \\XX); ValueError when it is none."""
+    try:
+        out, end = ldap_filter_at(text, 0)
+    except IndexError:
+        raise ValueError(f"an unfinished LDAP filter: {text!r}") from None
+    if end != len(text):
+        raise ValueError(f"text after the LDAP filter: {text!r}")
+    return out
+
+
+def ldap_filter_at(text, i):
+    """(BER, index after it) of the filter that starts at text[i]."""
+    if text[i] != "(":
+        raise ValueError(f"an LDAP filter must start with '(': {text!r}")
+    if text[i + 1] in "&|!":
+        tag, parts, i = {"&": 0xA0, "|": 0xA1, "!": 0xA2}[text[i + 1]], [], i + 2
+        while text[i] == "(":
+            part, i = ldap_filter_at(text, i)
+            parts.append(part)
+        if text[i] != ")" or not parts or (tag == 0xA2 and len(parts) != 1):
+            raise ValueError(f"a malformed LDAP filter: {text!r}")
+        return ber(tag, b"".join(parts)), i + 1
+    close = text.index(")", i)          # a value escapes ')' as \29: the first ')' ends it
+    attr, eq, value = text[i + 1:close].partition("=")
+    op = attr[-1:] + "=" if attr[-1:] in (">", "<", "~") else "="
+    attr = attr[:-1] if op != "=" else attr
+    if not eq or not attr:
+        raise ValueError(f"a malformed LDAP filter item: {text[i:close + 1]!r}")
+    if op == "=" and value == "*":
+        return ber(0x87, attr.encode()), close + 1
+    if op == "=" and "*" in value:
+        pieces = value.split("*")
+        subs = [ber(0x80, ldap_unescape(pieces[0]))] if pieces[0] else []
+        subs += [ber(0x81, ldap_unescape(p)) for p in pieces[1:-1] if p]
+        subs += [ber(0x82, ldap_unescape(pieces[-1]))] if pieces[-1] else []
+        return ber(0xA4, ber_str(attr) + ber(0x30, b"".join(subs))), close + 1
+    return ber(LDAP_FILTER_TAGS[op], ber_str(attr) + ber_str(ldap_unescape(value))), close + 1
+
+
+def ldap_unescape(value):
+    """The bytes a filter value stands for (\\XX escapes undone)."""
+    raw = value.encode("utf-8")
+    if b"\\" not in raw:
+        return raw
+    return re.sub(rb"\\([0-9a-fA-F]{2})", lambda m: bytes((int(m.group(1), 16),)), raw)
+
+
+def ldap_result(data, pos, end):
+    """{"result", "description", "message"} of an LDAPResult's components."""
+    items = ber_items(data, pos, end)
+    if len(items) < 3:
+        raise ValueError("an LDAPResult without its three parts")
+    code = int.from_bytes(data[items[0][1]:items[0][2]], "big")
+    return {"result": code, "description": LDAP_RESULTS.get(code, str(code)),
+            "message": bytes(data[items[2][1]:items[2][2]]).decode("utf-8", "replace")}
+
+
+def ldap_entry(data, pos, end):
+    """(DN, {attribute lower-cased: [str]}) of a SearchResultEntry's value."""
+    _, s, e = ber_tlv(data, pos, end)
+    dn = data[s:e].decode("utf-8", "replace")
+    _, pos, end = ber_tlv(data, e, end)
+    attrs = {}
+    while pos < end:
+        n = data[pos + 1]                               # one attribute: its type, its values
+        if n < 0x80 and pos + 2 + n <= end and data[pos + 3] < 0x80:
+            s, stop = pos + 2, pos + 2 + n
+            ts, te = s + 2, s + 2 + data[s + 1]
+        else:
+            _, s, stop = ber_tlv(data, pos, end)
+            _, ts, te = ber_tlv(data, s, stop)
+        _, p, vend = ber_tlv(data, te, stop)
+        values = []
+        while p < vend:
+            n = data[p + 1]
+            if n < 0x80 and p + 2 + n <= vend:          # most values: a one-byte length
+                values.append(data[p + 2:p + 2 + n].decode("utf-8", "replace"))
+                p += 2 + n
+            else:
+                _, vs, p = ber_tlv(data, p, vend)
+                values.append(data[vs:p].decode("utf-8", "replace"))
+        attrs[data[ts:te].decode("utf-8", "replace").lower()] = values
+        pos = stop
+    return dn, attrs
+
+
+def ldap_uuid(raw):
+    """The entryUUID text (RFC 4530: lower-case, hyphenated) of its 16 bytes."""
+    h = bytes(raw).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def ldap_controls(data, pos, end):
+    """{OID: (value start, value end) or None} of a message's controls."""
+    out = {}
+    for _, s, e in ber_items(data, pos, end):
+        parts = ber_items(data, s, e)
+        oid = bytes(data[parts[0][1]:parts[0][2]]).decode("ascii", "replace")
+        value = [(vs, ve) for tag, vs, ve in parts[1:] if tag == 0x04]
+        out[oid] = value[0] if value else None
+    return out
+
+
+def ldap_sync_info(data, pos, end):
+    """A Sync Info Message (RFC 4533 §2.5) as ("done" | "present" | "deletes", [uuids]):
+    the refresh is over, these entries are unchanged, these are gone; None for a new
+    cookie or a refresh phase that goes on."""
+    tag, s, e = ber_tlv(data, pos, end)
+    if tag in (0xA1, 0xA2):                             # refreshDelete, refreshPresent
+        done = [data[vs] != 0 for t, vs, ve in ber_items(data, s, e) if t == 0x01]
+        return ("done", []) if not done or done[0] else None
+    if tag == 0xA3:                                     # syncIdSet
+        deletes, uuids = False, []
+        for t, vs, ve in ber_items(data, s, e):
+            if t == 0x01:
+                deletes = data[vs] != 0
+            elif t == 0x31:
+                uuids = [ldap_uuid(data[us:ue]) for _, us, ue in ber_items(data, vs, ve)]
+        return ("deletes" if deletes else "present", uuids)
+    return None
+
+
+class LdapWire:
+    """One LDAPv3 connection (ldap://, ldaps://, ldapi://) that binds and searches, in
+    the calling thread (an executor's). Failures raise LdapFailure; a connection that
+    cannot be made or bound, StoreError."""
+
+    def __init__(self, url, bind_dn, password, timeout):
+        self.url, self.msgid, self.buf = url, 0, bytearray()
+        self.sock = self.connect(url, timeout)
+        try:
+            self.bind(bind_dn, password)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def connect(url, timeout):
+        """A socket to the directory at ``url`` (ldap3-style: scheme://host[:port])."""
+        import socket
+        import urllib.parse
+        scheme, _, where = url.partition("://")
+        try:
+            if scheme == "ldapi":
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(timeout)
+                sock.connect(urllib.parse.unquote(where) or "/var/run/slapd/ldapi")
+                return sock
+            host, port = parse_hostport(where, 636 if scheme == "ldaps" else 389, url)
+            sock = socket.create_connection((host, port), timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if scheme == "ldaps":
+                import ssl
+                context = ssl.create_default_context(cafile=os.environ.get("LDAPTLS_CACERT"))
+                sock = context.wrap_socket(sock, server_hostname=host)
+            return sock
+        except (OSError, ValueError, UsageError) as e:
+            raise StoreError(f"cannot reach the LDAP directory {url}: "
+                             f"{getattr(e, 'strerror', None) or e}", code=475) from None
+
+    def bind(self, bind_dn, password):
+        """A simple bind as ``bind_dn``, SASL EXTERNAL over ldapi:// without one, else
+        anonymous; StoreError when the directory says no."""
+        if bind_dn:
+            auth = ber_str(password or "", 0x80)
+        elif self.url.startswith("ldapi"):
+            auth = ber(0xA3, ber_str("EXTERNAL"))
+        else:
+            auth = ber_str("", 0x80)
+        msgid = self.send(ber(0x60, ber_int(3) + ber_str(bind_dn or "") + auth))
+        _, tag, data, s, e, _ = self.reply(msgid, "binding")
+        result = ldap_result(data, s, e) if tag == 0x61 else {"result": -1}
+        if result["result"] != 0:
+            who = f" as {bind_dn}" if bind_dn else ""
+            raise StoreError(f"cannot bind to the LDAP directory {self.url}{who}: "
+                             f"{result.get('description')} {result.get('message') or ''}"
+                             .rstrip(), code=475)
+
+    def send(self, op, controls=b""):
+        """Send one request; its message id."""
+        self.msgid += 1
+        message = ber_int(self.msgid) + op + (ber(0xA0, controls) if controls else b"")
+        try:
+            self.sock.sendall(ber(0x30, message))
+        except OSError as e:
+            raise self.cut(e) from None
+        return self.msgid
+
+    def cut(self, error):
+        """The LdapFailure for a connection that broke (``lost``: reconnect before the
+        next try)."""
+        failure = LdapFailure({"description": "connection lost",
+                               "message": getattr(error, "strerror", None) or str(error)},
+                              f"the LDAP directory {self.url}")
+        failure.lost = True
+        return failure
+
+    def message(self, wait=True):
+        """The next whole message as (id, op tag, data, op start, op end, controls span
+        or None), receiving as needed; None when ``wait`` is false and none is in."""
+        buf = self.buf
+        while True:
+            if len(buf) >= 2:
+                n, head = buf[1], 2
+                if n & 0x80:
+                    size = n & 0x7F
+                    if buf[0] != 0x30 or not 0 < size <= 4:
+                        raise self.garbled(ValueError("not an LDAP message"))
+                    n = int.from_bytes(buf[2:2 + size], "big") if len(buf) >= 2 + size else -1
+                    head += size
+                if n > LDAP_MAX_MESSAGE:
+                    raise self.garbled(ValueError(f"a message of {n} bytes"))
+                if n >= 0 and len(buf) >= head + n:
+                    data = bytes(buf[:head + n])
+                    del buf[:head + n]
+                    return self.parse(data, head)
+            if not wait:
+                return None
+            try:
+                chunk = self.sock.recv(1 << 18)
+            except TimeoutError:
+                raise
+            except OSError as e:
+                raise self.cut(e) from None
+            if not chunk:
+                raise self.cut(OSError("the directory closed the connection"))
+            buf += chunk
+
+    def parse(self, data, pos):
+        """The parts of one LDAPMessage (``data[pos:]`` its SEQUENCE's contents)."""
+        end = len(data)
+        try:
+            _, s, e = ber_tlv(data, pos, end)
+            msgid = int.from_bytes(data[s:e], "big")
+            tag, s, op_end = ber_tlv(data, e, end)
+            controls = ber_tlv(data, op_end, end)[1:] if op_end < end else None
+        except ValueError as e:
+            raise self.garbled(e) from None
+        return msgid, tag, data, s, op_end, controls
+
+    def garbled(self, error):
+        """The LdapFailure for a reply that is not well-formed BER."""
+        failure = LdapFailure({"description": "protocolError", "message": str(error)},
+                              f"reading a reply of the LDAP directory {self.url}")
+        failure.lost = True
+        return failure
+
+    def reply(self, msgid, what):
+        """The next message of request ``msgid`` (a notice of disconnection: LdapFailure)."""
+        while True:
+            try:
+                message = self.message()
+            except TimeoutError as e:
+                raise self.cut(e) from None
+            if message[0] == msgid:
+                return message
+            if message[0] == 0 and message[1] == 0x78:      # a notice of disconnection
+                raise self.cut(OSError(f"the directory ended the session while {what}"))
+
+    def search_request(self, base, filt, scope, attrs, controls=b""):
+        """Send a SearchRequest; its message id."""
+        scopes = {"BASE": 0, "LEVEL": 1, "SUBTREE": 2}
+        try:
+            filter_ber = ldap_filter(filt)
+        except ValueError as e:
+            raise LdapFailure({"description": "filterError", "message": str(e)}, "a search")
+        op = ber(0x63, ber_str(base) + ber_int(scopes[scope], 0x0A) + ber_int(0, 0x0A)
+                 + ber_int(0) + ber_int(0) + ber(0x01, b"\x00") + filter_ber
+                 + ber(0x30, b"".join(ber_str(a) for a in attrs)))
+        return self.send(op, controls)
+
+    def search(self, base, filt, scope="SUBTREE", attrs=("*",), page=LDAP_PAGE):
+        """Every entry under ``base`` matching ``filt`` as (DN, {attr lower: [str]}), in
+        pages of ``page`` (RFC 2696); LdapFailure when the directory refuses or stops."""
+        cookie, out = b"", []
+        while True:
+            paged = ber(0x30, ber_str(PAGED_OID) + ber_str(ber(0x30, ber_int(page)
+                                                             + ber_str(cookie))))
+            msgid = self.search_request(base, filt, scope, attrs, paged)
+            while True:
+                _, tag, data, s, e, controls = self.reply(msgid, "searching")
+                try:
+                    if tag == 0x64:
+                        out.append(ldap_entry(data, s, e))
+                        continue
+                    if tag != 0x65:                     # a referral: not followed
+                        continue
+                    result = ldap_result(data, s, e)
+                    found = ldap_controls(data, *controls).get(PAGED_OID) if controls else None
+                    if found:
+                        _, vs, ve = ber_tlv(data, *found)
+                        items = ber_items(data, vs, ve)
+                        cookie = bytes(data[items[1][1]:items[1][2]])
+                    else:
+                        cookie = b""
+                except (ValueError, IndexError) as e:
+                    raise self.garbled(e) from None
+                break
+            if result["result"] == 32:
+                return out
+            if result["result"] != 0:
+                raise LdapFailure(result, "a search (raise its size limit for paged "
+                                          "searches: size.prtotal=unlimited)")
+            if not cookie:
+                return out
+
+    def sync_request(self, base, filt, attrs):
+        """Start a Content Sync (RFC 4533) in refreshAndPersist mode: every entry, then
+        each change as it is made."""
+        control = ber(0x30, ber_str(SYNC_REQUEST_OID) + ber(0x01, b"\xff")
+                      + ber_str(ber(0x30, ber_int(3, 0x0A))))
+        self.sync_id = self.search_request(base, filt, "SUBTREE", attrs, control)
+
+    def sync_events(self, wait=True):
+        """The Content Sync's next events, as many as have come in (waiting for the first
+        when ``wait``): ("entry", uuid, DN, attrs), ("delete", uuid, DN),
+        ("present" | "deletes", [uuids]) and ("done", []) when the refresh is over.
+        LdapFailure when the directory ends the sync."""
+        events, message = [], self.message(wait)
+        while message is not None:
+            msgid, tag, data, s, e, controls = message
+            if msgid == 0 and tag == 0x78:
+                raise self.cut(OSError("the directory ended the session"))
+            if msgid == self.sync_id:
+                try:
+                    events += self.sync_event(tag, data, s, e, controls)
+                except (ValueError, IndexError) as error:
+                    raise self.garbled(error) from None
+            message = self.message(wait=False)
+        return events
+
+    def sync_event(self, tag, data, s, e, controls):
+        """The events of one message of the Content Sync."""
+        if tag == 0x64:
+            state = ldap_controls(data, *controls).get(SYNC_STATE_OID) if controls else None
+            if state is None:
+                raise ValueError("an entry of the sync without its state")
+            items = ber_items(data, *ber_tlv(data, *state)[1:])
+            kind = data[items[0][1]]
+            uuid = ldap_uuid(data[items[1][1]:items[1][2]])
+            dn, attrs = ldap_entry(data, s, e)
+            if kind == 3:
+                return [("delete", uuid, dn)]
+            if kind == 0:
+                return [("present", [uuid])]
+            return [("entry", uuid, dn, attrs)]
+        if tag == 0x79:                                 # an Intermediate Response
+            parts = {t: (vs, ve) for t, vs, ve in ber_items(data, s, e)}
+            name = bytes(data[slice(*parts.get(0x80, (0, 0)))])
+            if 0x81 in parts and name == SYNC_INFO_OID.encode():
+                info = ldap_sync_info(data, *parts[0x81])
+                return [info] if info else []
+            return []
+        if tag == 0x65:
+            result = ldap_result(data, s, e)
+            raise LdapFailure(result, "the Content Sync")
+        return []
+
+    def unbind(self):
+        """Say goodbye and close."""
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.sendall(ber(0x30, ber_int(self.msgid + 1) + ber(0x42, b"")))
+        self.close()
+
+    def close(self):
+        """Close the socket (a blocked read in another thread returns)."""
+        import socket
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.close()
 
 
 class LdapLayout:
@@ -3499,7 +3951,8 @@ def entry_info(dn, attrs):
             "plain": tuple(v for v in description if not v.startswith(LDAP_PREFIX)),
             "prefixed": tuple(v for v in description if v.startswith(LDAP_PREFIX)),
             "fields": tuple(attrs.get("pharosfield", ())),
-            "uid_rdn": split_dn(dn)[0][0] == "uid", "dn": dn}
+            "uid_rdn": split_dn(dn)[0][0] == "uid", "dn": dn,
+            "csn": (attrs.get("entrycsn") or [None])[0]}
 
 
 def entry_attrs(entry):
@@ -3511,17 +3964,20 @@ def entry_attrs(entry):
 
 class LdapStore(MemoryStore):
     """Records in an LDAP directory, answered from the same in-memory index as the file
-    store: loaded with paged searches at start, kept fresh by polling, written through.
+    store, written through. When the directory offers Content Sync (RFC 4533: slapd's
+    syncprov), one refreshAndPersist search loads every entry at start and then brings
+    each change other tools make as it is made; otherwise paged searches load it and a
+    poll on entryCSN (with a periodic listing for deletes) keeps it fresh.
 
-    LDAP calls run in two one-thread executors (writes; the sync's reads), each with its
-    own connection; the index changes only on the event loop, when the directory has
-    confirmed a write or a poll has brought changes made by other tools.
+    LDAP calls run in two one-thread executors (writes, through ldap3; the sync's reads,
+    through an LdapWire), each with its own connection; the index changes only on the
+    event loop, when the directory has confirmed a write or the sync has brought changes.
     """
 
     kind = "ldap"
 
     def __init__(self, schema, url, bind_dn=None, password=None, log=None,
-                 timeout=LDAP_TIMEOUT):
+                 timeout=LDAP_TIMEOUT, sync="auto"):
         super().__init__(schema)
         self.ldap3 = optional_import("ldap3")
         self.url = url
@@ -3542,8 +3998,11 @@ class LdapStore(MemoryStore):
         self.next_reconcile = 0.0
         self.fresh = 0              # the last id given to an entry found in the directory
         self.loop = self.task = None
-        self.conns = {}             # executor name -> its ldap3 connection
+        self.conns = {}             # executor name -> its connection (ldap3 or LdapWire)
         self.executors = {}
+        self.sync_mode = sync       # "auto": Content Sync when offered; "poll": never
+        self.persist = False        # following a Content Sync (else polling)
+        self.follower = None        # the LdapWire of the Content Sync, while it runs
 
     def describe(self):
         """The storage as the start-up log names it: ldap and the URL."""
@@ -3560,10 +4019,20 @@ class LdapStore(MemoryStore):
     # -- connections (inside the executors) --
 
     def connect(self, timeout):
-        """A bound SAFE_SYNC connection, or a StoreError saying why not (a fresh Server
-        each time: ldap3 remembers an address that failed)."""
+        """A bound LdapWire for reads, or a StoreError saying why not."""
+        return LdapWire(self.server_url, self.bind_dn, self.password, timeout)
+
+    def connect_writer(self, timeout):
+        """A bound ldap3 SAFE_SYNC connection for writes, or a StoreError saying why not
+        (a fresh Server each time: ldap3 remembers an address that failed)."""
         ldap3 = self.ldap3
-        server = ldap3.Server(self.server_url, get_info=ldap3.NONE, connect_timeout=timeout)
+        tls = None
+        if self.server_url.startswith("ldaps"):
+            import ssl
+            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED,
+                            ca_certs_file=os.environ.get("LDAPTLS_CACERT"))
+        server = ldap3.Server(self.server_url, get_info=ldap3.NONE, connect_timeout=timeout,
+                              tls=tls)
         options = {"client_strategy": ldap3.SAFE_SYNC, "receive_timeout": timeout}
         if self.bind_dn:
             options.update(user=self.bind_dn, password=self.password or "")
@@ -3587,7 +4056,8 @@ class LdapStore(MemoryStore):
         """The executor ``name``'s connection, connecting first if it has none."""
         conn = self.conns.get(name)
         if conn is None:
-            conn = self.conns[name] = self.connect(self.timeout)
+            connect = self.connect_writer if name == "write" else self.connect
+            conn = self.conns[name] = connect(self.timeout)
         return conn
 
     def drop_conn(self, name):
@@ -3597,23 +4067,15 @@ class LdapStore(MemoryStore):
             with contextlib.suppress(Exception):
                 conn.unbind()
 
-    def fetch(self, conn, filt, attrs=LDAP_READ_ATTRS, base=None, scope="SUBTREE"):
-        """Every entry matching ``filt`` as (dn, {attr lower: [str]}), page by page;
-        LdapFailure if the directory refuses or cuts the search short."""
-        cookie, out = None, []
-        while True:
-            ok, result, response, _ = conn.search(
-                base or self.layout.base, filt, scope, attributes=attrs,
-                paged_size=LDAP_PAGE, paged_cookie=cookie)
-            if result["result"] not in (0, 32):
-                raise LdapFailure(result, "a search (raise its size limit for paged "
-                                          "searches: size.prtotal=unlimited)")
-            out += [(e["dn"], entry_attrs(e)) for e in response or ()
-                    if e["type"] == "searchResEntry"]
-            control = (result.get("controls") or {}).get(PAGED_OID)
-            cookie = control and control["value"]["cookie"]
-            if not cookie:
-                return out
+    def fetch(self, wire, filt, attrs=LDAP_READ_ATTRS, base=None, scope="SUBTREE"):
+        """Every entry matching ``filt`` as (dn, {attr lower: [str]}), page by page, read
+        on ``wire`` (an LdapWire); LdapFailure if the directory refuses or cuts it short."""
+        return wire.search(base or self.layout.base, filt, scope, attrs)
+
+    def root_controls(self, wire):
+        """The controls the directory's root DSE says it supports."""
+        found = wire.search("", "(objectClass=*)", "BASE", ["supportedControl"])
+        return set(found[0][1].get("supportedcontrol", ())) if found else set()
 
     def context_csn(self, conn):
         """The base entry's contextCSN (changes with every write when syncprov runs), or
@@ -3632,31 +4094,91 @@ class LdapStore(MemoryStore):
     # -- start-up --
 
     def open(self):
-        """Bind, look for the pharos schema, load every entry with paged searches."""
+        """Bind, look for the pharos schema and for Content Sync, load every entry (the
+        sync's refresh, or paged searches when there is no sync to follow)."""
         try:
-            conn = self.connect(LDAP_LOAD_TIMEOUT)
+            wire = self.connect(LDAP_LOAD_TIMEOUT)
         except StoreError as e:
             raise DataError(str(e)) from None
         try:
-            self.layout.custom = self.has_pharos_schema(conn)
-            self.context = self.context_csn(conn)
-            found = self.fetch(conn, LDAP_ENTRY_FILTER)
-        except (self.ldap3.core.exceptions.LDAPException, LdapFailure) as e:
+            self.layout.custom = self.has_pharos_schema(wire)
+            refreshed = None
+            if self.sync_mode == "auto" and SYNC_REQUEST_OID in self.root_controls(wire):
+                refreshed = self.refresh(wire)
+            if refreshed is None:
+                self.context = self.context_csn(wire)
+                found = self.convert(self.fetch(wire, LDAP_ENTRY_FILTER))
+            else:
+                found = refreshed[0]
+        except LdapFailure as e:
+            wire.close()
             raise DataError(f"cannot load from the LDAP directory {self.url}: "
                             f"{self.failure_text(e)}") from None
-        finally:
-            with contextlib.suppress(Exception):
-                conn.unbind()
+        self.persist = refreshed is not None
+        if self.persist:
+            wire.sock.settimeout(self.timeout)
+            self.follower = wire
+        else:
+            wire.unbind()
         self.load_entries(found)
         from concurrent.futures import ThreadPoolExecutor
         self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"pharos-ldap-{name}")
                           for name in ("write", "read")}
         return self
 
+    def refresh(self, wire):
+        """Start a Content Sync on ``wire`` and read its refresh phase: (converted entries,
+        uuids said to be unchanged); None when the directory refuses the sync (a size
+        limit, say), which leaves polling."""
+        wire.sync_request(self.layout.base, LDAP_ENTRY_FILTER, LDAP_READ_ATTRS)
+        found, present, deadline = [], set(), time.monotonic() + LDAP_LOAD_TIMEOUT
+        try:
+            while True:
+                try:
+                    events = wire.sync_events()
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise wire.cut(OSError("the Content Sync's refresh stalled")) from None
+                    continue
+                done = any(event[0] == "done" for event in events)
+                found += self.sync_found(events, present)
+                if done:
+                    return found, present
+        except LdapFailure as e:
+            if getattr(e, "lost", False):
+                raise
+            self.log(f"ldap: the directory refused Content Sync ({self.failure_text(e)}); "
+                     f"polling for changes instead (let the bind DN search without a size "
+                     f"limit to follow changes as they are made)")
+            return None
+
+    def sync_found(self, events, present=None):
+        """The (uuid, record or None, entry_info) changes of Content Sync events; uuids
+        said to be unchanged go into ``present``."""
+        out, entries = [], []
+        for event in events:
+            kind = event[0]
+            if kind == "entry":
+                uuid, dn, attrs = event[1:]
+                attrs.setdefault("entryuuid", [uuid])
+                entries.append((dn, attrs))
+                continue
+            if entries:
+                out += self.convert(entries)
+                entries = []
+            if kind == "delete":
+                out.append((event[1], None, {"dn": event[2]}))
+            elif kind == "deletes":
+                out += [(uuid, None, {"dn": ""}) for uuid in event[1]]
+            elif kind == "present" and present is not None:
+                present.update(event[1])
+        return out + (self.convert(entries) if entries else [])
+
     def load_entries(self, found):
-        """Put the start-up load's entries into the index, ids in the order found."""
+        """Put the start-up load's converted entries into the index, ids in the order
+        found."""
         pairs = []
-        for uuid, record, info in self.convert(found):
+        for uuid, record, info in found:
             op = self.place(uuid, record, info, {})
             if op is not None:
                 pairs.append(op)
@@ -3728,18 +4250,63 @@ class LdapStore(MemoryStore):
                     "1 while the LDAP directory answers, else 0.", [((), 0 if self.down else 1)])
 
     async def sync(self):
-        """Poll for changes other tools made; when the directory is gone, retry with
-        backoff and catch up once it answers again."""
+        """Follow the Content Sync (or poll) for changes other tools made; when the
+        directory is gone, retry with backoff and catch up once it answers again."""
         backoff = LDAP_POLL
         while True:
-            await asyncio.sleep(LDAP_POLL if self.down is None else backoff)
+            if not self.persist or self.down is not None:
+                await asyncio.sleep(LDAP_POLL if self.down is None else backoff)
             try:
-                await self.sync_once()
+                await (self.follow() if self.persist else self.sync_once())
                 backoff = LDAP_POLL
             except (self.ldap3.core.exceptions.LDAPException, StoreError, LdapFailure,
                     OSError) as e:
+                self.drop_follower()
                 self.lost(self.failure_text(e))
                 backoff = min(backoff * 2, LDAP_BACKOFF_MAX)
+
+    async def follow(self):
+        """Apply the Content Sync's changes as they come. Without a sync running (the
+        connection was lost), start one: its refresh brings every entry again, and what
+        it neither brings nor calls unchanged was deleted meanwhile."""
+        loop, read = self.loop, self.executors["read"]
+        if self.follower is None:
+            await loop.run_in_executor(self.executors["write"], self.conn, "write")
+            wire = await loop.run_in_executor(read, self.connect, self.timeout)
+            try:
+                refreshed = await loop.run_in_executor(read, self.refresh, wire)
+            except BaseException:
+                wire.close()
+                raise
+            if refreshed is None:
+                wire.close()
+                raise StoreError("the directory refused the Content Sync")
+            found, present = refreshed
+            seen = present.union(uuid for uuid, _, _ in found)
+            found += [(uuid, None, {"dn": self.info[rid]["dn"]}) for uuid, rid in
+                      self.ids.items() if uuid not in seen and rid in self.info]
+            self.follower = wire
+            if self.down is not None:
+                self.down = None
+                self.log(f"ldap: the directory {self.url} answers again; caught up")
+            self.apply_found(found, ())
+        while True:
+            found = await loop.run_in_executor(read, self.follow_batch, self.follower)
+            self.touched = set()
+            self.apply_found(found, ())
+
+    def follow_batch(self, wire):
+        """In the read executor: the sync's next changes ([] after a quiet second)."""
+        try:
+            return self.sync_found(wire.sync_events())
+        except TimeoutError:
+            return []
+
+    def drop_follower(self):
+        """Stop following the Content Sync (a read blocked on it returns)."""
+        wire, self.follower = self.follower, None
+        if wire is not None:
+            wire.close()
 
     async def sync_once(self):
         """One look at the directory: changed entries in, deleted ones (when a listing is
@@ -3764,7 +4331,7 @@ class LdapStore(MemoryStore):
         if was_down:
             self.down = None
             self.log(f"ldap: the directory {self.url} answers again; caught up")
-        self.apply_found(found)
+        self.apply_found(found, self.touched)
 
     def poll(self, stamp, context, known, ignored):
         """In the read executor: (changed or missed entries, contextCSN, seconds the
@@ -3796,18 +4363,23 @@ class LdapStore(MemoryStore):
             found += self.convert(self.fetch(conn, f"(&{LDAP_ENTRY_FILTER}(|{terms}))"))
         return found
 
-    def apply_found(self, found):
+    def apply_found(self, found, touched):
         """On the loop: put entries the directory changed into the index, drop the gone.
 
-        Entries a write of ours touched since the poll began are left alone: the write
-        has put its own (newer) version in already.
+        Left alone: entries ``touched`` (uuids and DNs a write of ours touched since the
+        poll began: the write has put its own, newer version in already), entries with
+        writes in flight, and versions no newer (by entryCSN) than the one in the index.
         """
-        ops, taken, touched = [], {}, self.touched
+        ops, taken = [], {}
         for uuid, record, info in found:
             dn = info["dn"].lower()
             rid = self.ids.get(uuid)
             if uuid in touched or dn in touched or dn in self.inflight or (
                     rid is not None and rid in self.pending.records):
+                continue
+            known = self.info.get(rid) if rid is not None else None
+            if record is not None and known and info.get("csn") and known.get("csn") and (
+                    info["csn"] <= known["csn"]):
                 continue
             if record is None:
                 if rid is not None:
@@ -3939,13 +4511,14 @@ class LdapStore(MemoryStore):
                 ok, result, _, _ = conn.modify(dn, action["changes"])
                 if not ok:
                     raise LdapFailure(result, f"changing {dn}")
-        found = self.fetch(conn, "(objectClass=*)", ["objectClass", "description",
-                                                       "pharosField", "entryUUID"],
-                           base=dn, scope="BASE")
+        ok, result, response, _ = conn.search(
+            dn, "(objectClass=*)", "BASE",
+            attributes=["objectClass", "description", "pharosField", "entryUUID", "entryCSN"])
+        found = [e for e in response or () if e["type"] == "searchResEntry"]
         if not found:
-            raise LdapFailure({"description": "noSuchObject"}, f"reading back {dn}")
-        found_dn, attrs = found[0]
-        return dict(entry_info(found_dn, attrs), uuid=attrs["entryuuid"][0])
+            raise LdapFailure(result or {"description": "noSuchObject"}, f"reading back {dn}")
+        attrs = entry_attrs(found[0])
+        return dict(entry_info(found[0]["dn"], attrs), uuid=attrs["entryuuid"][0])
 
     def written(self, future, seq, ops, dns, audit, later):
         """On the loop, once the directory has answered: the confirmed ops go into the
@@ -3999,6 +4572,7 @@ class LdapStore(MemoryStore):
 
     async def close(self):
         """Stop the sync, finish the writes in flight, unbind."""
+        self.drop_follower()
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -10481,7 +11055,7 @@ def ldap_store_from_args(args, schema):
         raise UsageError("--ldap-bind-dn needs a password: --ldap-password-file FILE or "
                          "$PHAROS_LDAP_PASSWORD")
     return LdapStore(schema, args.storage, args.ldap_bind_dn, password,
-                     log=log_to_stderr).open()
+                     log=log_to_stderr, sync=args.ldap_sync).open()
 
 
 class ArgParserCore:
@@ -11530,6 +12104,9 @@ def add_serve_parser(commands):
                               "else anonymous")
     serve_p.add_argument("--ldap-password-file", metavar="FILE",
                          help="file holding the bind password")
+    serve_p.add_argument("--ldap-sync", choices=("auto", "poll"), default="auto",
+                         help="follow the directory's changes through Content Sync (RFC "
+                              "4533) when it offers it (auto), or poll for them")
     serve_p.add_argument("--ldap-keys", action="store_true",
                          help="also log in the directory's OpenSSH-LPK sshPublicKey values, "
                               "each as its entry's uid (role from the groups below, else "
