@@ -3456,6 +3456,11 @@ class LdapWire:
         self.sock = self.connect(url, timeout)
         try:
             self.bind(bind_dn, password)
+        except LdapFailure as e:
+            self.close()
+            raise StoreError(f"cannot bind to the LDAP directory {url}: "
+                             f"{e.result.get('description')} ({e.result.get('message')})",
+                             code=475) from None
         except BaseException:
             self.close()
             raise
@@ -4005,9 +4010,11 @@ class LdapStore(MemoryStore):
         self.follower = None        # the LdapWire of the Content Sync, while it runs
 
     def describe(self):
-        """The storage as the start-up log names it: ldap and the URL."""
+        """The storage as the start-up log names it: ldap, the URL, how it stays fresh."""
         self.attach()
-        return f"ldap {self.url}"
+        how = ("following changes through Content Sync" if self.persist else
+               f"polling for changes every {LDAP_POLL:g} s")
+        return f"ldap {self.url}, {how}"
 
     def unwritable(self):
         """Why writes would fail now (the directory unreachable), or None."""

@@ -140,7 +140,19 @@ def test_a_restarted_server_reads_back_what_it_wrote(slapd, tmp_path):
         srv.kill()
 
 
-def test_changes_made_by_other_tools_show_up_within_two_seconds(pharos_on, slapd):
+@pytest.mark.parametrize("mode", ["auto", "poll"])
+def test_changes_made_by_other_tools_show_up_within_two_seconds(slapd, tmp_path, mode):
+    pharos_on = ldap_server(slapd, tmp_path, "--ldap-sync", mode)
+    try:
+        changes_show_up(pharos_on, slapd)
+        said = pharos_on.stderr.decode()
+        assert ("Content Sync" in said) == (mode == "auto"), said
+    finally:
+        pharos_on.kill()
+
+
+def changes_show_up(pharos_on, slapd):
+    """ldapadd, ldapmodify, ldapmodrdn and ldapdelete each show over Ph within 2 s."""
     with pharos_on.client() as c:
         assert c.cmd("add alias=seed")[-1] == "200:Ok."      # makes ou=people
     slapd.ldap("ldapadd", input=f"dn: uid=outside,{PEOPLE}\nobjectClass: inetOrgPerson\n"
@@ -346,3 +358,100 @@ def test_transcript_on_ldap(path, slapd, tmp_path):
             replay(path, client, steps)
     finally:
         srv.kill()
+
+
+@pytest.mark.parametrize("mode", ["auto", "poll"])
+def test_changes_made_while_the_directory_was_out_of_reach_are_caught_up(slapd, mode):
+    loop = asyncio.new_event_loop()
+    store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW,
+                             sync=mode).open()
+    person = {"type": "person", "alias": "gone", "name": "Gone Soon"}
+
+    def run(coro):
+        return loop.run_until_complete(asyncio.wait_for(coro, 10))
+
+    async def write(ops):
+        return await store.commit(ops)
+
+    async def until(predicate, what):
+        deadline = loop.time() + 5
+        while not predicate():
+            assert loop.time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+
+    try:
+        run(write([(store.pending.new_id(), person),
+                   (store.pending.new_id() + 1, dict(person, alias="kept", name="Kept"))]))
+        aliases = lambda: sorted(r["alias"] for r in store.directory.records.values())  # noqa
+        assert aliases() == ["gone", "kept"]
+        real = store.server_url
+        store.server_url = "ldap://127.0.0.1:1"          # nothing listens there
+        store.drop_follower()
+        store.lost("taken away by the test")
+        slapd.ldap("ldapdelete", f"uid=gone,{PEOPLE}")
+        slapd.modify(f"dn: uid=kept,{PEOPLE}\nchangetype: modify\nreplace: mail\n"
+                     f"mail: kept@example.org\n")
+        slapd.ldap("ldapadd", input=f"dn: uid=new,{PEOPLE}\nobjectClass: inetOrgPerson\n"
+                                    f"uid: new\ncn: New\nsn: New\n")
+        run(asyncio.sleep(1.2))                          # reconnects fail meanwhile
+        assert aliases() == ["gone", "kept"] and store.down
+        store.server_url = real
+        run(until(lambda: store.down is None and aliases() == ["kept", "new"],
+                  "the catch-up"))
+        kept = [r for r in store.directory.records.values() if r["alias"] == "kept"]
+        assert kept[0]["email"] == "kept@example.org"
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
+
+
+@pytest.mark.parametrize("text", [
+    "(uid=a)", "(&(objectClass=*)(cn=a\\2ab))", "(|(objectClass=inetOrgPerson)(objectClass=device))",
+    "(!(sn=x))", "(entryCSN>=20261202)", "(cn=ab*c*d)", "(cn=*x)", "(cn<=z)", "(cn~=q)",
+    "(cn=\\00\\28\\29)"])
+def test_the_wire_encodes_a_filter_as_ldap3_does(text):
+    from ldap3.operation.search import compile_filter, parse_filter
+    from pyasn1.codec.ber import encoder
+    theirs = encoder.encode(compile_filter(parse_filter(text, None, True, None, False,
+                                                        False).elements[0]))
+    assert pharos.ldap_filter(text) == theirs
+
+
+@pytest.mark.parametrize("text", ["uid=a", "(uid=a", "(&)", "(!(a=b)(c=d))", "(=x)", "(uid)"])
+def test_a_malformed_filter_is_refused(text):
+    with pytest.raises(ValueError):
+        pharos.ldap_filter(text)
+
+
+@pytest.mark.parametrize("reply", [
+    b"\x30\x84\x7f\xff\xff\xff",                    # a 2 GB message
+    b"\x30\x05\x02\x01\x01\x61\x09",                 # a bind reply longer than its message
+    b"\x31\x02\x02\x00" * 4,                          # not a SEQUENCE
+    b""])                                             # closed at once
+def test_a_garbled_or_missing_bind_reply_is_one_clear_store_error(reply):
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.sendall(reply)
+        conn.close()
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(pharos.StoreError, match="LDAP directory"):
+            pharos.LdapWire(f"ldap://127.0.0.1:{listener.getsockname()[1]}", ROOTDN, "pw", 2)
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_an_entry_cut_short_fails_the_way_the_wire_catches():
+    entry = (pharos.ber_str("uid=a,dc=x") + pharos.ber(0x30, pharos.ber(
+        0x30, pharos.ber_str("cn") + pharos.ber(0x31, pharos.ber_str("A")))))
+    assert pharos.ldap_entry(entry, 0, len(entry)) == ("uid=a,dc=x", {"cn": ["A"]})
+    for cut in range(1, len(entry)):
+        with pytest.raises((ValueError, IndexError)):
+            pharos.ldap_entry(entry[:cut], 0, cut)
