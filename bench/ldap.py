@@ -5,8 +5,11 @@
 
 Measures: time until each server is ready; exact surname lookups (wall time per lookup
 and the server's CPU per lookup, from /proc/PID/stat) through Pharos-on-LDAP,
-Pharos-on-file and the equivalent `(sn=NAME)` search straight against slapd; adds per
-second through Ph; and how long an ldapmodify takes to be visible over Ph (p50/p99).
+Pharos-on-file and the equivalent `(sn=NAME)` search straight against slapd, one at a
+time and then, with bench/loadgen.py, exact and prefix lookups at C=1 and C=16 (req/s
+and server CPU per request; slapd gets the equivalent searches); adds per second through
+Ph against `ldapadd` of the same entries; and how long an ldapmodify takes to be visible
+over Ph (p50/p99).
 Needs slapd, ldap-utils and ldap3; everything runs on 127.0.0.1 in a temp dir.
 """
 
@@ -71,6 +74,33 @@ def slapd_lookups(slapd, queries):
     return wall / len(queries) * 1e6, used / len(queries) * 1e6
 
 
+def loadgen_points(targets, size, duration):
+    """bench/loadgen.py's req/s and server CPU µs per request, per target and point."""
+    for kind in ("exact", "prefix"):
+        for conns in (1, 16):
+            row = []
+            for label, driver, port, pid in targets:
+                done = subprocess.run(
+                    [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--driver", driver,
+                     "--queries", kind, "--port", str(port), "--pid", str(pid), "--size",
+                     str(size), "-c", str(conns), "-d", str(duration), "-w", "1"],
+                    capture_output=True, text=True, check=True, timeout=600)
+                res = __import__("json").loads(done.stdout)
+                row.append(f"{label} {res['rps']:,.0f}/s {res['cpu_us_per_req']:.0f} µs"
+                           + (f" ({res['errors']} errors)" if res["errors"] else ""))
+            print(f"{kind} C={conns}: " + "; ".join(row))
+
+
+def ldapadd_per_second(slapd, n, prefix):
+    """Entries/s of one `ldapadd` of ``n`` people like the ones the Ph adds make."""
+    ldif = "".join(f"dn: uid={prefix}{i},ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\n"
+                   f"uid: {prefix}{i}\ncn: Bench {i}\nsn: {i}\n\n" for i in range(n))
+    started = time.perf_counter()
+    subprocess.run(["ldapadd", "-x", "-H", slapd.url, "-D", ROOTDN, "-w", ROOTPW],
+                   input=ldif, text=True, check=True, capture_output=True)
+    return n / (time.perf_counter() - started)
+
+
 def adds_per_second(server, n, prefix):
     with PhClient("127.0.0.1", server.port, timeout=60) as c:
         started = time.perf_counter()
@@ -105,6 +135,7 @@ def main():
     ap.add_argument("--lookups", type=int, default=2000)
     ap.add_argument("--adds", type=int, default=500)
     ap.add_argument("--changes", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per loadgen point")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pharos-bench-ldap-"))
     data = dataset.Dataset(args.size)
@@ -134,8 +165,12 @@ def main():
             wall, used = run()
             print(f"exact lookups, {label}: {wall:.0f} µs/lookup wall, "
                   f"{used:.0f} µs server CPU/lookup")
+        loadgen_points([("pharos on ldap", "ph", on_ldap.port, on_ldap.proc.pid),
+                        ("pharos on file", "ph", on_file.port, on_file.proc.pid),
+                        ("slapd", "ldap", slapd.port, slapd.pid())], args.size, args.duration)
         print(f"adds through Ph: ldap {adds_per_second(on_ldap, args.adds, 'ladd'):.0f}/s, "
-              f"file {adds_per_second(on_file, args.adds, 'fadd'):.0f}/s")
+              f"file {adds_per_second(on_file, args.adds, 'fadd'):.0f}/s; "
+              f"ldapadd of the same entries {ldapadd_per_second(slapd, args.adds, 'sadd'):.0f}/s")
         p50, p99 = freshness(slapd, on_ldap, args.changes)
         print(f"ldapmodify to visible over Ph: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
     finally:
