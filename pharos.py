@@ -9,7 +9,7 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
 
     Constants   — version, limits, defaults; lazy standard modules and optional packages
     Errors      — PharosError and every error class
-    Net         — numbers and host:port from outside (ASCII only), loopback checks, fd limits
+    Net         — numbers and host:port from outside (ASCII only), loopback, fd limits, BER
     Schema      — fields, properties, record rules (new records, provenance, merge)
     Protocol    — Ph request tokenizer and reply formatting (pure, no I/O)
     Query       — query plans, the inverted index, bounded searches
@@ -17,7 +17,7 @@ Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
     Loop        — Later, the event loop's selector, error handler and runner
     Storage     — the Store interface; MemoryStore and the writes not yet durable
     File store  — FileStore: journal, snapshot, image, lock
-    LDAP store  — LdapStore over ldap3: layout, mapping, escaping, paged load, sync, faults
+    LDAP store  — LdapStore: layout, mapping, escaping, a BER reader, Content Sync, faults
     SSH         — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
     Auth        — the key list, logins, tiers, roles, tenants and the audit log
     Service     — DirectoryService: the directory's rules, for every front end
@@ -248,10 +248,8 @@ class FormatError(PharosError):
         self.line, self.text = line, text
 
 
-# -- a small DER reader for certificates -------------------------------------------
-
-class DerError(PharosError):
-    """A certificate that is not well-formed DER."""
+class DerError(PharosError, ValueError):
+    """BER or DER that is not well-formed: a certificate, a reply of an LDAP directory."""
 
 
 class McpError(PharosError):
@@ -274,7 +272,7 @@ class OutputError(PharosError):
         self.error = error
 
 
-# SECTION: Net — numbers and host:port from outside (ASCII only), loopback checks, fd limits
+# SECTION: Net — numbers and host:port from outside (ASCII only), loopback, fd limits, BER
 
 def parse_count(text, lo, hi):
     """The whole number ``text`` spells in ASCII digits, if from ``lo`` to ``hi``; else None.
@@ -344,6 +342,33 @@ def raise_fd_limit(wanted, log):
         log(f"--max-connections {wanted} is more than the open-files limit allows; "
             f"using {allowed}")
     return min(wanted, allowed)
+
+
+# -- BER/DER elements (TLS certificates, LDAP replies) --
+
+def der_item(data, pos, end):
+    """(tag, content start, content end) of the DER item at ``pos``."""
+    if pos + 2 > end:
+        raise DerError("truncated DER item")
+    tag, length, pos = data[pos], data[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7f
+        if not 0 < count <= 4 or pos + count > end:
+            raise DerError("bad DER length")
+        length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+    if pos + length > end:
+        raise DerError("DER item runs past its container")
+    return tag, pos, pos + length
+
+
+def der_children(data, start, end):
+    """The items inside a constructed DER item's content, as (tag, start, end)."""
+    out = []
+    while start < end:
+        item = der_item(data, start, end)
+        out.append(item)
+        start = item[2]
+    return out
 
 
 # SECTION: Schema — fields, properties, record rules (new records, provenance, merge)
@@ -3115,7 +3140,7 @@ class FileStore(MemoryStore):
             self.unlock()
 
 
-# SECTION: LDAP store — LdapStore over ldap3: layout, mapping, escaping, paged load, sync, faults
+# SECTION: LDAP store — LdapStore: layout, mapping, escaping, a BER reader, Content Sync, faults
 
 LDAP_URL_RE = LazyRegex(r"(ldaps?|ldapi)://([^/]*)/(.+)\Z")
 LDAP_PAGE = 500                 # entries per page of a paged search
@@ -3294,34 +3319,6 @@ def ber_str(text, tag=0x04):
     return ber(tag, text.encode("utf-8") if isinstance(text, str) else text)
 
 
-def ber_tlv(data, pos, end):
-    """(tag, start, end) of the value of the TLV at ``pos``, which must end by ``end``;
-    ValueError when it does not."""
-    if pos + 2 > end:
-        raise ValueError("a BER element cut short")
-    tag, n = data[pos], data[pos + 1]
-    pos += 2
-    if n & 0x80:
-        size = n & 0x7F
-        if not 0 < size <= 4 or pos + size > end:
-            raise ValueError("a BER length that does not fit")
-        n = int.from_bytes(data[pos:pos + size], "big")
-        pos += size
-    if pos + n > end:
-        raise ValueError("a BER length past its container")
-    return tag, pos, pos + n
-
-
-def ber_items(data, pos, end):
-    """[(tag, start, end)] of the TLVs that fill data[pos:end]."""
-    out = []
-    while pos < end:
-        item = ber_tlv(data, pos, end)
-        out.append(item)
-        pos = item[2]
-    return out
-
-
 def ldap_filter(text):
     """The BER of the RFC 4515 filter ``text`` (&, |, !, =, >=, <=, ~=, presence and
     substrings; values escaped as \\XX); ValueError when it is none."""
@@ -3373,7 +3370,7 @@ def ldap_unescape(value):
 
 def ldap_result(data, pos, end):
     """{"result", "description", "message"} of an LDAPResult's components."""
-    items = ber_items(data, pos, end)
+    items = der_children(data, pos, end)
     if len(items) < 3:
         raise ValueError("an LDAPResult without its three parts")
     code = int.from_bytes(data[items[0][1]:items[0][2]], "big")
@@ -3383,9 +3380,9 @@ def ldap_result(data, pos, end):
 
 def ldap_entry(data, pos, end):
     """(DN, {attribute lower-cased: [str]}) of a SearchResultEntry's value."""
-    _, s, e = ber_tlv(data, pos, end)
+    _, s, e = der_item(data, pos, end)
     dn = data[s:e].decode("utf-8", "replace")
-    _, pos, end = ber_tlv(data, e, end)
+    _, pos, end = der_item(data, e, end)
     attrs = {}
     while pos < end:
         n = data[pos + 1]                               # one attribute: its type, its values
@@ -3393,9 +3390,9 @@ def ldap_entry(data, pos, end):
             s, stop = pos + 2, pos + 2 + n
             ts, te = s + 2, s + 2 + data[s + 1]
         else:
-            _, s, stop = ber_tlv(data, pos, end)
-            _, ts, te = ber_tlv(data, s, stop)
-        _, p, vend = ber_tlv(data, te, stop)
+            _, s, stop = der_item(data, pos, end)
+            _, ts, te = der_item(data, s, stop)
+        _, p, vend = der_item(data, te, stop)
         values = []
         while p < vend:
             n = data[p + 1]
@@ -3403,7 +3400,7 @@ def ldap_entry(data, pos, end):
                 values.append(data[p + 2:p + 2 + n].decode("utf-8", "replace"))
                 p += 2 + n
             else:
-                _, vs, p = ber_tlv(data, p, vend)
+                _, vs, p = der_item(data, p, vend)
                 values.append(data[vs:p].decode("utf-8", "replace"))
         attrs[data[ts:te].decode("utf-8", "replace").lower()] = values
         pos = stop
@@ -3419,8 +3416,8 @@ def ldap_uuid(raw):
 def ldap_controls(data, pos, end):
     """{OID: (value start, value end) or None} of a message's controls."""
     out = {}
-    for _, s, e in ber_items(data, pos, end):
-        parts = ber_items(data, s, e)
+    for _, s, e in der_children(data, pos, end):
+        parts = der_children(data, s, e)
         oid = bytes(data[parts[0][1]:parts[0][2]]).decode("ascii", "replace")
         value = [(vs, ve) for tag, vs, ve in parts[1:] if tag == 0x04]
         out[oid] = value[0] if value else None
@@ -3431,17 +3428,17 @@ def ldap_sync_info(data, pos, end):
     """A Sync Info Message (RFC 4533 §2.5) as ("done" | "present" | "deletes", [uuids]):
     the refresh is over, these entries are unchanged, these are gone; None for a new
     cookie or a refresh phase that goes on."""
-    tag, s, e = ber_tlv(data, pos, end)
+    tag, s, e = der_item(data, pos, end)
     if tag in (0xA1, 0xA2):                             # refreshDelete, refreshPresent
-        done = [data[vs] != 0 for t, vs, ve in ber_items(data, s, e) if t == 0x01]
+        done = [data[vs] != 0 for t, vs, ve in der_children(data, s, e) if t == 0x01]
         return ("done", []) if not done or done[0] else None
     if tag == 0xA3:                                     # syncIdSet
         deletes, uuids = False, []
-        for t, vs, ve in ber_items(data, s, e):
+        for t, vs, ve in der_children(data, s, e):
             if t == 0x01:
                 deletes = data[vs] != 0
             elif t == 0x31:
-                uuids = [ldap_uuid(data[us:ue]) for _, us, ue in ber_items(data, vs, ve)]
+                uuids = [ldap_uuid(data[us:ue]) for _, us, ue in der_children(data, vs, ve)]
         return ("deletes" if deletes else "present", uuids)
     return None
 
@@ -3561,10 +3558,10 @@ class LdapWire:
         """The parts of one LDAPMessage (``data[pos:]`` its SEQUENCE's contents)."""
         end = len(data)
         try:
-            _, s, e = ber_tlv(data, pos, end)
+            _, s, e = der_item(data, pos, end)
             msgid = int.from_bytes(data[s:e], "big")
-            tag, s, op_end = ber_tlv(data, e, end)
-            controls = ber_tlv(data, op_end, end)[1:] if op_end < end else None
+            tag, s, op_end = der_item(data, e, end)
+            controls = der_item(data, op_end, end)[1:] if op_end < end else None
         except ValueError as e:
             raise self.garbled(e) from None
         return msgid, tag, data, s, op_end, controls
@@ -3619,8 +3616,8 @@ class LdapWire:
                     result = ldap_result(data, s, e)
                     found = ldap_controls(data, *controls).get(PAGED_OID) if controls else None
                     if found:
-                        _, vs, ve = ber_tlv(data, *found)
-                        items = ber_items(data, vs, ve)
+                        _, vs, ve = der_item(data, *found)
+                        items = der_children(data, vs, ve)
                         cookie = bytes(data[items[1][1]:items[1][2]])
                     else:
                         cookie = b""
@@ -3666,7 +3663,7 @@ class LdapWire:
             state = ldap_controls(data, *controls).get(SYNC_STATE_OID) if controls else None
             if state is None:
                 raise ValueError("an entry of the sync without its state")
-            items = ber_items(data, *ber_tlv(data, *state)[1:])
+            items = der_children(data, *der_item(data, *state)[1:])
             kind = data[items[0][1]]
             uuid = ldap_uuid(data[items[1][1]:items[1][2]])
             dn, attrs = ldap_entry(data, s, e)
@@ -3676,7 +3673,7 @@ class LdapWire:
                 return [("present", [uuid])]
             return [("entry", uuid, dn, attrs)]
         if tag == 0x79:                                 # an Intermediate Response
-            parts = {t: (vs, ve) for t, vs, ve in ber_items(data, s, e)}
+            parts = {t: (vs, ve) for t, vs, ve in der_children(data, s, e)}
             name = bytes(data[slice(*parts.get(0x80, (0, 0)))])
             if 0x81 in parts and name == SYNC_INFO_OID.encode():
                 info = ldap_sync_info(data, *parts[0x81])
@@ -8133,31 +8130,6 @@ def probe_list(addresses, ports):
         text = str(address)
         for port in ports:
             yield family, text, port
-
-
-def der_item(data, pos, end):
-    """(tag, content start, content end) of the DER item at ``pos``."""
-    if pos + 2 > end:
-        raise DerError("truncated DER item")
-    tag, length, pos = data[pos], data[pos + 1], pos + 2
-    if length & 0x80:
-        count = length & 0x7f
-        if not 0 < count <= 4 or pos + count > end:
-            raise DerError("bad DER length")
-        length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
-    if pos + length > end:
-        raise DerError("DER item runs past its container")
-    return tag, pos, pos + length
-
-
-def der_children(data, start, end):
-    """The items inside a constructed DER item's content, as (tag, start, end)."""
-    out = []
-    while start < end:
-        item = der_item(data, start, end)
-        out.append(item)
-        start = item[2]
-    return out
 
 
 OID_CN = bytes((0x55, 0x04, 0x03))          # 2.5.4.3 commonName
