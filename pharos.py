@@ -2401,7 +2401,7 @@ def snapshot_signature(path):
 def image_header(schema, seq, signature, body):
     """The image's first line: what it holds and what it must match to be used."""
     fields = repr([(f.name, f.words, f.multi) for f in schema.fields]).encode()
-    return {"format": IMAGE_FORMAT, "version": 2, "python": list(sys.version_info[:2]),
+    return {"format": IMAGE_FORMAT, "version": 3, "python": list(sys.version_info[:2]),
             "marshal": marshal.version, "schema": zlib.crc32(fields), "seq": seq,
             "snapshot": signature, "size": len(body), "crc": zlib.crc32(body)}
 
@@ -2411,10 +2411,18 @@ def write_image(path, directory, seq):
     holds it, so the next start loads it whole instead of indexing every record again.
 
     Only a cache beside the snapshot, which stays the truth: a start that finds the image
-    stale, damaged or from another Python ignores it. One marshal blob keeps the strings
-    records and index keys share, shared; values many records hold (type, created, ...)
-    are made one string first. Long postings go in as bytes and come back.
+    stale, damaged or from another Python ignores it.
     """
+    body = image_body(directory)
+    header = image_header(directory.schema, seq, snapshot_signature(path), body)
+    write_image_file(os.path.join(path, IMAGE), header, body)
+
+
+def image_body(directory, extra=None):
+    """The marshal blob of the directory's records, keys and index (and ``extra``, a
+    store's own state). One blob keeps the strings records and index keys share, shared;
+    values many records hold (type, created, ...) are made one string first. Long
+    postings go in as bytes and come back."""
     common = {}
     for record in directory.records.values():
         for name in SHARED_VALUE_FIELDS:
@@ -2431,22 +2439,24 @@ def write_image(path, directory, seq):
     for postings, key, posting in arrays:
         postings[key] = posting.tobytes()
     try:
-        body = marshal.dumps((directory.records, directory.keys, directory.next_id,
-                              {name: fidx.postings for name, fidx in directory.index.items()}))
+        return marshal.dumps((directory.records, directory.keys, directory.next_id,
+                              {name: fidx.postings for name, fidx in directory.index.items()},
+                              extra))
     finally:
         for postings, key, posting in arrays:
             postings[key] = posting
-    del arrays
-    header = image_header(directory.schema, seq, snapshot_signature(path), body)
-    tmp = os.path.join(path, IMAGE + ".tmp")
+
+
+def write_image_file(name, header, body):
+    """Write ``header`` (a checked line) and ``body`` to ``name`` whole or not at all."""
+    tmp = name + ".tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(checked_line(header))
             f.write(body)
-            del body
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(path, IMAGE))
+        os.replace(tmp, name)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -2480,7 +2490,7 @@ def image_header_or_why(path):
     except (ValueError, TypeError):
         return None, "its header is damaged or from an older version"
     if (header.get("format") != IMAGE_FORMAT
-            or header != dict(header, version=2, python=list(sys.version_info[:2]),
+            or header != dict(header, version=3, python=list(sys.version_info[:2]),
                               marshal=marshal.version, snapshot=snapshot_signature(path))):
         return None, "it was written for another snapshot or Python"
     if header.get("seq") != snapshot_header(path).get("seq"):
@@ -2497,6 +2507,13 @@ def read_image(path, directory):
     header, why = image_header_or_why(path)
     if header is None:
         return None, why
+    found, why = load_image(name, directory, header)
+    return (header["seq"], None) if why is None else (None, why)
+
+
+def load_image(name, directory, header):
+    """Fill ``directory`` from the image ``name`` whose first line is ``header``: (the
+    store's own state saved with it, None), or (None, why it was not used)."""
     import mmap
     try:
         f = open(name, "rb")
@@ -2511,7 +2528,7 @@ def read_image(path, directory):
                                           body):
                     return None, "it is damaged or was written for other fields"
                 try:
-                    records, keys, next_id, postings = marshal.loads(body)
+                    records, keys, next_id, postings, extra = marshal.loads(body)
                 except (ValueError, EOFError, TypeError):
                     return None, "it is damaged"
             finally:
@@ -2527,7 +2544,7 @@ def read_image(path, directory):
             if type(posting) is bytes:
                 table[key] = array.array("I", posting)
     directory.records, directory.keys, directory.next_id = records, keys, next_id
-    return header["seq"], None
+    return extra, None
 
 
 def journal_segments(path):
@@ -3147,6 +3164,8 @@ LDAP_PAGE = 500                 # entries per page of a paged search
 LDAP_TIMEOUT = 1                # seconds a connect or a reply may take (whole: ldap3 wants int)
 LDAP_LOAD_TIMEOUT = 60          # seconds one page of the start-up load may take
 LDAP_POLL = 0.5                 # seconds between looks for changes made by other tools
+LDAP_IMAGE = "ldap.image"       # the image of the index an LDAP store keeps under DATA
+LDAP_IMAGE_CHANGES = 1000       # entries changed since the image that make a start write anew
 LDAP_RECONCILE_MIN = 1.0        # seconds between full listings that find deletes ...
 LDAP_RECONCILE_FACTOR = 10      # ... and at least this many times what a listing took
 LDAP_BACKOFF_MAX = 5.0          # seconds between reconnect attempts, at most
@@ -3425,22 +3444,26 @@ def ldap_controls(data, pos, end):
 
 
 def ldap_sync_info(data, pos, end):
-    """A Sync Info Message (RFC 4533 §2.5) as ("done" | "present" | "deletes", [uuids]):
-    the refresh is over, these entries are unchanged, these are gone; None for a new
-    cookie or a refresh phase that goes on."""
+    """The events of a Sync Info Message (RFC 4533 §2.5): ("present" | "deletes", [uuids])
+    for entries unchanged or gone; ("phase", "present" | "delete") when a refresh phase
+    ends, and ("done", []) when the refresh is over; ("cookie", bytes) after what a new
+    cookie covers."""
     tag, s, e = der_item(data, pos, end)
-    if tag in (0xA1, 0xA2):                             # refreshDelete, refreshPresent
-        done = [data[vs] != 0 for t, vs, ve in der_children(data, s, e) if t == 0x01]
-        return ("done", []) if not done or done[0] else None
+    if tag == 0x80:                                     # newcookie
+        return [("cookie", bytes(data[s:e]))]
+    if tag not in (0xA1, 0xA2, 0xA3):
+        return []
+    parts = der_children(data, s, e)
+    flags = [data[vs] != 0 for t, vs, ve in parts if t == 0x01]
     if tag == 0xA3:                                     # syncIdSet
-        deletes, uuids = False, []
-        for t, vs, ve in der_children(data, s, e):
-            if t == 0x01:
-                deletes = data[vs] != 0
-            elif t == 0x31:
-                uuids = [ldap_uuid(data[us:ue]) for _, us, ue in der_children(data, vs, ve)]
-        return ("deletes" if deletes else "present", uuids)
-    return None
+        uuids = [ldap_uuid(data[us:ue]) for t, vs, ve in parts if t == 0x31
+                 for _, us, ue in der_children(data, vs, ve)]
+        events = [("deletes" if flags and flags[0] else "present", uuids)]
+    else:                                               # refreshDelete, refreshPresent
+        events = [("phase", "delete" if tag == 0xA1 else "present")]
+        if not flags or flags[0]:                       # refreshDone (TRUE by default)
+            events.append(("done", []))
+    return events + [("cookie", bytes(data[vs:ve])) for t, vs, ve in parts if t == 0x04]
 
 
 class LdapWire:
@@ -3632,17 +3655,20 @@ class LdapWire:
             if not cookie:
                 return out
 
-    def sync_request(self, base, filt, attrs):
-        """Start a Content Sync (RFC 4533) in refreshAndPersist mode: every entry, then
-        each change as it is made."""
+    def sync_request(self, base, filt, attrs, cookie=None):
+        """Start a Content Sync (RFC 4533) in refreshAndPersist mode: every entry (or, with
+        the ``cookie`` of an earlier sync, what changed since), then each change as it is
+        made."""
+        value = ber_int(3, 0x0A) + (ber_str(cookie) if cookie is not None else b"")
         control = ber(0x30, ber_str(SYNC_REQUEST_OID) + ber(0x01, b"\xff")
-                      + ber_str(ber(0x30, ber_int(3, 0x0A))))
+                      + ber_str(ber(0x30, value)))
         self.sync_id = self.search_request(base, filt, "SUBTREE", attrs, control)
 
     def sync_events(self, wait=True):
         """The Content Sync's next events, as many as have come in (waiting for the first
         when ``wait``): ("entry", uuid, DN, attrs), ("delete", uuid, DN),
-        ("present" | "deletes", [uuids]) and ("done", []) when the refresh is over.
+        ("present" | "deletes", [uuids]), ("phase", "present" | "delete"), ("done", [])
+        when the refresh is over and ("cookie", bytes) after what a cookie covers.
         LdapFailure when the directory ends the sync."""
         events, message = [], self.message(wait)
         while message is not None:
@@ -3666,18 +3692,18 @@ class LdapWire:
             items = der_children(data, *der_item(data, *state)[1:])
             kind = data[items[0][1]]
             uuid = ldap_uuid(data[items[1][1]:items[1][2]])
+            cookie = [("cookie", bytes(data[vs:ve])) for t, vs, ve in items[2:] if t == 0x04]
             dn, attrs = ldap_entry(data, s, e)
             if kind == 3:
-                return [("delete", uuid, dn)]
+                return [("delete", uuid, dn), *cookie]
             if kind == 0:
-                return [("present", [uuid])]
-            return [("entry", uuid, dn, attrs)]
+                return [("present", [uuid]), *cookie]
+            return [("entry", uuid, dn, attrs), *cookie]
         if tag == 0x79:                                 # an Intermediate Response
             parts = {t: (vs, ve) for t, vs, ve in der_children(data, s, e)}
             name = bytes(data[slice(*parts.get(0x80, (0, 0)))])
             if 0x81 in parts and name == SYNC_INFO_OID.encode():
-                info = ldap_sync_info(data, *parts[0x81])
-                return [info] if info else []
+                return ldap_sync_info(data, *parts[0x81])
             return []
         if tag == 0x65:
             result = ldap_result(data, s, e)
@@ -3979,7 +4005,7 @@ class LdapStore(MemoryStore):
     kind = "ldap"
 
     def __init__(self, schema, url, bind_dn=None, password=None, log=None,
-                 timeout=LDAP_TIMEOUT, sync="auto"):
+                 timeout=LDAP_TIMEOUT, sync="auto", image_dir=None):
         super().__init__(schema)
         self.ldap3 = optional_import("ldap3")
         self.url = url
@@ -4005,6 +4031,8 @@ class LdapStore(MemoryStore):
         self.sync_mode = sync       # "auto": Content Sync when offered; "poll": never
         self.persist = False        # following a Content Sync (else polling)
         self.follower = None        # the LdapWire of the Content Sync, while it runs
+        self.cookie = None          # the Content Sync's newest cookie the index is current to
+        self.image_dir = image_dir  # where the image of the index is kept (DATA), or None
 
     def describe(self):
         """The storage as the start-up log names it: ldap, the URL, how it stays fresh."""
@@ -4098,22 +4126,27 @@ class LdapStore(MemoryStore):
     # -- start-up --
 
     def open(self):
-        """Bind, look for the pharos schema and for Content Sync, load every entry (the
-        sync's refresh, or paged searches when there is no sync to follow)."""
+        """Bind, look for the pharos schema and for Content Sync, load every entry: from
+        the image a clean stop left under DATA and what changed since its cookie when
+        there is one, else the sync's whole refresh (or paged searches when there is no
+        sync to follow)."""
         try:
             wire = self.connect(LDAP_LOAD_TIMEOUT)
         except StoreError as e:
             raise DataError(str(e)) from None
+        cookie = None
         try:
             self.layout.custom = self.has_pharos_schema(wire)
             refreshed = None
             if self.sync_mode == "auto" and SYNC_REQUEST_OID in self.root_controls(wire):
-                refreshed = self.refresh(wire)
+                cookie = self.read_image()
+                refreshed = self.refresh(wire, cookie)
             if refreshed is None:
+                if cookie is not None:                  # no sync to go on from after all
+                    self.forget_image_state()
+                    cookie = None
                 self.context = self.context_csn(wire)
                 found = self.convert(self.fetch(wire, LDAP_ENTRY_FILTER))
-            else:
-                found = refreshed[0]
         except LdapFailure as e:
             wire.close()
             raise DataError(f"cannot load from the LDAP directory {self.url}: "
@@ -4124,18 +4157,29 @@ class LdapStore(MemoryStore):
             self.follower = wire
         else:
             wire.unbind()
-        self.load_entries(found)
+        if cookie is None:
+            self.load_entries(refreshed["found"] if self.persist else found)
+            self.cookie = refreshed and refreshed["cookie"]
+        else:
+            self.catch_up(refreshed)
+            changes = plural(len(refreshed["found"]), "change", "changes")
+            self.log(f"ldap: started from {self.image_name()} and the {changes} since")
+        if self.persist and (cookie is None or len(refreshed["found"]) > LDAP_IMAGE_CHANGES):
+            self.save_image(say=False)
         from concurrent.futures import ThreadPoolExecutor
         self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"pharos-ldap-{name}")
                           for name in ("write", "read")}
         return self
 
-    def refresh(self, wire):
-        """Start a Content Sync on ``wire`` and read its refresh phase: (converted entries,
-        uuids said to be unchanged); None when the directory refuses the sync (a size
-        limit, say), which leaves polling."""
-        wire.sync_request(self.layout.base, LDAP_ENTRY_FILTER, LDAP_READ_ATTRS)
-        found, present, deadline = [], set(), time.monotonic() + LDAP_LOAD_TIMEOUT
+    def refresh(self, wire, cookie=None):
+        """Start a Content Sync on ``wire`` (from ``cookie``, when the index is as an
+        earlier sync left it) and read its refresh phase: {"found": converted entries,
+        "present": uuids said to be unchanged, "cookie": the newest cookie, "full": whether
+        an entry the refresh neither brings nor calls unchanged is gone}; None when the
+        directory refuses the sync (a size limit, say), which leaves polling."""
+        wire.sync_request(self.layout.base, LDAP_ENTRY_FILTER, LDAP_READ_ATTRS, cookie)
+        state = {"found": [], "present": set(), "cookie": None, "full": cookie is None}
+        deadline = time.monotonic() + LDAP_LOAD_TIMEOUT
         try:
             while True:
                 try:
@@ -4144,21 +4188,36 @@ class LdapStore(MemoryStore):
                     if time.monotonic() > deadline:
                         raise wire.cut(OSError("the Content Sync's refresh stalled")) from None
                     continue
-                done = any(event[0] == "done" for event in events)
-                found += self.sync_found(events, present)
-                if done:
-                    return found, present
+                state["found"] += self.sync_found(events, state)
+                if any(event[0] == "done" for event in events):
+                    return state
         except LdapFailure as e:
             if getattr(e, "lost", False):
                 raise
+            if cookie is not None and e.result.get("result") == 4096:  # e-syncRefreshRequired
+                self.log("ldap: the directory cannot bring the changes since the last run; "
+                         "loading every entry")
+                return self.refresh(wire)
             self.log(f"ldap: the directory refused Content Sync ({self.failure_text(e)}); "
                      f"polling for changes instead (let the bind DN search without a size "
                      f"limit to follow changes as they are made)")
             return None
 
-    def sync_found(self, events, present=None):
-        """The (uuid, record or None, entry_info) changes of Content Sync events; uuids
-        said to be unchanged go into ``present``."""
+    def catch_up(self, refreshed):
+        """Bring the index up to a refresh: its entries in, its deletes out, and, after a
+        full one, every entry it neither brought nor called unchanged out too."""
+        found = refreshed["found"]
+        if refreshed["full"]:
+            seen = refreshed["present"].union(uuid for uuid, _, _ in found)
+            found = found + [(uuid, None, {"dn": self.info[rid]["dn"]}) for uuid, rid in
+                             self.ids.items() if uuid not in seen and rid in self.info]
+        self.apply_found(found, ())
+        self.cookie = refreshed["cookie"] or self.cookie
+
+    def sync_found(self, events, state):
+        """The (uuid, record or None, entry_info) changes of Content Sync events; notes in
+        ``state`` the uuids said to be unchanged ("present", when it keeps them), the
+        newest cookie, and whether a present phase ran (making the refresh a full one)."""
         out, entries = [], []
         for event in events:
             kind = event[0]
@@ -4174,9 +4233,96 @@ class LdapStore(MemoryStore):
                 out.append((event[1], None, {"dn": event[2]}))
             elif kind == "deletes":
                 out += [(uuid, None, {"dn": ""}) for uuid in event[1]]
-            elif kind == "present" and present is not None:
-                present.update(event[1])
+            elif kind == "present" and state.get("present") is not None:
+                state["present"].update(event[1])
+            elif kind == "cookie":
+                state["cookie"] = event[1]
+            elif event == ("phase", "present"):
+                state["full"] = True
         return out + (self.convert(entries) if entries else [])
+
+    # -- the image: the index as a clean stop left it, and the sync's cookie --
+
+    def image_name(self):
+        """Where the image lives (DATA/ldap.image), or None when the store keeps none."""
+        return os.path.join(self.image_dir, LDAP_IMAGE) if self.image_dir else None
+
+    def image_source(self):
+        """What an image must have been written for to be used: this directory, base and
+        bind DN (another bind DN may see other entries)."""
+        return ["ldap", self.url, self.bind_dn or ""]
+
+    def read_image(self):
+        """Fill the index from the image, if there is one for this directory: the Content
+        Sync cookie it is current to, or None (logged when an image was there but could
+        not be used: damaged, for another directory or Python, ...)."""
+        name = self.image_name()
+        if name is None or not os.path.exists(name):
+            return None
+        extra, why = None, None
+        try:
+            with open(name, "rb") as f:
+                header = read_checked_line(f.readline(1024))
+        except OSError as e:
+            why = f"it cannot be read ({e.strerror})"
+        except (ValueError, TypeError):
+            why = "its header is damaged or from an older version"
+        else:
+            if header.get("format") != IMAGE_FORMAT or header != dict(
+                    header, version=3, python=list(sys.version_info[:2]),
+                    marshal=marshal.version, snapshot=self.image_source()):
+                why = "it was written for another directory, bind DN or Python"
+            else:
+                extra, why = load_image(name, self.directory, header)
+        if why is None:
+            try:
+                return self.restore_image_state(extra)
+            except (ValueError, TypeError, KeyError):
+                why = "it is damaged"
+        self.forget_image_state()
+        self.log(f"ldap: not using {name}: {why}; loading every entry")
+        return None
+
+    def restore_image_state(self, extra):
+        """Take up the store's own state saved with the image; its cookie. ValueError when
+        it does not fit the records."""
+        ids, info, ignored, cookie = extra["ids"], extra["info"], extra["ignored"], extra["cookie"]
+        records = self.directory.records
+        if (type(ids) is not dict or type(info) is not dict or type(ignored) is not set
+                or type(cookie) is not bytes or len(ids) != len(records)
+                or info.keys() != records.keys() or any(type(i) is not dict for i in info.values())
+                or any(type(u) is not str or info[rid]["uuid"] != u for u, rid in ids.items())):
+            raise ValueError("the image's entries do not fit its records")
+        self.ids, self.info, self.ignored = ids, info, ignored
+        self.stamp, self.fresh = extra["stamp"], max(extra["fresh"], self.directory.next_id - 1)
+        return cookie
+
+    def forget_image_state(self):
+        """Start from an empty index again (an image was found not to be usable)."""
+        self.directory = Directory(self.schema)
+        self.pending = PendingWrites(self.directory)
+        self.ids, self.info, self.ignored, self.stamp, self.fresh = {}, {}, set(), None, 0
+
+    def save_image(self, say=True):
+        """Write the index, the entries behind it and the sync's cookie to DATA, so the
+        next start loads them whole and asks the directory only for what changed since
+        (logged when ``say``). Only a cache: the directory stays the truth."""
+        name = self.image_name()
+        if name is None or self.cookie is None:
+            return
+        extra = {"ids": self.ids, "info": self.info, "ignored": self.ignored,
+                 "cookie": self.cookie, "stamp": self.stamp, "fresh": self.fresh}
+        try:
+            body = image_body(self.directory, extra)
+            os.makedirs(self.image_dir, mode=0o700, exist_ok=True)
+            write_image_file(name, image_header(self.schema, 0, self.image_source(), body),
+                             body)
+        except OSError as e:
+            self.log(f"ldap: could not write {name} ({e.strerror}); the next start loads "
+                     f"every entry")
+            return
+        if say:
+            self.log(f"ldap: wrote {name} for a quick start")
 
     def load_entries(self, found):
         """Put the start-up load's converted entries into the index, ids in the order
@@ -4271,40 +4417,40 @@ class LdapStore(MemoryStore):
 
     async def follow(self):
         """Apply the Content Sync's changes as they come. Without a sync running (the
-        connection was lost), start one: its refresh brings every entry again, and what
-        it neither brings nor calls unchanged was deleted meanwhile."""
+        connection was lost), start one from the last cookie: its refresh brings what
+        changed meanwhile (or every entry again, and what it neither brings nor calls
+        unchanged was deleted)."""
         loop, read = self.loop, self.executors["read"]
         if self.follower is None:
             await loop.run_in_executor(self.executors["write"], self.conn, "write")
             wire = await loop.run_in_executor(read, self.connect, self.timeout)
             try:
-                refreshed = await loop.run_in_executor(read, self.refresh, wire)
+                refreshed = await loop.run_in_executor(read, self.refresh, wire, self.cookie)
             except BaseException:
                 wire.close()
                 raise
             if refreshed is None:
                 wire.close()
                 raise StoreError("the directory refused the Content Sync")
-            found, present = refreshed
-            seen = present.union(uuid for uuid, _, _ in found)
-            found += [(uuid, None, {"dn": self.info[rid]["dn"]}) for uuid, rid in
-                      self.ids.items() if uuid not in seen and rid in self.info]
             self.follower = wire
             if self.down is not None:
                 self.down = None
                 self.log(f"ldap: the directory {self.url} answers again; caught up")
-            self.apply_found(found, ())
+            self.catch_up(refreshed)
         while True:
-            found = await loop.run_in_executor(read, self.follow_batch, self.follower)
+            found, cookie = await loop.run_in_executor(read, self.follow_batch, self.follower)
             self.touched = set()
             self.apply_found(found, ())
+            self.cookie = cookie or self.cookie
 
     def follow_batch(self, wire):
-        """In the read executor: the sync's next changes ([] after a quiet second)."""
+        """In the read executor: the sync's next changes ([] after a quiet second) and
+        the newest cookie among them (or None)."""
+        state = {}
         try:
-            return self.sync_found(wire.sync_events())
+            return self.sync_found(wire.sync_events(), state), state.get("cookie")
         except TimeoutError:
-            return []
+            return [], None
 
     def drop_follower(self):
         """Stop following the Content Sync (a read blocked on it returns)."""
@@ -4586,6 +4732,8 @@ class LdapStore(MemoryStore):
             await loop.run_in_executor(None, executor.shutdown, True)
             self.drop_conn(name)
         await asyncio.sleep(0)                      # let the last writes settle
+        if self.persist and self.down is None:
+            self.save_image()
 
 
 # SECTION: SSH — wire encoding, public keys, SSHSIG, pure-Python verifiers, agent client
@@ -11034,7 +11182,7 @@ def ldap_store_from_args(args, schema):
         raise UsageError("--ldap-bind-dn needs a password: --ldap-password-file FILE or "
                          "$PHAROS_LDAP_PASSWORD")
     return LdapStore(schema, args.storage, args.ldap_bind_dn, password,
-                     log=log_to_stderr, sync=args.ldap_sync).open()
+                     log=log_to_stderr, sync=args.ldap_sync, image_dir=args.data).open()
 
 
 class ArgParserCore:

@@ -101,6 +101,26 @@ def ldapadd_per_second(slapd, n, prefix):
     return n / (time.perf_counter() - started)
 
 
+def warm_starts(slapd, data, changes):
+    """(what came before, what to do while Pharos is stopped) of each start from the
+    image a clean stop leaves: nothing changed; ``changes`` entries modified by another
+    tool; slapd restarted too (its session log of changes is gone: a present phase)."""
+    def modify():
+        ldif = "".join(f"dn: uid={person['alias']},ou=people,{SUFFIX}\nchangetype: modify\n"
+                       f"replace: title\ntitle: warm{i}-{time.monotonic_ns()}\n\n"
+                       for i, person in enumerate(map(data.person, range(changes))))
+        slapd.ldap("ldapmodify", input=ldif)
+
+    def restart():
+        slapd.stop()
+        slapd.start()
+        modify()
+    return [("from its image, nothing changed since", lambda: None),
+            (f"from its image, {changes} entries changed since by ldapmodify", modify),
+            (f"from its image, slapd restarted and {changes} entries changed since "
+             f"(a present phase)", restart)]
+
+
 def adds_per_second(server, n, prefix):
     with PhClient("127.0.0.1", server.port, timeout=60) as c:
         started = time.perf_counter()
@@ -156,8 +176,14 @@ def main():
     try:
         print(f"dataset: {args.size} people + {args.size} machines "
               f"(OpenLDAP, ldap3 {__import__('ldap3').__version__})")
-        print(f"ready: pharos on ldap {timed_start(on_ldap):.2f} s, "
+        cold = timed_start(on_ldap)
+        print(f"ready: pharos on ldap {cold:.2f} s from nothing, "
               f"pharos on file {timed_start(on_file):.2f} s")
+        for label, between in warm_starts(slapd, data, args.changes):
+            on_ldap.stop(timeout=600)
+            on_ldap.port, on_ldap.stderr = None, b""
+            between()
+            print(f"ready: pharos on ldap {timed_start(on_ldap):.2f} s {label}")
         queries = data.exact_queries(args.lookups)
         for label, run in (("pharos on ldap", lambda: ph_lookups(on_ldap, queries)),
                            ("pharos on file", lambda: ph_lookups(on_file, queries)),

@@ -454,3 +454,124 @@ def test_an_entry_cut_short_fails_the_way_the_wire_catches():
     for cut in range(1, len(entry)):
         with pytest.raises((ValueError, IndexError)):
             pharos.ldap_entry(entry[:cut], 0, cut)
+
+
+def image_store(slapd, data, logs, url=None):
+    """An LdapStore on ``slapd`` keeping its image in ``data``, logging into ``logs``."""
+    return pharos.LdapStore(pharos.Schema(), url or f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW,
+                            log=logs.append, image_dir=str(data)).open()
+
+
+def served(store):
+    """(alias or hostname, email, title) of every record the store serves, sorted."""
+    return sorted((r.get("alias") or r.get("hostname"), r.get("email"), r.get("title"))
+                  for r in store.directory.records.values())
+
+
+def add_people(slapd, *uids):
+    """ldapadd plain inetOrgPerson entries (and ou=people first, if it is missing)."""
+    slapd.ldap("ldapadd", "-c", input=f"dn: {PEOPLE}\nobjectClass: organizationalUnit\n"
+                                      f"ou: people\n", check=False)
+    slapd.ldap("ldapadd", input="".join(
+        f"dn: uid={uid},{PEOPLE}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid.title()}\n"
+        f"sn: {uid.title()}\n\n" for uid in uids))
+
+
+def test_a_start_takes_the_image_a_stop_left_and_only_what_changed_since(slapd, tmp_path):
+    loop = asyncio.new_event_loop()
+    logs, data = [], tmp_path / "data"
+    add_people(slapd, "ann", "bob", "cy", "dee")
+    try:
+        store = image_store(slapd, data, logs)
+        assert (data / "ldap.image").exists() and not any("started from" in m for m in logs)
+        loop.run_until_complete(store.close())
+        # other tools change the directory while Pharos is stopped
+        slapd.ldap("ldapdelete", f"uid=bob,{PEOPLE}")
+        slapd.modify(f"dn: uid=cy,{PEOPLE}\nchangetype: modify\nreplace: mail\n"
+                     f"mail: cy@example.org\n")
+        add_people(slapd, "eve")
+        logs.clear()
+        store = image_store(slapd, data, logs)
+        assert any("started from" in m and "the 3 changes since" in m for m in logs), logs
+        truth = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN,
+                                 ROOTPW).open()
+        assert served(store) == served(truth)
+        assert [a for a, _, _ in served(store)] == ["ann", "cy", "dee", "eve"]
+        # the ids go on from the image's: a record added now is not given one in use
+        later = store.pending.new_id()
+        assert later not in store.directory.records
+        loop.run_until_complete(store.close())
+        loop.run_until_complete(truth.close())
+        # slapd restarted forgets its log of changes: it names every unchanged entry
+        # instead (a present phase), and one it does not name is gone
+        slapd.stop()
+        slapd.start()
+        slapd.ldap("ldapdelete", f"uid=dee,{PEOPLE}")
+        logs.clear()
+        store = image_store(slapd, data, logs)
+        assert any("started from" in m for m in logs), logs
+        assert [a for a, _, _ in served(store)] == ["ann", "cy", "eve"]
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()
+
+
+def test_an_image_that_is_damaged_or_for_another_directory_is_not_used(slapd, tmp_path):
+    loop = asyncio.new_event_loop()
+    logs, data = [], tmp_path / "data"
+    add_people(slapd, "ann", "bob")
+    try:
+        loop.run_until_complete(image_store(slapd, data, logs).close())
+        image = data / "ldap.image"
+        blob = bytearray(image.read_bytes())
+        blob[-10] ^= 0xFF
+        image.write_bytes(bytes(blob))
+        logs.clear()
+        store = image_store(slapd, data, logs)
+        assert any("not using" in m and "damaged" in m for m in logs), logs
+        assert [a for a, _, _ in served(store)] == ["ann", "bob"]
+        loop.run_until_complete(store.close())   # a good image again
+        logs.clear()
+        other = f"ldap://localhost:{slapd.port}/{SUFFIX}"
+        store = image_store(slapd, data, logs, url=other)
+        assert any("not using" in m and "another directory" in m for m in logs), logs
+        assert [a for a, _, _ in served(store)] == ["ann", "bob"]
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()
+
+
+def test_serve_starts_again_from_its_image_and_sees_what_changed(slapd, tmp_path):
+    srv = ldap_server(slapd, tmp_path)
+    try:
+        with srv.client() as c:
+            assert c.cmd('add alias=jdoe name="Jane Doe" email=jane@example.org')[-1] == "200:Ok."
+        code, err = srv.stop()
+        assert code == 0 and "ldap.image for a quick start" in err, err
+        slapd.modify(f"dn: uid=jdoe,{PEOPLE}\nchangetype: modify\nreplace: mail\n"
+                     f"mail: jane@example.net\n")
+        srv.port, srv.stderr = None, b""
+        srv.start()
+        assert "started from" in srv.read_stderr()
+        with srv.client() as c:
+            reply = c.cmd("query alias=jdoe return email")
+        assert any("jane@example.net" in line for line in reply), reply
+    finally:
+        srv.kill()
+
+
+def test_sync_info_messages_bring_cookies_phases_and_deletes():
+    uuid = bytes(range(16))
+    text = pharos.ldap_uuid(uuid)
+    cookie = pharos.ber(0x80, b"rid=000,csn=1")
+    assert pharos.ldap_sync_info(cookie, 0, len(cookie)) == [("cookie", b"rid=000,csn=1")]
+    present = pharos.ber(0xA2, pharos.ber_str(b"c2") + pharos.ber(0x01, b"\x00"))
+    assert pharos.ldap_sync_info(present, 0, len(present)) == [("phase", "present"),
+                                                               ("cookie", b"c2")]
+    done = pharos.ber(0xA1, b"")
+    assert pharos.ldap_sync_info(done, 0, len(done)) == [("phase", "delete"), ("done", [])]
+    gone = pharos.ber(0xA3, pharos.ber_str(b"c3") + pharos.ber(0x01, b"\xff")
+                      + pharos.ber(0x31, pharos.ber_str(uuid)))
+    assert pharos.ldap_sync_info(gone, 0, len(gone)) == [("deletes", [text]), ("cookie", b"c3")]
+    same = pharos.ber(0xA3, pharos.ber(0x31, pharos.ber_str(uuid) + pharos.ber_str(uuid)))
+    assert pharos.ldap_sync_info(same, 0, len(same)) == [("present", [text, text])]
