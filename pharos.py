@@ -3,7 +3,7 @@
 
 One stdlib-only module: the server, its storage and every command-line tool.
 Run ``python3 pharos.py serve`` for a server, ``python3 pharos.py --help`` for
-the rest.  Optional packages (asyncssh, ldap3, zeroconf) switch on extras.
+the rest.  Optional packages (asyncssh, zeroconf) switch on extras.
 
 Sections, in dependency order (``grep -n '^# SECTION:' pharos.py``):
 
@@ -77,7 +77,7 @@ AUTH_SSHSIG = 1024              # siteinfo method flag for SSH signatures (exten
 TIERS = ("dev", "lab", "enterprise")
 EXIT_OK, EXIT_NOMATCH, EXIT_USAGE, EXIT_FAIL = 0, 1, 2, 3
 
-OPTIONAL_PACKAGES = {"asyncssh": "ssh", "ldap3": "ldap", "zeroconf": "mdns"}
+OPTIONAL_PACKAGES = {"asyncssh": "ssh", "zeroconf": "mdns"}
 
 
 class LazyModule:
@@ -3161,7 +3161,7 @@ class FileStore(MemoryStore):
 
 LDAP_URL_RE = LazyRegex(r"(ldaps?|ldapi)://([^/]*)/(.+)\Z")
 LDAP_PAGE = 500                 # entries per page of a paged search
-LDAP_TIMEOUT = 1                # seconds a connect or a reply may take (whole: ldap3 wants int)
+LDAP_TIMEOUT = 1                # seconds a connect or a reply may take
 LDAP_LOAD_TIMEOUT = 60          # seconds one page of the start-up load may take
 LDAP_POLL = 0.5                 # seconds between looks for changes made by other tools
 LDAP_IMAGE = "ldap.image"       # the image of the index an LDAP store keeps under DATA
@@ -3188,7 +3188,8 @@ LDAP_CODES = {68: 509, 19: 512, 21: 512, 65: 512, 20: 512, 16: 400, 32: 501, 50:
 
 
 def parse_ldap_url(url):
-    """(server URL for ldap3, base DN) of ldap[s|i]://HOST[:PORT]/BASE-DN; UsageError if not."""
+    """(server URL: scheme://host[:port], base DN) of ldap[s|i]://HOST[:PORT]/BASE-DN;
+    UsageError if not."""
     import urllib.parse
     match = LDAP_URL_RE.match(url)
     if not match or (match.group(1) != "ldapi" and not match.group(2)):
@@ -3279,15 +3280,6 @@ def mac_from_ldap(value):
     return ":".join(p.zfill(2) for p in parts) if len(parts) == 6 else value
 
 
-def ldap_error(result, what):
-    """The StoreError for a refused LDAP operation (``result``: ldap3's result dict)."""
-    code = result.get("result")
-    detail = result.get("message") or ""
-    text = f"the directory refused {what}: {result.get('description', code)}"
-    return StoreError(text + (f" ({detail})" if detail else "") + ".",
-                      code=LDAP_CODES.get(code, 400))
-
-
 class LdapFailure(Exception):
     """An LDAP operation the directory answered with an error (inside the worker)."""
 
@@ -3296,14 +3288,14 @@ class LdapFailure(Exception):
         self.result, self.what, self.done = result, what, done
 
 
-# -- the wire: the store's reads in LDAPv3 BER (RFC 4511), without ldap3 --
+# -- the wire: the store's LDAPv3 in BER (RFC 4511), stdlib only --
 #
-# ldap3 decodes a search reply entry by entry in general-purpose Python and copies each
-# response twice; loading 10k+10k entries spent most of its time there. The store's reads
-# (the start-up load, Content Sync, polls, the keys) go through LdapWire instead: one
+# A general-purpose client (ldap3) decodes a search reply entry by entry through an ASN.1
+# library and copies each response twice; loading 10k+10k entries spent most of its time
+# there, and each write took a second round trip to read the entry back. LdapWire is one
 # blocking connection that binds, sends a search and decodes the entries as they stream
-# in. ldap3 still makes the writes (add, modify, rename, delete), where its cost is small
-# beside the directory's own.
+# in, and writes (add, modify, rename, delete) with the Post-Read control, so the
+# directory's reply to a write carries the entry as it left it.
 
 SYNC_REQUEST_OID = "1.3.6.1.4.1.4203.1.9.1.1"  # RFC 4533 Content Sync
 SYNC_STATE_OID = "1.3.6.1.4.1.4203.1.9.1.2"
@@ -3317,6 +3309,10 @@ LDAP_RESULTS = {0: "success", 1: "operationsError", 2: "protocolError", 3: "time
                 50: "insufficientAccessRights", 51: "busy", 52: "unavailable",
                 53: "unwillingToPerform", 80: "other", 4096: "e-syncRefreshRequired"}
 LDAP_FILTER_TAGS = {"=": 0xA3, ">=": 0xA5, "<=": 0xA6, "~=": 0xA8}
+LDAP_MODIFY_OPS = {"MODIFY_ADD": 0, "MODIFY_DELETE": 1, "MODIFY_REPLACE": 2}
+POST_READ_OID = "1.3.6.1.1.13.2"        # RFC 4527: the entry as a write left it, in its reply
+# What a write reads back of the entry it leaves (for entry_info):
+LDAP_WRITE_READ = ["objectClass", "description", "entryUUID", "entryCSN", "pharosField"]
 
 
 def ber(tag, body):
@@ -3487,7 +3483,7 @@ class LdapWire:
 
     @staticmethod
     def connect(url, timeout):
-        """A socket to the directory at ``url`` (ldap3-style: scheme://host[:port])."""
+        """A socket to the directory at ``url`` (scheme://host[:port])."""
         import socket
         import urllib.parse
         scheme, _, where = url.partition("://")
@@ -3710,6 +3706,49 @@ class LdapWire:
             raise LdapFailure(result, "the Content Sync")
         return []
 
+    def update(self, op, tag, what, read=()):
+        """Send the write ``op`` and wait for its response (op tag ``tag``): (the result,
+        and with ``read``, those attributes of the entry as the write left it, from the
+        Post-Read control (RFC 4527): (DN, {attr lower: [str]}), else None)."""
+        controls = ber(0x30, ber_str(POST_READ_OID) + ber(0x01, b"\xff") + ber_str(
+            ber(0x30, b"".join(ber_str(a) for a in read)))) if read else b""
+        msgid = self.send(op, controls)
+        _, got, data, s, e, found = self.reply(msgid, what)
+        try:
+            if got != tag:
+                raise ValueError(f"answered with op {got:#x}")
+            result, entry = ldap_result(data, s, e), None
+            value = ldap_controls(data, *found).get(POST_READ_OID) if found else None
+            if value is not None and result["result"] == 0:
+                _, es, ee = der_item(data, *value)
+                entry = ldap_entry(data, es, ee)
+        except (ValueError, IndexError) as error:
+            raise self.garbled(error) from None
+        return result, entry
+
+    def add(self, dn, attrs, read=()):
+        """AddRequest of ``dn`` with {attribute: [values]} (object classes included)."""
+        body = b"".join(ber(0x30, ber_str(a) + ber(0x31, b"".join(map(ber_str, values))))
+                        for a, values in attrs.items())
+        return self.update(ber(0x68, ber_str(dn) + ber(0x30, body)), 0x69, f"adding {dn}", read)
+
+    def modify(self, dn, changes, read=()):
+        """ModifyRequest of ``dn``: {attribute: [(MODIFY_ADD | _DELETE | _REPLACE, values)]}."""
+        body = b"".join(ber(0x30, ber_int(LDAP_MODIFY_OPS[op], 0x0A) + ber(
+            0x30, ber_str(a) + ber(0x31, b"".join(map(ber_str, values)))))
+            for a, ops in changes.items() for op, values in ops)
+        return self.update(ber(0x66, ber_str(dn) + ber(0x30, body)), 0x67, f"changing {dn}",
+                           read)
+
+    def rename(self, dn, rdn, read=()):
+        """ModifyDNRequest: ``dn`` gets the new first RDN ``rdn`` (the old value goes)."""
+        op = ber(0x6C, ber_str(dn) + ber_str(rdn) + ber(0x01, b"\xff"))
+        return self.update(op, 0x6D, f"renaming {dn}", read)
+
+    def delete(self, dn):
+        """DelRequest of ``dn``."""
+        return self.update(ber_str(dn, 0x4A), 0x6B, f"deleting {dn}")
+
     def unbind(self):
         """Say goodbye and close."""
         with contextlib.suppress(OSError, AttributeError):
@@ -3818,7 +3857,7 @@ class LdapLayout:
         return out
 
     def changes(self, old, new, info):
-        """ldap3 modify changes turning ``old``'s entry into ``new``'s, touching only the
+        """Modify changes turning ``old``'s entry into ``new``'s, touching only the
         attributes whose fields changed (attributes Pharos does not map stay as they are).
 
         ``info`` is what the entry holds now (``entry_info``); returns
@@ -3983,13 +4022,6 @@ def entry_info(dn, attrs):
             "csn": (attrs.get("entrycsn") or [None])[0]}
 
 
-def entry_attrs(entry):
-    """{attribute lower-cased: [str]} of one ldap3 search response entry."""
-    return {name.lower(): [v.decode("utf-8", "replace") if type(v) is bytes else str(v)
-                           for v in values]
-            for name, values in entry["raw_attributes"].items()}
-
-
 class LdapStore(MemoryStore):
     """Records in an LDAP directory, answered from the same in-memory index as the file
     store, written through. When the directory offers Content Sync (RFC 4533: slapd's
@@ -3997,8 +4029,8 @@ class LdapStore(MemoryStore):
     each change other tools make as it is made; otherwise paged searches load it and a
     poll on entryCSN (with a periodic listing for deletes) keeps it fresh.
 
-    LDAP calls run in two one-thread executors (writes, through ldap3; the sync's reads,
-    through an LdapWire), each with its own connection; the index changes only on the
+    LDAP calls run in two one-thread executors (writes; the sync's reads), each with its
+    own LdapWire; the index changes only on the
     event loop, when the directory has confirmed a write or the sync has brought changes.
     """
 
@@ -4007,7 +4039,6 @@ class LdapStore(MemoryStore):
     def __init__(self, schema, url, bind_dn=None, password=None, log=None,
                  timeout=LDAP_TIMEOUT, sync="auto", image_dir=None):
         super().__init__(schema)
-        self.ldap3 = optional_import("ldap3")
         self.url = url
         self.server_url, base = parse_ldap_url(url)
         self.layout = LdapLayout(schema, base)
@@ -4026,7 +4057,8 @@ class LdapStore(MemoryStore):
         self.next_reconcile = 0.0
         self.fresh = 0              # the last id given to an entry found in the directory
         self.loop = self.task = None
-        self.conns = {}             # executor name -> its connection (ldap3 or LdapWire)
+        self.conns = {}             # executor name -> its LdapWire
+        self.post_read = None       # whether the directory answers a write with its entry
         self.executors = {}
         self.sync_mode = sync       # "auto": Content Sync when offered; "poll": never
         self.persist = False        # following a Content Sync (else polling)
@@ -4055,34 +4087,17 @@ class LdapStore(MemoryStore):
         return LdapWire(self.server_url, self.bind_dn, self.password, timeout)
 
     def connect_writer(self, timeout):
-        """A bound ldap3 SAFE_SYNC connection for writes, or a StoreError saying why not
-        (a fresh Server each time: ldap3 remembers an address that failed)."""
-        ldap3 = self.ldap3
-        tls = None
-        if self.server_url.startswith("ldaps"):
-            import ssl
-            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED,
-                            ca_certs_file=os.environ.get("LDAPTLS_CACERT"))
-        server = ldap3.Server(self.server_url, get_info=ldap3.NONE, connect_timeout=timeout,
-                              tls=tls)
-        options = {"client_strategy": ldap3.SAFE_SYNC, "receive_timeout": timeout}
-        if self.bind_dn:
-            options.update(user=self.bind_dn, password=self.password or "")
-        elif self.server_url.startswith("ldapi"):
-            options.update(authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL,
-                           sasl_credentials="")
-        try:
-            conn = ldap3.Connection(server, **options)
-            ok, result, _, _ = conn.bind()
-        except ldap3.core.exceptions.LDAPException as e:
-            raise StoreError(f"cannot reach the LDAP directory {self.url}: {e}",
-                             code=475) from None
-        if not ok:
-            who = f" as {self.bind_dn}" if self.bind_dn else ""
-            raise StoreError(f"cannot bind to the LDAP directory {self.url}{who}: "
-                             f"{result.get('description')} {result.get('message') or ''}"
-                             .rstrip(), code=475)
-        return conn
+        """A bound LdapWire for writes (asking once whether the directory offers the
+        Post-Read control), or a StoreError saying why not."""
+        wire = self.connect(timeout)
+        if self.post_read is None:
+            try:
+                self.post_read = POST_READ_OID in self.root_controls(wire)
+            except LdapFailure:
+                wire.close()
+                raise StoreError(f"cannot read the root DSE of the LDAP directory {self.url}",
+                                 code=475) from None
+        return wire
 
     def conn(self, name):
         """The executor ``name``'s connection, connecting first if it has none."""
@@ -4409,8 +4424,7 @@ class LdapStore(MemoryStore):
             try:
                 await (self.follow() if self.persist else self.sync_once())
                 backoff = LDAP_POLL
-            except (self.ldap3.core.exceptions.LDAPException, StoreError, LdapFailure,
-                    OSError) as e:
+            except (StoreError, LdapFailure, OSError) as e:
                 self.drop_follower()
                 self.lost(self.failure_text(e))
                 backoff = min(backoff * 2, LDAP_BACKOFF_MAX)
@@ -4437,7 +4451,7 @@ class LdapStore(MemoryStore):
                 self.down = None
                 self.log(f"ldap: the directory {self.url} answers again; caught up")
             self.catch_up(refreshed)
-        while True:
+        while self.follower is not None:            # (dropped: start again)
             found, cookie = await loop.run_in_executor(read, self.follow_batch, self.follower)
             self.touched = set()
             self.apply_found(found, ())
@@ -4587,7 +4601,7 @@ class LdapStore(MemoryStore):
 
     def action(self, rid, record):
         """What one (id, record) op asks of the directory: add, change (with a rename when
-        the key changes) or delete, with the DNs and ldap3 arguments it needs."""
+        the key changes) or delete, with the DNs and attributes it needs."""
         layout, old = self.layout, self.pending.record(rid)
         info = self.info.get(rid)
         if old is not None and info is None:        # an add of ours still in flight
@@ -4626,7 +4640,7 @@ class LdapStore(MemoryStore):
             conn = self.conn("write")
             for action in actions:
                 results.append(self.perform(conn, action))
-        except (LdapFailure, StoreError, self.ldap3.core.exceptions.LDAPException) as e:
+        except (LdapFailure, StoreError, OSError) as e:
             if not isinstance(e, LdapFailure):
                 self.drop_conn("write")
                 e = LdapFailure({}, self.failure_text(e))
@@ -4635,40 +4649,43 @@ class LdapStore(MemoryStore):
             raise e from None
         return results
 
-    def perform(self, conn, action):
-        """One action on ``conn``; the entry_info (and uuid) of the entry it leaves."""
+    def perform(self, wire, action):
+        """One action on ``wire``; the entry_info (and uuid) of the entry it leaves."""
         dn, kind = action["dn"], action["kind"]
+        read = LDAP_WRITE_READ if self.layout.custom else LDAP_WRITE_READ[:-1]
+        read = read if self.post_read else ()
         if kind == "delete":
-            ok, result, _, _ = conn.delete(dn)
-            if not ok and result["result"] != 32:        # gone already: so much the better
+            result, _ = wire.delete(dn)
+            if result["result"] not in (0, 32):         # gone already: so much the better
                 raise LdapFailure(result, f"deleting {dn}")
             return None
+        entry = None
         if kind == "add":
-            ok, result, _, _ = conn.add(dn, action["classes"], action["attrs"])
-            if not ok and result["result"] == 32:         # the container is missing
+            attrs = {"objectClass": action["classes"], **action["attrs"]}
+            result, entry = wire.add(dn, attrs, read)
+            if result["result"] == 32:                  # the container is missing
                 for parent, ou in action["parents"]:
-                    conn.add(parent, ["organizationalUnit"], {"ou": ou})
-                ok, result, _, _ = conn.add(dn, action["classes"], action["attrs"])
-            if not ok:
+                    wire.add(parent, {"objectClass": ["organizationalUnit"], "ou": [ou]})
+                result, entry = wire.add(dn, attrs, read)
+            if result["result"] != 0:
                 raise LdapFailure(result, f"adding {dn}")
         else:
             if action["rdn"]:
-                ok, result, _, _ = conn.modify_dn(dn, action["rdn"])
-                if not ok:
+                result, entry = wire.rename(dn, action["rdn"], () if action["changes"] else read)
+                if result["result"] != 0:
                     raise LdapFailure(result, f"renaming {dn}")
                 dn = action["new_dn"]
             if action["changes"]:
-                ok, result, _, _ = conn.modify(dn, action["changes"])
-                if not ok:
+                result, entry = wire.modify(dn, action["changes"], read)
+                if result["result"] != 0:
                     raise LdapFailure(result, f"changing {dn}")
-        ok, result, response, _ = conn.search(
-            dn, "(objectClass=*)", "BASE",
-            attributes=["objectClass", "description", "pharosField", "entryUUID", "entryCSN"])
-        found = [e for e in response or () if e["type"] == "searchResEntry"]
-        if not found:
-            raise LdapFailure(result or {"description": "noSuchObject"}, f"reading back {dn}")
-        attrs = entry_attrs(found[0])
-        return dict(entry_info(found[0]["dn"], attrs), uuid=attrs["entryuuid"][0])
+        if entry is None:                               # no Post-Read: read it back
+            found = wire.search(dn, "(objectClass=*)", "BASE", LDAP_WRITE_READ)
+            if not found:
+                raise LdapFailure({"description": "noSuchObject"}, f"reading back {dn}")
+            entry = found[0]
+        dn, attrs = entry
+        return dict(entry_info(dn, attrs), uuid=attrs["entryuuid"][0])
 
     def written(self, future, seq, ops, dns, audit, later):
         """On the loop, once the directory has answered: the confirmed ops go into the
@@ -5865,7 +5882,7 @@ class LdapKeyList(KeyFile):
                                 f"sshPublicKey attribute type; load contrib/ldap/"
                                 f"openssh-lpk.ldif into its cn=config")
             listed = self.listing(conn)
-        except (store.ldap3.core.exceptions.LDAPException, LdapFailure) as e:
+        except LdapFailure as e:
             raise DataError(f"--ldap-keys: cannot read keys from the LDAP directory "
                             f"{store.url}: {store.failure_text(e)}") from None
         finally:
@@ -5946,8 +5963,7 @@ class LdapKeyList(KeyFile):
         """Look at the directory's keys and groups again and again; when it does not
         answer, keep the keys read last and retry with backoff."""
         loop, wait = asyncio.get_running_loop(), LDAP_KEYS_POLL
-        errors = (self.store.ldap3.core.exceptions.LDAPException, StoreError, LdapFailure,
-                  OSError)
+        errors = (StoreError, LdapFailure, OSError)
         try:
             while True:
                 await asyncio.sleep(wait)

@@ -575,3 +575,33 @@ def test_sync_info_messages_bring_cookies_phases_and_deletes():
     assert pharos.ldap_sync_info(gone, 0, len(gone)) == [("deletes", [text]), ("cookie", b"c3")]
     same = pharos.ber(0xA3, pharos.ber(0x31, pharos.ber_str(uuid) + pharos.ber_str(uuid)))
     assert pharos.ldap_sync_info(same, 0, len(same)) == [("present", [text, text])]
+
+
+@pytest.mark.parametrize("post_read", [True, False])
+def test_a_write_learns_the_entry_it_left_with_or_without_post_read(slapd, post_read):
+    loop = asyncio.new_event_loop()
+    store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW).open()
+    try:
+        async def write(ops):
+            store.attach()
+            assert await store.commit(ops) is None
+        loop.run_until_complete(loop.run_in_executor(store.executors["write"], store.conn,
+                                                     "write"))
+        assert store.post_read is True                # slapd offers it
+        store.post_read = post_read
+        rid = store.pending.new_id()
+        person = {"type": "person", "alias": "pat", "name": "Pat Lee", "tags": ["x"]}
+        loop.run_until_complete(write([(rid, person)]))
+        loop.run_until_complete(write([(rid, dict(person, alias="pat2", email="p@x.org"))]))
+        found = slapd.search(SUFFIX, "(uid=pat2)", "entryUUID", "entryCSN", "mail")
+        assert list(found) == [f"uid=pat2,{PEOPLE}"]
+        entry = found[f"uid=pat2,{PEOPLE}"]
+        assert entry["mail"] == ["p@x.org"]
+        info = store.info[rid]
+        assert info["dn"].lower() == f"uid=pat2,{PEOPLE}".lower()
+        assert info["uuid"] == entry["entryUUID"][0]
+        assert info["csn"] == entry["entryCSN"][0]
+        assert any("tags" in v for v in info["prefixed"] + info["fields"])
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
