@@ -3749,6 +3749,17 @@ class LdapWire:
         """DelRequest of ``dn``."""
         return self.update(ber_str(dn, 0x4A), 0x6B, f"deleting {dn}")
 
+    def hung_up(self):
+        """Whether the directory has ended this idle connection (slapd's idletimeout, a
+        restart): with no request outstanding, anything to read is its end or a notice
+        of disconnection."""
+        import select
+        try:
+            return bool(self.buf or getattr(self.sock, "pending", int)()
+                        or select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
     def unbind(self):
         """Say goodbye and close."""
         with contextlib.suppress(OSError, AttributeError):
@@ -4561,11 +4572,13 @@ class LdapStore(MemoryStore):
         self.apply(ops)
 
     def lost(self, reason):
-        """The directory stopped answering: refuse writes until the sync reconnects."""
+        """The directory stopped answering: refuse writes until the sync reconnects (the
+        Content Sync too, so it catches up with what a write left unconfirmed)."""
         if self.down is None:
             self.log(f"ldap: lost the directory {self.url} ({reason}); serving reads from "
                      f"memory, refusing writes until it is back")
         self.down = reason
+        self.drop_follower()
         for name, executor in self.executors.items():
             executor.submit(self.drop_conn, name)
 
@@ -4638,6 +4651,9 @@ class LdapStore(MemoryStore):
         results = []
         try:
             conn = self.conn("write")
+            if conn.hung_up():                      # ended while idle: nothing was lost
+                self.drop_conn("write")
+                conn = self.conn("write")
             for action in actions:
                 results.append(self.perform(conn, action))
         except (LdapFailure, StoreError, OSError) as e:

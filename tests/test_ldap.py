@@ -605,3 +605,61 @@ def test_a_write_learns_the_entry_it_left_with_or_without_post_read(slapd, post_
     finally:
         loop.run_until_complete(store.close())
         loop.close()
+
+
+def test_a_write_connection_the_directory_ended_while_idle_is_made_again(slapd):
+    done = subprocess.run(["ldapmodify", "-Q", "-Y", "EXTERNAL", "-H", slapd.ldapi_url],
+                          input="dn: cn=config\nchangetype: modify\nreplace: olcIdleTimeout\n"
+                                "olcIdleTimeout: 1\n", capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    loop = asyncio.new_event_loop()
+    store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW).open()
+    try:
+        async def write(alias):
+            store.attach()
+            return await store.commit([(store.pending.new_id(),
+                                        {"type": "person", "alias": alias, "name": alias})])
+        assert loop.run_until_complete(write("first")) is None
+        wire = store.conns["write"]
+        wait_for(wire.hung_up, timeout=10, what="slapd ending the idle write connection")
+        assert loop.run_until_complete(write("second")) is None
+        assert store.conns["write"] is not wire and store.down is None
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
+
+
+def test_a_write_the_directory_did_not_confirm_in_time_is_caught_up_after(slapd):
+    import signal
+    loop = asyncio.new_event_loop()
+    store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW).open()
+    aliases = lambda: sorted(r["alias"] for r in store.directory.records.values())  # noqa
+
+    async def write(alias):
+        store.attach()
+        return await store.commit([(store.pending.new_id(),
+                                    {"type": "person", "alias": alias, "name": alias})])
+
+    async def until(predicate, what):
+        deadline = loop.time() + 10
+        while not predicate():
+            assert loop.time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+    try:
+        assert loop.run_until_complete(write("before")) is None
+        os.kill(slapd.pid(), signal.SIGSTOP)        # the directory stops answering
+        try:
+            with pytest.raises(pharos.StoreError) as refused:
+                loop.run_until_complete(asyncio.wait_for(write("unsure"), 10))
+        finally:
+            os.kill(slapd.pid(), signal.SIGCONT)    # and then makes the write it was sent
+        assert refused.value.code == 475 and store.down
+        assert aliases() == ["before"]
+        loop.run_until_complete(until(lambda: store.down is None, "the reconnect"))
+        loop.run_until_complete(until(lambda: aliases() == ["before", "unsure"],
+                                      "the unconfirmed write to show"))
+        assert loop.run_until_complete(write("after")) is None
+        assert aliases() == ["after", "before", "unsure"]
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
