@@ -3,11 +3,14 @@
 
     python3 bench/ldap.py --size 10000 --lookups 2000 --adds 500 --changes 50
 
-Measures: time until each server is ready; exact surname lookups (wall time per lookup
+Measures: time until each server is ready (Pharos on LDAP from nothing, then from the
+image a clean stop left: nothing changed, some entries changed by ldapmodify, slapd
+restarted too); exact surname lookups (wall time per lookup
 and the server's CPU per lookup, from /proc/PID/stat) through Pharos-on-LDAP,
 Pharos-on-file and the equivalent `(sn=NAME)` search straight against slapd, one at a
 time and then, with bench/loadgen.py, exact and prefix lookups at C=1 and C=16 (req/s
-and server CPU per request; slapd gets the equivalent searches); adds per second through
+and server CPU per request, medians of --rounds runs in turns; slapd gets the
+equivalent searches); adds per second through
 Ph against `ldapadd` of the same entries; and how long an ldapmodify takes to be visible
 over Ph (p50/p99).
 Needs slapd, ldap-utils and ldap3; everything runs on 127.0.0.1 in a temp dir.
@@ -74,21 +77,31 @@ def slapd_lookups(slapd, queries):
     return wall / len(queries) * 1e6, used / len(queries) * 1e6
 
 
-def loadgen_points(targets, size, duration):
-    """bench/loadgen.py's req/s and server CPU µs per request, per target and point."""
+def loadgen_points(targets, size, duration, rounds):
+    """bench/loadgen.py's req/s and server CPU µs per request, per target and point: the
+    median of ``rounds`` runs taken in turns (the order reversed every other round), with
+    the range, and the first target's CPU per request over the second's."""
     for kind in ("exact", "prefix"):
         for conns in (1, 16):
-            row = []
-            for label, driver, port, pid in targets:
-                done = subprocess.run(
-                    [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--driver", driver,
-                     "--queries", kind, "--port", str(port), "--pid", str(pid), "--size",
-                     str(size), "-c", str(conns), "-d", str(duration), "-w", "1"],
-                    capture_output=True, text=True, check=True, timeout=600)
-                res = __import__("json").loads(done.stdout)
-                row.append(f"{label} {res['rps']:,.0f}/s {res['cpu_us_per_req']:.0f} µs"
-                           + (f" ({res['errors']} errors)" if res["errors"] else ""))
-            print(f"{kind} C={conns}: " + "; ".join(row))
+            runs = {label: [] for label, _, _, _ in targets}
+            for n in range(rounds):
+                for label, driver, port, pid in (targets if n % 2 == 0 else targets[::-1]):
+                    done = subprocess.run(
+                        [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--driver", driver,
+                         "--queries", kind, "--port", str(port), "--pid", str(pid), "--size",
+                         str(size), "-c", str(conns), "-d", str(duration), "-w", "1"],
+                        capture_output=True, text=True, check=True, timeout=600)
+                    res = __import__("json").loads(done.stdout)
+                    assert not res["errors"], res
+                    runs[label].append((res["cpu_us_per_req"], res["rps"]))
+            row, cpus = [], []
+            for label, got in runs.items():
+                used = sorted(c for c, _ in got)
+                rps = statistics.median(r for _, r in got)
+                cpus.append(statistics.median(used))
+                row.append(f"{label} {rps:,.0f}/s {cpus[-1]:.0f} µs ({used[0]:.0f}-{used[-1]:.0f})")
+            print(f"{kind} C={conns}: " + "; ".join(row)
+                  + f"; CPU {targets[0][0]} / {targets[1][0]} {cpus[0] / cpus[1]:.2f}x")
 
 
 def ldapadd_per_second(slapd, n, prefix):
@@ -156,6 +169,7 @@ def main():
     ap.add_argument("--adds", type=int, default=500)
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per loadgen point")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each loadgen point, in turns")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pharos-bench-ldap-"))
     data = dataset.Dataset(args.size)
@@ -193,7 +207,8 @@ def main():
                   f"{used:.0f} µs server CPU/lookup")
         loadgen_points([("pharos on ldap", "ph", on_ldap.port, on_ldap.proc.pid),
                         ("pharos on file", "ph", on_file.port, on_file.proc.pid),
-                        ("slapd", "ldap", slapd.port, slapd.pid())], args.size, args.duration)
+                        ("slapd", "ldap", slapd.port, slapd.pid())], args.size, args.duration,
+                       args.rounds)
         print(f"adds through Ph: ldap {adds_per_second(on_ldap, args.adds, 'ladd'):.0f}/s, "
               f"file {adds_per_second(on_file, args.adds, 'fadd'):.0f}/s; "
               f"ldapadd of the same entries {ldapadd_per_second(slapd, args.adds, 'sadd'):.0f}/s")
