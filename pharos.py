@@ -4033,241 +4033,9 @@ def entry_info(dn, attrs):
             "csn": (attrs.get("entrycsn") or [None])[0]}
 
 
-class LdapStore(MemoryStore):
-    """Records in an LDAP directory, answered from the same in-memory index as the file
-    store, written through. When the directory offers Content Sync (RFC 4533: slapd's
-    syncprov), one refreshAndPersist search loads every entry at start and then brings
-    each change other tools make as it is made; otherwise paged searches load it and a
-    poll on entryCSN (with a periodic listing for deletes) keeps it fresh.
-
-    LDAP calls run in two one-thread executors (writes; the sync's reads), each with its
-    own LdapWire; the index changes only on the
-    event loop, when the directory has confirmed a write or the sync has brought changes.
-    """
-
-    kind = "ldap"
-
-    def __init__(self, schema, url, bind_dn=None, password=None, log=None,
-                 timeout=LDAP_TIMEOUT, sync="auto", image_dir=None):
-        super().__init__(schema)
-        self.url = url
-        self.server_url, base = parse_ldap_url(url)
-        self.layout = LdapLayout(schema, base)
-        self.bind_dn, self.password, self.timeout = bind_dn, password, timeout
-        self.log = log or (lambda msg: None)
-        self.ids = {}               # entryUUID -> record id
-        self.info = {}              # record id -> entry_info of its entry, plus its uuid
-        self.ignored = set()        # entryUUIDs of entries that are no valid record
-        self.down = None            # why the directory cannot be reached now, or None
-        self.seq = 0
-        self.inflight = {}          # DN lower-cased -> writes in flight to it
-        self.touched = set()        # DNs and uuids written since the running poll began
-        self.stamp = None           # newest entryCSN seen (finer than modifyTimestamp)
-        self.context = None         # the base entry's contextCSN when last looked
-        self.unreconciled = True    # something may have been deleted since the last listing
-        self.next_reconcile = 0.0
-        self.fresh = 0              # the last id given to an entry found in the directory
-        self.loop = self.task = None
-        self.conns = {}             # executor name -> its LdapWire
-        self.post_read = None       # whether the directory answers a write with its entry
-        self.executors = {}
-        self.sync_mode = sync       # "auto": Content Sync when offered; "poll": never
-        self.persist = False        # following a Content Sync (else polling)
-        self.follower = None        # the LdapWire of the Content Sync, while it runs
-        self.cookie = None          # the Content Sync's newest cookie the index is current to
-        self.image_dir = image_dir  # where the image of the index is kept (DATA), or None
-
-    def describe(self):
-        """The storage as the start-up log names it: ldap, the URL, how it stays fresh."""
-        self.attach()
-        how = ("following changes through Content Sync" if self.persist else
-               f"polling for changes every {LDAP_POLL:g} s")
-        return f"ldap {self.url}, {how}"
-
-    def unwritable(self):
-        """Why writes would fail now (the directory unreachable), or None."""
-        if self.down:
-            return (f"the LDAP directory {self.url} is unreachable ({self.down}); "
-                    f"answers may be stale")
-        return self.readonly
-
-    # -- connections (inside the executors) --
-
-    def connect(self, timeout):
-        """A bound LdapWire for reads, or a StoreError saying why not."""
-        return LdapWire(self.server_url, self.bind_dn, self.password, timeout)
-
-    def connect_writer(self, timeout):
-        """A bound LdapWire for writes (asking once whether the directory offers the
-        Post-Read control), or a StoreError saying why not."""
-        wire = self.connect(timeout)
-        if self.post_read is None:
-            try:
-                self.post_read = POST_READ_OID in self.root_controls(wire)
-            except LdapFailure:
-                wire.close()
-                raise StoreError(f"cannot read the root DSE of the LDAP directory {self.url}",
-                                 code=475) from None
-        return wire
-
-    def conn(self, name):
-        """The executor ``name``'s connection, connecting first if it has none."""
-        conn = self.conns.get(name)
-        if conn is None:
-            connect = self.connect_writer if name == "write" else self.connect
-            conn = self.conns[name] = connect(self.timeout)
-        return conn
-
-    def drop_conn(self, name):
-        """Forget (and unbind) the executor ``name``'s connection."""
-        conn = self.conns.pop(name, None)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.unbind()
-
-    def fetch(self, wire, filt, attrs=LDAP_READ_ATTRS, base=None, scope="SUBTREE"):
-        """Every entry matching ``filt`` as (dn, {attr lower: [str]}), page by page, read
-        on ``wire`` (an LdapWire); LdapFailure if the directory refuses or cuts it short."""
-        return wire.search(base or self.layout.base, filt, scope, attrs)
-
-    def root_controls(self, wire):
-        """The controls the directory's root DSE says it supports."""
-        found = wire.search("", "(objectClass=*)", "BASE", ["supportedControl"])
-        return set(found[0][1].get("supportedcontrol", ())) if found else set()
-
-    def context_csn(self, conn):
-        """The base entry's contextCSN (changes with every write when syncprov runs), or
-        None when the directory keeps none."""
-        found = self.fetch(conn, "(objectClass=*)", ["contextCSN"], scope="BASE")
-        values = found[0][1].get("contextcsn") if found else None
-        return "|".join(sorted(values)) if values else None
-
-    def has_pharos_schema(self, conn):
-        """Whether the directory's subschema has the pharosRecord object class."""
-        found = self.fetch(conn, "(objectClass=subschema)", ["objectClasses"],
-                           base="cn=subschema", scope="BASE")
-        return bool(found) and any("'pharosRecord'" in v
-                                   for v in found[0][1].get("objectclasses", ()))
-
-    # -- start-up --
-
-    def open(self):
-        """Bind, look for the pharos schema and for Content Sync, load every entry: from
-        the image a clean stop left under DATA and what changed since its cookie when
-        there is one, else the sync's whole refresh (or paged searches when there is no
-        sync to follow)."""
-        try:
-            wire = self.connect(LDAP_LOAD_TIMEOUT)
-        except StoreError as e:
-            raise DataError(str(e)) from None
-        cookie = None
-        try:
-            self.layout.custom = self.has_pharos_schema(wire)
-            refreshed = None
-            if self.sync_mode == "auto" and SYNC_REQUEST_OID in self.root_controls(wire):
-                cookie = self.read_image()
-                refreshed = self.refresh(wire, cookie)
-            if refreshed is None:
-                if cookie is not None:                  # no sync to go on from after all
-                    self.forget_image_state()
-                    cookie = None
-                self.context = self.context_csn(wire)
-                found = self.convert(self.fetch(wire, LDAP_ENTRY_FILTER))
-        except LdapFailure as e:
-            wire.close()
-            raise DataError(f"cannot load from the LDAP directory {self.url}: "
-                            f"{self.failure_text(e)}") from None
-        self.persist = refreshed is not None
-        if self.persist:
-            wire.sock.settimeout(self.timeout)
-            self.follower = wire
-        else:
-            wire.unbind()
-        if cookie is None:
-            self.load_entries(refreshed["found"] if self.persist else found)
-            self.cookie = refreshed and refreshed["cookie"]
-        else:
-            self.catch_up(refreshed)
-            changes = plural(len(refreshed["found"]), "change", "changes")
-            self.log(f"ldap: started from {self.image_name()} and the {changes} since")
-        if self.persist and (cookie is None or len(refreshed["found"]) > LDAP_IMAGE_CHANGES):
-            self.save_image(say=False)
-        from concurrent.futures import ThreadPoolExecutor
-        self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"pharos-ldap-{name}")
-                          for name in ("write", "read")}
-        return self
-
-    def refresh(self, wire, cookie=None):
-        """Start a Content Sync on ``wire`` (from ``cookie``, when the index is as an
-        earlier sync left it) and read its refresh phase: {"found": converted entries,
-        "present": uuids said to be unchanged, "cookie": the newest cookie, "full": whether
-        an entry the refresh neither brings nor calls unchanged is gone}; None when the
-        directory refuses the sync (a size limit, say), which leaves polling."""
-        wire.sync_request(self.layout.base, LDAP_ENTRY_FILTER, LDAP_READ_ATTRS, cookie)
-        state = {"found": [], "present": set(), "cookie": None, "full": cookie is None}
-        deadline = time.monotonic() + LDAP_LOAD_TIMEOUT
-        try:
-            while True:
-                try:
-                    events = wire.sync_events()
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise wire.cut(OSError("the Content Sync's refresh stalled")) from None
-                    continue
-                state["found"] += self.sync_found(events, state)
-                if any(event[0] == "done" for event in events):
-                    return state
-        except LdapFailure as e:
-            if getattr(e, "lost", False):
-                raise
-            if cookie is not None and e.result.get("result") == 4096:  # e-syncRefreshRequired
-                self.log("ldap: the directory cannot bring the changes since the last run; "
-                         "loading every entry")
-                return self.refresh(wire)
-            self.log(f"ldap: the directory refused Content Sync ({self.failure_text(e)}); "
-                     f"polling for changes instead (let the bind DN search without a size "
-                     f"limit to follow changes as they are made)")
-            return None
-
-    def catch_up(self, refreshed):
-        """Bring the index up to a refresh: its entries in, its deletes out, and, after a
-        full one, every entry it neither brought nor called unchanged out too."""
-        found = refreshed["found"]
-        if refreshed["full"]:
-            seen = refreshed["present"].union(uuid for uuid, _, _ in found)
-            found = found + [(uuid, None, {"dn": self.info[rid]["dn"]}) for uuid, rid in
-                             self.ids.items() if uuid not in seen and rid in self.info]
-        self.apply_found(found, ())
-        self.cookie = refreshed["cookie"] or self.cookie
-
-    def sync_found(self, events, state):
-        """The (uuid, record or None, entry_info) changes of Content Sync events; notes in
-        ``state`` the uuids said to be unchanged ("present", when it keeps them), the
-        newest cookie, and whether a present phase ran (making the refresh a full one)."""
-        out, entries = [], []
-        for event in events:
-            kind = event[0]
-            if kind == "entry":
-                uuid, dn, attrs = event[1:]
-                attrs.setdefault("entryuuid", [uuid])
-                entries.append((dn, attrs))
-                continue
-            if entries:
-                out += self.convert(entries)
-                entries = []
-            if kind == "delete":
-                out.append((event[1], None, {"dn": event[2]}))
-            elif kind == "deletes":
-                out += [(uuid, None, {"dn": ""}) for uuid in event[1]]
-            elif kind == "present" and state.get("present") is not None:
-                state["present"].update(event[1])
-            elif kind == "cookie":
-                state["cookie"] = event[1]
-            elif event == ("phase", "present"):
-                state["full"] = True
-        return out + (self.convert(entries) if entries else [])
-
-    # -- the image: the index as a clean stop left it, and the sync's cookie --
+class LdapStoreImage:
+    """The LDAP store's image: its index, the entries behind it and the Content Sync's
+    cookie under DATA, so a start loads them whole and asks only for what changed."""
 
     def image_name(self):
         """Where the image lives (DATA/ldap.image), or None when the store keeps none."""
@@ -4350,15 +4118,10 @@ class LdapStore(MemoryStore):
         if say:
             self.log(f"ldap: wrote {name} for a quick start")
 
-    def load_entries(self, found):
-        """Put the start-up load's converted entries into the index, ids in the order
-        found."""
-        pairs = []
-        for uuid, record, info in found:
-            op = self.place(uuid, record, info, {})
-            if op is not None:
-                pairs.append(op)
-        self.load_records(pairs, f"the LDAP directory {self.url}")
+
+class LdapStoreSync:
+    """The LDAP store's reads: entries into the index at start, then kept fresh by the
+    Content Sync (or a poll), with backoff and a catch-up when the directory was away."""
 
     def convert(self, found):
         """(entryUUID, record or None, entry_info) of each (dn, attrs); notes the newest
@@ -4397,7 +4160,85 @@ class LdapStore(MemoryStore):
         self.info[rid] = dict(info, uuid=uuid)
         return rid, record
 
-    # -- keeping fresh: the sync task --
+    def load_entries(self, found):
+        """Put the start-up load's converted entries into the index, ids in the order
+        found."""
+        pairs = []
+        for uuid, record, info in found:
+            op = self.place(uuid, record, info, {})
+            if op is not None:
+                pairs.append(op)
+        self.load_records(pairs, f"the LDAP directory {self.url}")
+
+    def refresh(self, wire, cookie=None):
+        """Start a Content Sync on ``wire`` (from ``cookie``, when the index is as an
+        earlier sync left it) and read its refresh phase: {"found": converted entries,
+        "present": uuids said to be unchanged, "cookie": the newest cookie, "full": whether
+        an entry the refresh neither brings nor calls unchanged is gone}; None when the
+        directory refuses the sync (a size limit, say), which leaves polling."""
+        wire.sync_request(self.layout.base, LDAP_ENTRY_FILTER, LDAP_READ_ATTRS, cookie)
+        state = {"found": [], "present": set(), "cookie": None, "full": cookie is None}
+        deadline = time.monotonic() + LDAP_LOAD_TIMEOUT
+        try:
+            while True:
+                try:
+                    events = wire.sync_events()
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise wire.cut(OSError("the Content Sync's refresh stalled")) from None
+                    continue
+                state["found"] += self.sync_found(events, state)
+                if any(event[0] == "done" for event in events):
+                    return state
+        except LdapFailure as e:
+            if getattr(e, "lost", False):
+                raise
+            if cookie is not None and e.result.get("result") == 4096:  # e-syncRefreshRequired
+                self.log("ldap: the directory cannot bring the changes since the last run; "
+                         "loading every entry")
+                return self.refresh(wire)
+            self.log(f"ldap: the directory refused Content Sync ({self.failure_text(e)}); "
+                     f"polling for changes instead (let the bind DN search without a size "
+                     f"limit to follow changes as they are made)")
+            return None
+
+    def catch_up(self, refreshed):
+        """Bring the index up to a refresh: its entries in, its deletes out, and, after a
+        full one, every entry it neither brought nor called unchanged out too."""
+        found = refreshed["found"]
+        if refreshed["full"]:
+            seen = refreshed["present"].union(uuid for uuid, _, _ in found)
+            found = found + [(uuid, None, {"dn": self.info[rid]["dn"]}) for uuid, rid in
+                             self.ids.items() if uuid not in seen and rid in self.info]
+        self.apply_found(found, ())
+        self.cookie = refreshed["cookie"] or self.cookie
+
+    def sync_found(self, events, state):
+        """The (uuid, record or None, entry_info) changes of Content Sync events; notes in
+        ``state`` the uuids said to be unchanged ("present", when it keeps them), the
+        newest cookie, and whether a present phase ran (making the refresh a full one)."""
+        out, entries = [], []
+        for event in events:
+            kind = event[0]
+            if kind == "entry":
+                uuid, dn, attrs = event[1:]
+                attrs.setdefault("entryuuid", [uuid])
+                entries.append((dn, attrs))
+                continue
+            if entries:
+                out += self.convert(entries)
+                entries = []
+            if kind == "delete":
+                out.append((event[1], None, {"dn": event[2]}))
+            elif kind == "deletes":
+                out += [(uuid, None, {"dn": ""}) for uuid in event[1]]
+            elif kind == "present" and state.get("present") is not None:
+                state["present"].update(event[1])
+            elif kind == "cookie":
+                state["cookie"] = event[1]
+            elif event == ("phase", "present"):
+                state["full"] = True
+        return out + (self.convert(entries) if entries else [])
 
     def attach(self):
         """Start the sync task the first time the event loop calls in."""
@@ -4408,22 +4249,6 @@ class LdapStore(MemoryStore):
         except RuntimeError:
             return
         self.task = self.loop.create_task(self.sync())
-
-    def select(self, selection, tenant=None):
-        """``MemoryStore.select`` (and the sync task started, if it is not)."""
-        self.attach()
-        return super().select(selection, tenant)
-
-    def search(self, selection, tenant=None, limit=None):
-        """``MemoryStore.search`` (and the sync task started, if it is not)."""
-        self.attach()
-        return super().search(selection, tenant, limit)
-
-    def metrics(self, out, now):
-        """The memory store's families, and whether the directory answers."""
-        super().metrics(out, now)
-        prom_family(out, "pharos_ldap_connected", "gauge",
-                    "1 while the LDAP directory answers, else 0.", [((), 0 if self.down else 1)])
 
     async def sync(self):
         """Follow the Content Sync (or poll) for changes other tools made; when the
@@ -4582,15 +4407,10 @@ class LdapStore(MemoryStore):
         for name, executor in self.executors.items():
             executor.submit(self.drop_conn, name)
 
-    def failure_text(self, error):
-        """One line saying what went wrong with the directory."""
-        if isinstance(error, LdapFailure):
-            result = error.result
-            return " ".join(f"{error.what}: {result.get('description')} "
-                            f"{result.get('message') or ''}".split())
-        return " ".join(str(error).split()) or type(error).__name__
 
-    # -- writes --
+class LdapStoreWrites:
+    """The LDAP store's writes: a commit's ops as LDAP operations in the write executor,
+    into the index once the directory confirms them."""
 
     def commit(self, ops, audit=None):
         """Make ``ops`` LDAP operations: a Later of None once the directory has confirmed
@@ -4752,6 +4572,196 @@ class LdapStore(MemoryStore):
             return StoreError(f"{what} {record[KEY_FIELD[record['type']]]} in use or is too "
                               f"common a name{after}.", code=509)
         return StoreError(f"{self.failure_text(error)}{after}.", code=LDAP_CODES.get(code, 400))
+
+
+class LdapStore(LdapStoreImage, LdapStoreSync, LdapStoreWrites, MemoryStore):
+    """Records in an LDAP directory, answered from the same in-memory index as the file
+    store, written through. When the directory offers Content Sync (RFC 4533: slapd's
+    syncprov), one refreshAndPersist search loads every entry at start and then brings
+    each change other tools make as it is made; otherwise paged searches load it and a
+    poll on entryCSN (with a periodic listing for deletes) keeps it fresh.
+
+    LDAP calls run in two one-thread executors (writes; the sync's reads), each with its
+    own LdapWire; the index changes only on the event loop, when the directory has
+    confirmed a write or the sync has brought changes. The image, the sync and the writes
+    are the mixins before this class.
+    """
+
+    kind = "ldap"
+
+    def __init__(self, schema, url, bind_dn=None, password=None, log=None,
+                 timeout=LDAP_TIMEOUT, sync="auto", image_dir=None):
+        super().__init__(schema)
+        self.url = url
+        self.server_url, base = parse_ldap_url(url)
+        self.layout = LdapLayout(schema, base)
+        self.bind_dn, self.password, self.timeout = bind_dn, password, timeout
+        self.log = log or (lambda msg: None)
+        self.ids = {}               # entryUUID -> record id
+        self.info = {}              # record id -> entry_info of its entry, plus its uuid
+        self.ignored = set()        # entryUUIDs of entries that are no valid record
+        self.down = None            # why the directory cannot be reached now, or None
+        self.seq = 0
+        self.inflight = {}          # DN lower-cased -> writes in flight to it
+        self.touched = set()        # DNs and uuids written since the running poll began
+        self.stamp = None           # newest entryCSN seen (finer than modifyTimestamp)
+        self.context = None         # the base entry's contextCSN when last looked
+        self.unreconciled = True    # something may have been deleted since the last listing
+        self.next_reconcile = 0.0
+        self.fresh = 0              # the last id given to an entry found in the directory
+        self.loop = self.task = None
+        self.conns = {}             # executor name -> its LdapWire
+        self.post_read = None       # whether the directory answers a write with its entry
+        self.executors = {}
+        self.sync_mode = sync       # "auto": Content Sync when offered; "poll": never
+        self.persist = False        # following a Content Sync (else polling)
+        self.follower = None        # the LdapWire of the Content Sync, while it runs
+        self.cookie = None          # the Content Sync's newest cookie the index is current to
+        self.image_dir = image_dir  # where the image of the index is kept (DATA), or None
+
+    def describe(self):
+        """The storage as the start-up log names it: ldap, the URL, how it stays fresh."""
+        self.attach()
+        how = ("following changes through Content Sync" if self.persist else
+               f"polling for changes every {LDAP_POLL:g} s")
+        return f"ldap {self.url}, {how}"
+
+    def unwritable(self):
+        """Why writes would fail now (the directory unreachable), or None."""
+        if self.down:
+            return (f"the LDAP directory {self.url} is unreachable ({self.down}); "
+                    f"answers may be stale")
+        return self.readonly
+
+    # -- connections (inside the executors) --
+
+    def connect(self, timeout):
+        """A bound LdapWire for reads, or a StoreError saying why not."""
+        return LdapWire(self.server_url, self.bind_dn, self.password, timeout)
+
+    def connect_writer(self, timeout):
+        """A bound LdapWire for writes (asking once whether the directory offers the
+        Post-Read control), or a StoreError saying why not."""
+        wire = self.connect(timeout)
+        if self.post_read is None:
+            try:
+                self.post_read = POST_READ_OID in self.root_controls(wire)
+            except LdapFailure:
+                wire.close()
+                raise StoreError(f"cannot read the root DSE of the LDAP directory {self.url}",
+                                 code=475) from None
+        return wire
+
+    def conn(self, name):
+        """The executor ``name``'s connection, connecting first if it has none."""
+        conn = self.conns.get(name)
+        if conn is None:
+            connect = self.connect_writer if name == "write" else self.connect
+            conn = self.conns[name] = connect(self.timeout)
+        return conn
+
+    def drop_conn(self, name):
+        """Forget (and unbind) the executor ``name``'s connection."""
+        conn = self.conns.pop(name, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.unbind()
+
+    def fetch(self, wire, filt, attrs=LDAP_READ_ATTRS, base=None, scope="SUBTREE"):
+        """Every entry matching ``filt`` as (dn, {attr lower: [str]}), page by page, read
+        on ``wire`` (an LdapWire); LdapFailure if the directory refuses or cuts it short."""
+        return wire.search(base or self.layout.base, filt, scope, attrs)
+
+    def root_controls(self, wire):
+        """The controls the directory's root DSE says it supports."""
+        found = wire.search("", "(objectClass=*)", "BASE", ["supportedControl"])
+        return set(found[0][1].get("supportedcontrol", ())) if found else set()
+
+    def context_csn(self, conn):
+        """The base entry's contextCSN (changes with every write when syncprov runs), or
+        None when the directory keeps none."""
+        found = self.fetch(conn, "(objectClass=*)", ["contextCSN"], scope="BASE")
+        values = found[0][1].get("contextcsn") if found else None
+        return "|".join(sorted(values)) if values else None
+
+    def has_pharos_schema(self, conn):
+        """Whether the directory's subschema has the pharosRecord object class."""
+        found = self.fetch(conn, "(objectClass=subschema)", ["objectClasses"],
+                           base="cn=subschema", scope="BASE")
+        return bool(found) and any("'pharosRecord'" in v
+                                   for v in found[0][1].get("objectclasses", ()))
+
+    # -- start-up --
+
+    def open(self):
+        """Bind, look for the pharos schema and for Content Sync, load every entry: from
+        the image a clean stop left under DATA and what changed since its cookie when
+        there is one, else the sync's whole refresh (or paged searches when there is no
+        sync to follow)."""
+        try:
+            wire = self.connect(LDAP_LOAD_TIMEOUT)
+        except StoreError as e:
+            raise DataError(str(e)) from None
+        cookie = None
+        try:
+            self.layout.custom = self.has_pharos_schema(wire)
+            refreshed = None
+            if self.sync_mode == "auto" and SYNC_REQUEST_OID in self.root_controls(wire):
+                cookie = self.read_image()
+                refreshed = self.refresh(wire, cookie)
+            if refreshed is None:
+                if cookie is not None:                  # no sync to go on from after all
+                    self.forget_image_state()
+                    cookie = None
+                self.context = self.context_csn(wire)
+                found = self.convert(self.fetch(wire, LDAP_ENTRY_FILTER))
+        except LdapFailure as e:
+            wire.close()
+            raise DataError(f"cannot load from the LDAP directory {self.url}: "
+                            f"{self.failure_text(e)}") from None
+        self.persist = refreshed is not None
+        if self.persist:
+            wire.sock.settimeout(self.timeout)
+            self.follower = wire
+        else:
+            wire.unbind()
+        if cookie is None:
+            self.load_entries(refreshed["found"] if self.persist else found)
+            self.cookie = refreshed and refreshed["cookie"]
+        else:
+            self.catch_up(refreshed)
+            changes = plural(len(refreshed["found"]), "change", "changes")
+            self.log(f"ldap: started from {self.image_name()} and the {changes} since")
+        if self.persist and (cookie is None or len(refreshed["found"]) > LDAP_IMAGE_CHANGES):
+            self.save_image(say=False)
+        from concurrent.futures import ThreadPoolExecutor
+        self.executors = {name: ThreadPoolExecutor(1, thread_name_prefix=f"pharos-ldap-{name}")
+                          for name in ("write", "read")}
+        return self
+
+    def select(self, selection, tenant=None):
+        """``MemoryStore.select`` (and the sync task started, if it is not)."""
+        self.attach()
+        return super().select(selection, tenant)
+
+    def search(self, selection, tenant=None, limit=None):
+        """``MemoryStore.search`` (and the sync task started, if it is not)."""
+        self.attach()
+        return super().search(selection, tenant, limit)
+
+    def metrics(self, out, now):
+        """The memory store's families, and whether the directory answers."""
+        super().metrics(out, now)
+        prom_family(out, "pharos_ldap_connected", "gauge",
+                    "1 while the LDAP directory answers, else 0.", [((), 0 if self.down else 1)])
+
+    def failure_text(self, error):
+        """One line saying what went wrong with the directory."""
+        if isinstance(error, LdapFailure):
+            result = error.result
+            return " ".join(f"{error.what}: {result.get('description')} "
+                            f"{result.get('message') or ''}".split())
+        return " ".join(str(error).split()) or type(error).__name__
 
     async def close(self):
         """Stop the sync, finish the writes in flight, unbind."""
