@@ -2480,6 +2480,8 @@ def read_image_header(path):
 def image_header_or_why(path):
     """(the image's header, None) if it matches the snapshot (file and seq) and this
     Python, else (None, why not)."""
+    if not os.path.isfile(os.path.join(path, IMAGE)):
+        return None, "it is not a regular file"
     try:
         with open(os.path.join(path, IMAGE), "rb") as f:
             raw = f.readline(1024)
@@ -3813,6 +3815,9 @@ class LdapLayout:
         """Fields with no standard attribute as key=value texts (key:json= for non-text)."""
         out, by_name = [], self.schema.by_name
         for name, value in record.items():
+            if name == "notes" and value.startswith(LDAP_PREFIX):
+                out.append(f"notes={value}")        # not a plain description: it would
+                continue                            # read back as a field
             if name in LDAP_OWN_FIELDS or name in LDAP_ATTRS[record["type"]]:
                 continue
             field = by_name.get(name)
@@ -3847,7 +3852,7 @@ class LdapLayout:
             if record.get("owner"):
                 out["owner"] = [self.owner_dn(record["owner"], record.get("tenant", ""))]
         extra = self.extra_values(record)
-        plain = [record["notes"]] if record.get("notes") else []
+        plain = self.plain_notes(record)
         if self.custom:
             if extra:
                 out["pharosField"] = extra
@@ -3856,6 +3861,13 @@ class LdapLayout:
         if plain:
             out["description"] = plain
         return out
+
+    @staticmethod
+    def plain_notes(record):
+        """The notes as a plain description value: [] when none, or when they begin as a
+        prefixed value would (then they are kept as pharos:notes=...)."""
+        notes = record.get("notes")
+        return [notes] if notes and not notes.startswith(LDAP_PREFIX) else []
 
     @staticmethod
     def name_attrs(record):
@@ -3891,17 +3903,26 @@ class LdapLayout:
         and pharosField replaced when its values changed."""
         extra = self.extra_values(new)
         notes = list(info["plain"]) if old.get("notes") == new.get("notes") else (
-            [new["notes"]] if new.get("notes") else [])
+            self.plain_notes(new))
         was = list(info["plain"]) + list(info["prefixed"])
-        will = notes + ([] if self.custom else [LDAP_PREFIX + v for v in extra])
+        foreign = [v for v in info["prefixed"] if self.foreign(v[len(LDAP_PREFIX):], old)]
+        will = notes + foreign + ([] if self.custom else [LDAP_PREFIX + v for v in extra])
         gone = [v for v in was if v not in will]
         came = [v for v in will if v not in was]
         ops = [("MODIFY_DELETE", gone)] * bool(gone) + [("MODIFY_ADD", came)] * bool(came)
         if ops:
             changes["description"] = ops
         fields = extra if self.custom else []
+        fields += [v for v in info["fields"] if self.foreign(v, old) and v not in fields]
         if sorted(fields) != sorted(info["fields"]):
             changes["pharosField"] = [("MODIFY_REPLACE", fields)]
+
+    @staticmethod
+    def foreign(text, old):
+        """Whether a key=value text of an entry is none Pharos took into ``old`` (a field
+        of another type, a field it never reads from there): a change keeps it."""
+        key = extra_key(text)
+        return key not in old or (key in LDAP_OWN_FIELDS and key != "notes")
 
     def class_changes(self, new, classes, changes):
         """Object classes to add or drop so the new attributes are allowed (and required)."""
@@ -3994,15 +4015,25 @@ class LdapLayout:
             if not sep:
                 continue
             if key.endswith(":json"):
-                with contextlib.suppress(ValueError):
-                    record[key[:-5]] = json.loads(value)
+                key = key[:-5]
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    continue
+                if key in self.schema.by_name:      # a field's values are text
+                    items = value if type(value) is list else [value]
+                    gathered.setdefault(key, []).extend(v for v in items if type(v) is str)
+                elif key not in LDAP_OWN_FIELDS:
+                    record[key] = value
                 continue
             gathered.setdefault(key, []).append(value)
         for key, values in gathered.items():
             field = self.schema.by_name.get(key)
             if field is None:
-                record[key] = values if len(values) > 1 else values[0]
-            elif record["type"] in field.types and key not in LDAP_OWN_FIELDS:
+                if key not in LDAP_OWN_FIELDS:
+                    record[key] = values if len(values) > 1 else values[0]
+            elif record["type"] in field.types and (key not in LDAP_OWN_FIELDS or (
+                    key == "notes" and "notes" not in record)):
                 self.put_clean(record, field, values)
 
     def put_clean(self, record, field, values):
@@ -4018,6 +4049,12 @@ class LdapLayout:
         cleaned = cleaned[:MAX_VALUES if field.multi else 1]
         if cleaned:
             record[field.name] = cleaned if field.multi else cleaned[0]
+
+
+def extra_key(text):
+    """The field a key=value (or key:json=value) text is of."""
+    key = text.partition("=")[0]
+    return key[:-5] if key.endswith(":json") else key
 
 
 def entry_info(dn, attrs):
@@ -4055,6 +4092,8 @@ class LdapStoreImage:
             return None
         extra, why = None, None
         try:
+            if not os.path.isfile(name):
+                raise IsADirectoryError(0, "not a regular file")
             with open(name, "rb") as f:
                 header = read_checked_line(f.readline(1024))
         except OSError as e:
@@ -4082,7 +4121,7 @@ class LdapStoreImage:
         it does not fit the records."""
         ids, info, ignored, cookie = extra["ids"], extra["info"], extra["ignored"], extra["cookie"]
         records = self.directory.records
-        if (type(ids) is not dict or type(info) is not dict or type(ignored) is not set
+        if (type(ids) is not dict or type(info) is not dict or type(ignored) is not dict
                 or type(cookie) is not bytes or len(ids) != len(records)
                 or info.keys() != records.keys() or any(type(i) is not dict for i in info.values())
                 or any(type(u) is not str or info[rid]["uuid"] != u for u, rid in ids.items())):
@@ -4095,7 +4134,7 @@ class LdapStoreImage:
         """Start from an empty index again (an image was found not to be usable)."""
         self.directory = Directory(self.schema)
         self.pending = PendingWrites(self.directory)
-        self.ids, self.info, self.ignored, self.stamp, self.fresh = {}, {}, set(), None, 0
+        self.ids, self.info, self.ignored, self.stamp, self.fresh = {}, {}, {}, None, 0
 
     def save_image(self, say=True):
         """Write the index, the entries behind it and the sync's cookie to DATA, so the
@@ -4136,23 +4175,27 @@ class LdapStoreSync:
             out.append((uuid, record, entry_info(dn, attrs)))
         return out
 
-    def place(self, uuid, record, info, taken):
+    def place(self, uuid, record, info, taken, moving=None):
         """The (id, record) op that puts one entry in the index, or None when it is no
-        record or its key belongs to another entry (logged once)."""
+        record or its key belongs to another entry (held back, logged once, until that
+        key is free). ``taken``: keys this batch has given out; ``moving``: {id: the key it
+        will have, or None} of records this batch changes or deletes."""
         if record is None:
-            self.ignored.add(uuid)
+            self.ignored[uuid] = None
             return None
         rid, scope = self.ids.get(uuid), key_scope(record)
         owner = taken.get(scope)
         if owner is None:
             owner = self.directory.key_owner(record["type"], scope[2], scope[0])
+            if moving and owner in moving and moving[owner] != scope:
+                owner = None                        # it gives the key up in this batch
         if owner is not None and owner != rid:
             if uuid not in self.ignored:
                 self.log(f"ldap: not serving {info['dn']}: {record[KEY_FIELD[record['type']]]} "
                          f"is already the key of another entry")
-            self.ignored.add(uuid)
+            self.ignored[uuid] = (record, info)
             return None
-        self.ignored.discard(uuid)
+        self.ignored.pop(uuid, None)
         if rid is None:
             rid = self.fresh = max(self.pending.new_id(), self.fresh + 1)
             self.ids[uuid] = rid
@@ -4193,13 +4236,14 @@ class LdapStoreSync:
         except LdapFailure as e:
             if getattr(e, "lost", False):
                 raise
-            if cookie is not None and e.result.get("result") == 4096:  # e-syncRefreshRequired
-                self.log("ldap: the directory cannot bring the changes since the last run; "
-                         "loading every entry")
+            if cookie is not None:      # e-syncRefreshRequired, a restored or crashed slapd
+                self.log(f"ldap: the directory cannot go on from the last cookie "
+                         f"({self.failure_text(e)}); loading every entry")
                 return self.refresh(wire)
+            hint = (" (let the bind DN search without a size limit to follow changes as "
+                    "they are made)") if e.result.get("result") in (4, 11) else ""
             self.log(f"ldap: the directory refused Content Sync ({self.failure_text(e)}); "
-                     f"polling for changes instead (let the bind DN search without a size "
-                     f"limit to follow changes as they are made)")
+                     f"polling for changes instead{hint}")
             return None
 
     def catch_up(self, refreshed):
@@ -4279,9 +4323,10 @@ class LdapStoreSync:
             except BaseException:
                 wire.close()
                 raise
-            if refreshed is None:
+            if refreshed is None:                   # refused now: poll instead (logged)
                 wire.close()
-                raise StoreError("the directory refused the Content Sync")
+                self.persist = False
+                return
             self.follower = wire
             if self.down is not None:
                 self.down = None
@@ -4364,13 +4409,14 @@ class LdapStoreSync:
         return found
 
     def apply_found(self, found, touched):
-        """On the loop: put entries the directory changed into the index, drop the gone.
+        """On the loop: put entries the directory changed into the index, drop the gone;
+        then serve entries held back for a key this batch freed.
 
         Left alone: entries ``touched`` (uuids and DNs a write of ours touched since the
         poll began: the write has put its own, newer version in already), entries with
         writes in flight, and versions no newer (by entryCSN) than the one in the index.
         """
-        ops, taken = [], {}
+        kept, records = [], self.directory.records
         for uuid, record, info in found:
             dn = info["dn"].lower()
             rid = self.ids.get(uuid)
@@ -4381,20 +4427,33 @@ class LdapStoreSync:
             if record is not None and known and info.get("csn") and known.get("csn") and (
                     info["csn"] <= known["csn"]):
                 continue
+            kept.append((uuid, record, info, rid))
+        moving = {rid: record and key_scope(record) for _, record, _, rid in kept
+                  if rid is not None}
+        freed = {key_scope(records[rid]) for rid, scope in moving.items()
+                 if rid in records and key_scope(records[rid]) != scope}
+        drops, puts, taken = [], [], {}
+        for uuid, record, info, rid in kept:
             if record is None:
                 if rid is not None:
-                    ops.append((rid, None))
+                    drops.append(rid)
                     del self.ids[uuid]
                     self.info.pop(rid, None)
-                self.ignored.discard(uuid)
+                self.ignored.pop(uuid, None)
                 continue
-            op = self.place(uuid, record, info, taken)
+            op = self.place(uuid, record, info, taken, moving)
             if op is None and rid is not None:
-                ops.append((rid, None))
+                drops.append(rid)
                 del self.ids[uuid]
-            elif op is not None and self.directory.records.get(op[0]) != record:
-                ops.append(op)
-        self.apply(ops)
+                self.info.pop(rid, None)
+            elif op is not None and records.get(op[0]) != record:
+                puts.append(op)
+        # out first, then in: a key another record gives up in this batch is free by then
+        self.apply([(rid, None) for rid in drops] + [(rid, None) for rid, _ in puts] + puts)
+        waiting = [(uuid, held[0], held[1]) for uuid, held in self.ignored.items()
+                   if held is not None and key_scope(held[0]) in freed]
+        if waiting:
+            self.apply_found(waiting, ())
 
     def lost(self, reason):
         """The directory stopped answering: refuse writes until the sync reconnects (the
@@ -4429,7 +4488,7 @@ class LdapStoreWrites:
         for dn in dns:
             self.inflight[dn] = self.inflight.get(dn, 0) + 1
         future = self.loop.run_in_executor(self.executors["write"], self.write, actions)
-        future.add_done_callback(lambda f: self.written(f, seq, ops, dns, audit, later))
+        future.add_done_callback(lambda f: self.settle_write(f, seq, ops, dns, audit, later))
         return later
 
     def action(self, rid, record):
@@ -4454,7 +4513,8 @@ class LdapStoreWrites:
             rdn = f"{rdn_attr}={escape_dn_value(record[keyname])}"
         new_dn = dn if rdn is None else f"{rdn},{rdn_parent(dn)[1]}"
         return {"kind": "change", "dn": dn, "new_dn": new_dn, "rdn": rdn, "record": record,
-                "changes": layout.changes(old, record, info)}
+                "changes": layout.changes(old, record, info),
+                "unrenamed": dict(record, **{keyname: old[keyname]})}
 
     def parents(self, record):
         """(DN, ou value) of the containers a new record's entry needs, outermost first."""
@@ -4486,7 +4546,11 @@ class LdapStoreWrites:
         return results
 
     def perform(self, wire, action):
-        """One action on ``wire``; the entry_info (and uuid) of the entry it leaves."""
+        """One action on ``wire``; the entry_info (and uuid) of the entry it leaves.
+
+        A change modifies first and renames after, so a refused change leaves the entry
+        as it was; a rename refused after the modify leaves the new record under its old
+        key (the failure's ``partial``: that record and its entry_info)."""
         dn, kind = action["dn"], action["kind"]
         read = LDAP_WRITE_READ if self.layout.custom else LDAP_WRITE_READ[:-1]
         read = read if self.post_read else ()
@@ -4505,23 +4569,48 @@ class LdapStoreWrites:
                 result, entry = wire.add(dn, attrs, read)
             if result["result"] != 0:
                 raise LdapFailure(result, f"adding {dn}")
-        else:
-            if action["rdn"]:
-                result, entry = wire.rename(dn, action["rdn"], () if action["changes"] else read)
-                if result["result"] != 0:
-                    raise LdapFailure(result, f"renaming {dn}")
-                dn = action["new_dn"]
-            if action["changes"]:
-                result, entry = wire.modify(dn, action["changes"], read)
-                if result["result"] != 0:
-                    raise LdapFailure(result, f"changing {dn}")
-        if entry is None:                               # no Post-Read: read it back
-            found = wire.search(dn, "(objectClass=*)", "BASE", LDAP_WRITE_READ)
+            return self.written_entry(wire, dn, entry, read)
+        if action["changes"]:
+            result, entry = wire.modify(dn, action["changes"], read)
+            if result["result"] != 0:
+                raise LdapFailure(result, f"changing {dn}")
+        if action["rdn"]:
+            result, renamed = wire.rename(dn, action["rdn"], read)
+            if result["result"] != 0:
+                failure = LdapFailure(result, f"renaming {dn}")
+                if action["changes"]:
+                    failure.partial = (action["unrenamed"],
+                                       self.written_entry(wire, dn, entry, read))
+                raise failure
+            dn, entry = action["new_dn"], renamed
+        return self.written_entry(wire, dn, entry, read)
+
+    def written_entry(self, wire, dn, entry, read):
+        """The entry_info (and uuid) of the entry a write left: from its Post-Read
+        ``entry``, else read back. The bind DN must be able to read entryUUID."""
+        if entry is None:
+            found = wire.search(dn, "(objectClass=*)", "BASE", read or LDAP_WRITE_READ)
             if not found:
                 raise LdapFailure({"description": "noSuchObject"}, f"reading back {dn}")
             entry = found[0]
         dn, attrs = entry
+        if not attrs.get("entryuuid"):
+            failure = LdapFailure({"description": "insufficientAccessRights"},
+                                  f"{dn} was written, but the bind DN may not read its "
+                                  f"entryUUID")
+            failure.lost = True                         # the sync's catch-up brings it in
+            raise failure
         return dict(entry_info(dn, attrs), uuid=attrs["entryuuid"][0])
+
+    def settle_write(self, future, seq, ops, dns, audit, later):
+        """``written``, and should it fail (a bug), the write still answered, not left
+        waiting."""
+        try:
+            self.written(future, seq, ops, dns, audit, later)
+        except Exception as e:  # noqa: BLE001 - the client must get an answer
+            self.log(f"ldap: settling a write failed ({type(e).__name__}: {e})")
+            if not later.settled:
+                later.settle(StoreError(f"Store failed: {type(e).__name__}: {e}."))
 
     def written(self, future, seq, ops, dns, audit, later):
         """On the loop, once the directory has answered: the confirmed ops go into the
@@ -4533,18 +4622,21 @@ class LdapStoreWrites:
             self.touched.add(dn)
         error = future.exception()
         results = future.result() if error is None else getattr(error, "results", [])
-        confirmed = ops[:len(results)]
+        done, confirmed = len(results), ops[:len(results)]
+        partial = getattr(error, "partial", None)       # (record, entry_info) as it was left
+        if partial is not None:
+            confirmed, results = confirmed + [(ops[done][0], partial[0])], results + [partial[1]]
         for (rid, record), info in zip(confirmed, results):
             self.confirmed(rid, record, info)
         undo = self.apply(confirmed)
-        undo += [(rid, self.directory.records.get(rid)) for rid, _ in ops[len(results):]]
-        self.pending.release(seq, ops, undo)
+        undo += [(rid, self.directory.records.get(rid)) for rid, _ in ops[len(confirmed):]]
+        self.pending.release(seq, ops + confirmed, undo)
         if error is None:
             if audit is not None and self.audit_log is not None:
                 self.audit_log.append(audit_json(audit).encode() + b"\n")
             later.settle(None)
         else:
-            later.settle(self.refusal(error, ops, len(results)))
+            later.settle(self.refusal(error, ops, done))
 
     def confirmed(self, rid, record, info):
         """Note the entry behind record ``rid`` after a confirmed write (None: deleted)."""
@@ -4561,6 +4653,8 @@ class LdapStoreWrites:
         if not isinstance(error, LdapFailure):
             return StoreError(f"Store failed: {error}.")
         after = f" (after {done} of {len(ops)} records were written)" if done else ""
+        if getattr(error, "partial", None) is not None:
+            after += " (its other changes were written; it keeps its old name)"
         if getattr(error, "lost", False):
             self.lost(error.what)
             return StoreError(f"Database unavailable: the LDAP directory did not confirm "
@@ -4599,7 +4693,8 @@ class LdapStore(LdapStoreImage, LdapStoreSync, LdapStoreWrites, MemoryStore):
         self.log = log or (lambda msg: None)
         self.ids = {}               # entryUUID -> record id
         self.info = {}              # record id -> entry_info of its entry, plus its uuid
-        self.ignored = set()        # entryUUIDs of entries that are no valid record
+        self.ignored = {}           # entryUUID -> None (no valid record), or (record,
+        #                             entry_info) held back while its key is another's
         self.down = None            # why the directory cannot be reached now, or None
         self.seq = 0
         self.inflight = {}          # DN lower-cased -> writes in flight to it
@@ -4684,6 +4779,12 @@ class LdapStore(LdapStoreImage, LdapStoreSync, LdapStoreWrites, MemoryStore):
         values = found[0][1].get("contextcsn") if found else None
         return "|".join(sorted(values)) if values else None
 
+    def can_read_uuids(self, wire):
+        """Whether the bind DN may read the base entry's entryUUID (True when there is no
+        base entry to look at)."""
+        found = self.fetch(wire, "(objectClass=*)", ["entryUUID"], scope="BASE")
+        return not found or bool(found[0][1].get("entryuuid"))
+
     def has_pharos_schema(self, conn):
         """Whether the directory's subschema has the pharosRecord object class."""
         found = self.fetch(conn, "(objectClass=subschema)", ["objectClasses"],
@@ -4705,6 +4806,12 @@ class LdapStore(LdapStoreImage, LdapStoreSync, LdapStoreWrites, MemoryStore):
         cookie = None
         try:
             self.layout.custom = self.has_pharos_schema(wire)
+            if not self.can_read_uuids(wire):
+                wire.close()
+                raise DataError(f"the LDAP directory {self.url} does not let "
+                                f"{self.bind_dn or 'this client'} read entryUUID, which Pharos "
+                                f"needs to follow entries: grant read access to entryUUID and "
+                                f"entryCSN")
             refreshed = None
             if self.sync_mode == "auto" and SYNC_REQUEST_OID in self.root_controls(wire):
                 cookie = self.read_image()

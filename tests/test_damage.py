@@ -7,6 +7,7 @@ it (seqs 11-20, 21-30, 31-40), as a compaction that could not finish leaves them
 """
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -132,6 +133,7 @@ DAMAGE = {
     "image body byte flipped": (lambda d: (d / IMAGE).write_bytes(flip((d / IMAGE).read_bytes(),
                                                                        -100)), None),
     "image deleted": (lambda d: (d / IMAGE).unlink(), None),
+    "image replaced by a FIFO": (lambda d: [(d / IMAGE).unlink(), os.mkfifo(d / IMAGE)], None),
     "journal record byte flipped": (lambda d: rewrite(d / SEG2, 4, flip), (SEG2, 4)),
     "middle segment missing": (lambda d: (d / SEG2).unlink(), (SEG3, "")),
     "segment duplicated": (lambda d: shutil.copy(d / SEG2, d / "journal-0000000000000041.jsonl"),

@@ -663,3 +663,181 @@ def test_a_write_the_directory_did_not_confirm_in_time_is_caught_up_after(slapd)
     finally:
         loop.run_until_complete(store.close())
         loop.close()
+
+
+def start_sync(loop, store):
+    """Start the store's sync task on ``loop`` (it starts on the first call from a loop)."""
+    async def attach():
+        store.attach()
+    loop.run_until_complete(attach())
+
+
+def store_until(loop, predicate, what, timeout=10):
+    """Run ``loop`` until ``predicate()`` holds (the store's sync running meanwhile)."""
+    async def wait():
+        deadline = loop.time() + timeout
+        while not predicate():
+            assert loop.time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+    loop.run_until_complete(wait())
+
+
+def test_an_entry_deleted_and_added_again_or_renamed_into_a_freed_name_is_served(slapd, tmp_path):
+    loop = asyncio.new_event_loop()
+    logs, data = [], tmp_path / "data"
+    add_people(slapd, "anna", "carl", "dora")
+    recreate = (f"dn: uid=anna,{PEOPLE}\nchangetype: delete\n\n"
+                f"dn: uid=anna,{PEOPLE}\nchangetype: add\nobjectClass: inetOrgPerson\n"
+                f"uid: anna\ncn: Anna\nsn: Anna\nmail: anna@{{}}.org\n")
+    try:
+        store = image_store(slapd, data, logs)
+        start_sync(loop, store)
+        slapd.modify(recreate.format("live"))       # one batch of the running sync
+        store_until(loop, lambda: ("anna", "anna@live.org", None) in served(store), "anna")
+        loop.run_until_complete(store.close())
+        slapd.modify(recreate.format("stopped"))     # while Pharos is stopped
+        slapd.ldap("ldapmodrdn", f"uid=dora,{PEOPLE}", "uid=dora2")
+        slapd.ldap("ldapmodrdn", f"uid=carl,{PEOPLE}", "uid=dora")
+        store = image_store(slapd, data, logs)
+        truth = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN,
+                                 ROOTPW).open()
+        assert [a for a, _, _ in served(store)] == ["anna", "dora", "dora2"]
+        assert served(store) == served(truth)
+        loop.run_until_complete(truth.close())
+        # an entry held back because another has its key is served once that one goes
+        slapd.ldap("ldapadd", input=f"dn: ou=more,{SUFFIX}\nobjectClass: organizationalUnit\n"
+                                    f"ou: more\n\ndn: uid=anna,ou=more,{SUFFIX}\nobjectClass: "
+                                    f"inetOrgPerson\nuid: anna\ncn: Anna\nsn: Anna\n"
+                                    f"mail: anna@more.org\n")
+        start_sync(loop, store)
+        store_until(loop, lambda: any("not serving" in m for m in logs), "the clash")
+        assert ("anna", "anna@stopped.org", None) in served(store)
+        slapd.ldap("ldapdelete", f"uid=anna,{PEOPLE}")
+        store_until(loop, lambda: ("anna", "anna@more.org", None) in served(store),
+                    "the held-back anna")
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()
+
+
+def test_a_directory_restored_from_an_older_backup_is_loaded_whole(slapd, tmp_path):
+    loop = asyncio.new_event_loop()
+    logs, data = [], tmp_path / "data"
+    add_people(slapd, "anna", "bert")
+    backup = tmp_path / "backup.ldif"
+    slapcat = subprocess.run(["/usr/sbin/slapcat", "-F", str(slapd.path / "slapd.d"), "-b",
+                              SUFFIX, "-l", str(backup)], capture_output=True, text=True)
+    assert slapcat.returncode == 0, slapcat.stderr
+
+    def restore():
+        slapd.stop()
+        for name in (slapd.path / "data").iterdir():
+            name.unlink()
+        slapd.slapadd("-b", SUFFIX, "-l", str(backup))
+        slapd.start()
+    try:
+        store = image_store(slapd, data, logs)
+        store.attach()
+        async def write(ops):
+            return await store.commit(ops)
+        loop.run_until_complete(write([(store.pending.new_id(),
+                                        {"type": "person", "alias": "newer", "name": "N"})]))
+        loop.run_until_complete(store.close())      # its image's cookie is past the backup
+        restore()
+        logs.clear()
+        store = image_store(slapd, data, logs)
+        assert any("cannot go on from the last cookie" in m for m in logs), logs
+        assert [a for a, _, _ in served(store)] == ["anna", "bert"]
+        # and while it runs: the sync reconnects to the restored directory, loads it whole,
+        # and takes writes again
+        store.attach()
+        loop.run_until_complete(write([(store.pending.new_id(),
+                                        {"type": "person", "alias": "newer", "name": "N"})]))
+        restore()
+        store_until(loop, lambda: store.down is None and [a for a, _, _ in served(store)]
+                    == ["anna", "bert"], "the reload of the restored directory")
+        assert loop.run_until_complete(write([(store.pending.new_id(), {
+            "type": "person", "alias": "after", "name": "A"})])) is None
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()
+
+
+def test_a_change_whose_rename_is_refused_keeps_what_was_written(slapd, pharos_on):
+    with pharos_on.client() as c:
+        assert c.cmd('add alias=neu name="Neu Person"')[-1] == "200:Ok."
+        assert c.cmd('add alias=taken name="Taken"')[-1] == "200:Ok."
+        # a refused change leaves everything as it was (the modify comes first)
+        reply = c.cmd('change alias=neu make alias=neu2 phone="\u00fc"')
+        assert reply[-1].startswith("5") and "written" not in reply[-1], reply
+        assert slapd.search(PEOPLE, "(uid=neu)", "telephoneNumber") == {f"uid=neu,{PEOPLE}": {}}
+        # a rename the directory refuses after the modify: the record keeps its old name
+        slapd.ldap("ldapadd", input=f"dn: uid=neu3,{PEOPLE}\nobjectClass: account\nuid: neu3\n")
+        reply = c.cmd('change alias=neu make alias=neu3 email=neu@example.org')
+        assert "its other changes were written" in reply[-1], reply
+        shown = c.cmd("query alias=neu return email")
+        assert any("neu@example.org" in line for line in shown), shown
+        assert slapd.search(PEOPLE, "(uid=neu)", "mail")[f"uid=neu,{PEOPLE}"]["mail"] == [
+            "neu@example.org"]
+
+
+def test_notes_that_look_like_a_field_read_back_as_notes(slapd, tmp_path):
+    loop = asyncio.new_event_loop()
+    store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW).open()
+    notes = "pharos:created=1999-01-01T00:00:00Z"
+    try:
+        store.attach()
+        async def write(ops):
+            return await store.commit(ops)
+        loop.run_until_complete(write([(store.pending.new_id(), {
+            "type": "person", "alias": "descn", "name": "D", "notes": notes})]))
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
+    again = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW).open()
+    record = next(r for r in again.directory.records.values() if r["alias"] == "descn")
+    assert record["notes"] == notes and record.get("created") != "1999-01-01T00:00:00Z"
+    asyncio.new_event_loop().run_until_complete(again.close())
+
+
+def test_a_change_keeps_prefixed_descriptions_pharos_did_not_take(slapd, pharos_on):
+    slapd.ldap("ldapadd", "-c", input=f"dn: {PEOPLE}\nobjectClass: organizationalUnit\n"
+                                      f"ou: people\n", check=False)
+    slapd.ldap("ldapadd", input=f"dn: uid=ext,{PEOPLE}\nobjectClass: inetOrgPerson\nuid: ext\n"
+                                f"cn: Ext\nsn: Ext\ndescription: pharos:role=keep\n"
+                                f"description: pharos:alias:json=\"evil\"\n")
+    with pharos_on.client() as c:
+        wait_for(lambda: c.cmd("query alias=ext")[-1] == "200:Ok.", what="ext")
+        assert c.cmd('change alias=ext make notes="new note"')[-1].startswith("200"), "change"
+    values = slapd.search(PEOPLE, "(uid=ext)", "description")[f"uid=ext,{PEOPLE}"]["description"]
+    assert {"pharos:role=keep", 'pharos:alias:json="evil"', "new note"} <= set(values), values
+
+
+def test_a_bind_dn_that_may_not_read_entry_uuids_is_one_line_and_exit_3(slapd, tmp_path):
+    acl = (f"dn: olcDatabase={{1}}mdb,cn=config\nchangetype: modify\nadd: olcAccess\n"
+           f"olcAccess: {{0}}to attrs=entryUUID by dn.exact=cn=blind,{SUFFIX} none by * read\n")
+    done = subprocess.run(["ldapmodify", "-Q", "-Y", "EXTERNAL", "-H", slapd.ldapi_url],
+                          input=acl, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    slapd.ldap("ldapadd", input=f"dn: cn=blind,{SUFFIX}\nobjectClass: organizationalRole\n"
+                                f"objectClass: simpleSecurityObject\ncn: blind\n"
+                                f"userPassword: blindpw\n")
+    done = subprocess.run([sys.executable, str(PHAROS), "serve", "--tier", "dev", "--listen",
+                           "127.0.0.1:0", "--metrics", "off", "--data", str(tmp_path / "d"),
+                           "--storage", f"{slapd.url}/{SUFFIX}", "--ldap-bind-dn",
+                           f"cn=blind,{SUFFIX}"], env=dict(os.environ, PHAROS_LDAP_PASSWORD="blindpw"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr.count("\n") == 1, done.stderr
+    assert "entryUUID" in done.stderr
+
+
+def test_a_fifo_in_place_of_the_image_is_not_read(slapd, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.mkfifo(data / "ldap.image")
+    add_people(slapd, "ann")
+    logs = []
+    store = image_store(slapd, data, logs)
+    assert any("not using" in m and "not a regular file" in m for m in logs), logs
+    assert [a for a, _, _ in served(store)] == ["ann"]
+    asyncio.new_event_loop().run_until_complete(store.close())
