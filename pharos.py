@@ -4109,7 +4109,8 @@ class LdapStoreImage:
                 extra, why = load_image(name, self.directory, header)
         if why is None:
             try:
-                return self.restore_image_state(extra)
+                self.image_cookie = self.restore_image_state(extra)
+                return self.image_cookie
             except (ValueError, TypeError, KeyError):
                 why = "it is damaged"
         self.forget_image_state()
@@ -4141,8 +4142,8 @@ class LdapStoreImage:
         next start loads them whole and asks the directory only for what changed since
         (logged when ``say``). Only a cache: the directory stays the truth."""
         name = self.image_name()
-        if name is None or self.cookie is None:
-            return
+        if name is None or self.cookie is None or self.cookie == self.image_cookie:
+            return                              # no sync to go on from, or nothing new
         extra = {"ids": self.ids, "info": self.info, "ignored": self.ignored,
                  "cookie": self.cookie, "stamp": self.stamp, "fresh": self.fresh}
         try:
@@ -4154,6 +4155,7 @@ class LdapStoreImage:
             self.log(f"ldap: could not write {name} ({e.strerror}); the next start loads "
                      f"every entry")
             return
+        self.image_cookie = self.cookie
         if say:
             self.log(f"ldap: wrote {name} for a quick start")
 
@@ -4552,8 +4554,8 @@ class LdapStoreWrites:
         as it was; a rename refused after the modify leaves the new record under its old
         key (the failure's ``partial``: that record and its entry_info)."""
         dn, kind = action["dn"], action["kind"]
-        read = LDAP_WRITE_READ if self.layout.custom else LDAP_WRITE_READ[:-1]
-        read = read if self.post_read else ()
+        read = ([a for a in LDAP_WRITE_READ if self.layout.custom or a != "pharosField"]
+                if self.post_read else ())
         if kind == "delete":
             result, _ = wire.delete(dn)
             if result["result"] not in (0, 32):         # gone already: so much the better
@@ -4713,6 +4715,7 @@ class LdapStore(LdapStoreImage, LdapStoreSync, LdapStoreWrites, MemoryStore):
         self.follower = None        # the LdapWire of the Content Sync, while it runs
         self.cookie = None          # the Content Sync's newest cookie the index is current to
         self.image_dir = image_dir  # where the image of the index is kept (DATA), or None
+        self.image_cookie = None    # the cookie of the image read or written last
 
     def describe(self):
         """The storage as the start-up log names it: ldap, the URL, how it stays fresh."""

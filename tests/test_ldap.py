@@ -484,7 +484,11 @@ def test_a_start_takes_the_image_a_stop_left_and_only_what_changed_since(slapd, 
     try:
         store = image_store(slapd, data, logs)
         assert (data / "ldap.image").exists() and not any("started from" in m for m in logs)
+        written = (data / "ldap.image").stat().st_mtime_ns
         loop.run_until_complete(store.close())
+        # nothing came since the image was written: the stop leaves it as it is
+        assert (data / "ldap.image").stat().st_mtime_ns == written
+        assert not any("for a quick start" in m for m in logs), logs
         # other tools change the directory while Pharos is stopped
         slapd.ldap("ldapdelete", f"uid=bob,{PEOPLE}")
         slapd.modify(f"dn: uid=cy,{PEOPLE}\nchangetype: modify\nreplace: mail\n"
@@ -639,12 +643,6 @@ def test_a_write_the_directory_did_not_confirm_in_time_is_caught_up_after(slapd)
         store.attach()
         return await store.commit([(store.pending.new_id(),
                                     {"type": "person", "alias": alias, "name": alias})])
-
-    async def until(predicate, what):
-        deadline = loop.time() + 10
-        while not predicate():
-            assert loop.time() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
     try:
         assert loop.run_until_complete(write("before")) is None
         os.kill(slapd.pid(), signal.SIGSTOP)        # the directory stops answering
@@ -655,9 +653,9 @@ def test_a_write_the_directory_did_not_confirm_in_time_is_caught_up_after(slapd)
             os.kill(slapd.pid(), signal.SIGCONT)    # and then makes the write it was sent
         assert refused.value.code == 475 and store.down
         assert aliases() == ["before"]
-        loop.run_until_complete(until(lambda: store.down is None, "the reconnect"))
-        loop.run_until_complete(until(lambda: aliases() == ["before", "unsure"],
-                                      "the unconfirmed write to show"))
+        store_until(loop, lambda: store.down is None, "the reconnect")
+        store_until(loop, lambda: aliases() == ["before", "unsure"],
+                    "the unconfirmed write to show")
         assert loop.run_until_complete(write("after")) is None
         assert aliases() == ["after", "before", "unsure"]
     finally:
@@ -737,7 +735,7 @@ def test_a_directory_restored_from_an_older_backup_is_loaded_whole(slapd, tmp_pa
         slapd.start()
     try:
         store = image_store(slapd, data, logs)
-        store.attach()
+
         async def write(ops):
             return await store.commit(ops)
         loop.run_until_complete(write([(store.pending.new_id(),
@@ -750,7 +748,6 @@ def test_a_directory_restored_from_an_older_backup_is_loaded_whole(slapd, tmp_pa
         assert [a for a, _, _ in served(store)] == ["anna", "bert"]
         # and while it runs: the sync reconnects to the restored directory, loads it whole,
         # and takes writes again
-        store.attach()
         loop.run_until_complete(write([(store.pending.new_id(),
                                         {"type": "person", "alias": "newer", "name": "N"})]))
         restore()
@@ -786,7 +783,6 @@ def test_notes_that_look_like_a_field_read_back_as_notes(slapd, tmp_path):
     store = pharos.LdapStore(pharos.Schema(), f"{slapd.url}/{SUFFIX}", ROOTDN, ROOTPW).open()
     notes = "pharos:created=1999-01-01T00:00:00Z"
     try:
-        store.attach()
         async def write(ops):
             return await store.commit(ops)
         loop.run_until_complete(write([(store.pending.new_id(), {
